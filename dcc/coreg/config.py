@@ -1,0 +1,89 @@
+"""Settings of X-CoReg and the named presets in ``conf/preset``."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+STAGES = ("translation", "rigid", "affine", "ffd")
+METHODS = ("xcoreg", "xcoreg-gt")
+
+
+@dataclass
+class StageConfig:
+    """One registration stage; its iterations are shared equally among its resolution levels."""
+
+    name: str = "ffd"
+    iterations: int = 200
+    lr: float = 0.1  # Adam step; mm for offsets, centres and FFD coefficients
+    levels: int = 1  # resolution levels of the image pyramid
+    bins: int | None = None  # overrides XCoRegConfig.bins for this stage
+    angle_scale: float = 0.01  # rigid: rotation step = lr * angle_scale (radians)
+    matrix_scale: float = 0.01  # affine: matrix step = lr * matrix_scale
+    ffd_spacing: float = 20.0  # control-point spacing of the initial FFD level, mm
+    ffd_levels: int = 1  # FFD levels, each halving the spacing (coarse to fine)
+
+    def __post_init__(self):
+        if self.name not in STAGES:
+            raise ValueError(f"unknown stage '{self.name}'; choose from {', '.join(STAGES)}")
+        if self.iterations < 1 or self.levels < 1 or self.ffd_levels < 1:
+            raise ValueError(f"stage '{self.name}': iterations and levels must be >= 1")
+        if self.lr <= 0 or self.ffd_spacing <= 0:
+            raise ValueError(f"stage '{self.name}': lr and ffd_spacing must be positive")
+
+
+@dataclass
+class XCoRegConfig:
+    """Algorithm 1 settings; defaults follow the paper's BrainWeb experiment (Sec. 4.1)."""
+
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+    method: str = "xcoreg"
+    num_classes: int = 4  # K
+    bins: int = 64  # L
+    sample_rate: float = 0.1
+    bending_weight: float = 0.001  # lambda
+    reference: int | None = None  # None: unbiased (Eq. 37); j: group-to-reference
+    tolerance: float = 1e-5  # stop when the mean loss change over `patience` steps is below
+    patience: int = 20
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method '{self.method}'; choose from {', '.join(METHODS)}")
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes (K) must be >= 2, got {self.num_classes}")
+        if not 0 < self.sample_rate <= 1:
+            raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
+        if self.bins < 8:
+            raise ValueError(f"bins (L) must be >= 8, got {self.bins}")
+        self.stages = [s if isinstance(s, StageConfig) else StageConfig(**s) for s in self.stages]
+        if not self.stages:
+            raise ValueError("at least one stage is required")
+
+
+def preset_dir() -> Path:
+    """Folder of the named presets: ``$DCC_CONF_DIR/preset`` or the repository's ``conf/preset``."""
+    root = os.environ.get("DCC_CONF_DIR")
+    base = Path(root) if root else Path(__file__).resolve().parents[2] / "conf"
+    return base / "preset"
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in preset_dir().glob("*.yaml"))
+
+
+def load_preset(name: str, **overrides) -> XCoRegConfig:
+    """Build an :class:`XCoRegConfig` from ``conf/preset/<name>.yaml`` plus keyword overrides."""
+    path = preset_dir() / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(
+            f"unknown preset '{name}'; available: {', '.join(available_presets()) or 'none'}"
+        )
+    values = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return XCoRegConfig(**values)
