@@ -1,0 +1,215 @@
+"""Reading, validating, writing and resampling user images.
+
+Images come back as ``float32`` tensors in PyTorch order with their :class:`~dcc.spatial.grid.Grid`
+(geometry in ITK's LPS frame, read through SimpleITK). A 3D image with one axis of length 1 (a
+single slice) is returned as a 2D image.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from dcc.spatial.grid import Grid
+
+
+class InputError(ValueError):
+    """A user-supplied file is missing, unreadable or unsuitable; the message names the file."""
+
+
+def read_image(path: str | os.PathLike) -> tuple[torch.Tensor, Grid]:
+    """Read a NIfTI/MetaImage/NRRD file or a DICOM series folder as ``(float32 tensor, Grid)``."""
+    array, grid = _read_array(path)
+    array = array.astype(np.float32)
+    if not np.isfinite(array).all():
+        raise InputError(f"{path}: image contains NaN or infinite voxels")
+    lo, hi = array.min(), array.max()
+    if lo == hi:
+        raise InputError(f"{path}: image is constant (all voxels = {lo:g})")
+    return torch.from_numpy(array), grid
+
+
+def read_labels(path: str | os.PathLike, like: Grid) -> torch.Tensor:
+    """Read an integer label map (``int64`` tensor) that must lie on the grid ``like``."""
+    array, grid = _read_array(path)
+    if not like.same_geometry(grid):
+        raise InputError(
+            f"{path}: label grid (shape/spacing/origin/direction) differs from its image's grid: "
+            + _grid_difference(grid, like)
+        )
+    if not np.issubdtype(array.dtype, np.integer):
+        bad = ~np.isfinite(array) | (array != np.round(array))
+        if bad.any():
+            raise InputError(
+                f"{path}: label map has non-integer values (e.g. {array[bad].flat[0]:g})"
+            )
+    array = array.astype(np.int64)
+    if not array.any():
+        raise InputError(f"{path}: label map is empty (no foreground label)")
+    return torch.from_numpy(array)
+
+
+def write_image(
+    path: str | os.PathLike,
+    array: np.ndarray | torch.Tensor,
+    grid: Grid,
+    is_vector: bool = False,
+) -> None:
+    """Write an array in tensor order (plus a trailing vector axis if ``is_vector``) on ``grid``."""
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu().numpy()
+    spatial = array.shape[:-1] if is_vector else array.shape
+    if tuple(spatial) != grid.shape:
+        raise ValueError(f"write_image: array shape {array.shape} does not match grid {grid.shape}")
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(grid.to_sitk(array, is_vector=is_vector), str(path))
+
+
+def resample_to_grid(
+    image: torch.Tensor, grid: Grid, target: Grid, mode: str = "bilinear"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resample ``image`` (``(..., *grid.shape)``) from ``grid`` onto ``target`` in physical space.
+
+    Returns the resampled image ``(..., *target.shape)`` (``float32``, or ``int64`` for
+    ``mode="nearest"`` on integer input) and a ``float32`` validity mask ``target.shape`` that is
+    1 inside the source field of view (zero padding outside).
+    """
+    if mode not in ("bilinear", "nearest"):
+        raise ValueError(f"resample_to_grid: mode must be 'bilinear' or 'nearest', got {mode!r}")
+    if grid.ndim != target.ndim:
+        raise ValueError(
+            f"resample_to_grid: cannot resample a {grid.ndim}D image to {target.ndim}D"
+        )
+    d = grid.ndim
+    if tuple(image.shape[image.ndim - d :]) != grid.shape:
+        raise ValueError(f"resample_to_grid: image shape {tuple(image.shape)} vs grid {grid.shape}")
+    integer = not (image.is_floating_point() or image.is_complex())
+    dtype = torch.float64 if integer or image.dtype == torch.float64 else torch.float32
+    lead = image.shape[: image.ndim - d]
+    source = image.reshape(1, -1, *grid.shape).to(dtype)
+    points = target.points(device=image.device, dtype=torch.float64)
+    coords = grid.world_to_normalized(points).to(dtype).unsqueeze(0)
+    ones = torch.ones((1, 1, *grid.shape), dtype=dtype, device=image.device)
+    out, mask = (
+        F.grid_sample(x, coords, mode=mode, padding_mode="zeros", align_corners=True)
+        for x in (source, ones)
+    )
+    out = out.reshape(*lead, *target.shape)
+    out = out.round().long() if integer and mode == "nearest" else out.float()
+    return out, mask.reshape(target.shape).clamp(0, 1).float()
+
+
+# ---------------------------------------------------------------------- internals
+def _read_array(path: str | os.PathLike) -> tuple[np.ndarray, Grid]:
+    """Read, check dimensionality/components/size, squeeze a singleton slice axis."""
+    image = _read_sitk(path)
+    if image.GetNumberOfComponentsPerPixel() > 1:
+        raise InputError(
+            f"{path}: multi-component (vector/colour) images are not supported "
+            f"({image.GetNumberOfComponentsPerPixel()} components per voxel)"
+        )
+    size = image.GetSize()
+    if 0 in size:
+        raise InputError(f"{path}: image is empty (0 voxels, size {size})")
+    dim = image.GetDimension()
+    if dim not in (2, 3):
+        raise InputError(f"{path}: expected a 2D or 3D image, got {dim}D with size {size}")
+    if _nifti_has_nonfinite(Path(path)):
+        raise InputError(f"{path}: image contains NaN or infinite voxels")
+    array = sitk.GetArrayFromImage(image)
+    grid = Grid.from_sitk(image)
+    singleton = [a for a, n in enumerate(size) if n == 1]
+    if dim == 3 and len(singleton) == 1:
+        array, grid = _drop_axis(array, grid, singleton[0])
+    elif singleton:
+        raise InputError(
+            f"{path}: expected a 2D or 3D image, got size {size}, "
+            "which has fewer than 2 axes longer than 1"
+        )
+    return array, grid
+
+
+def _drop_axis(array: np.ndarray, grid: Grid, axis: int) -> tuple[np.ndarray, Grid]:
+    """Drop ITK axis ``axis`` (length 1) of a 3D image: keep the in-plane geometry block."""
+    keep = [a for a in range(3) if a != axis]
+    direction = grid.direction_matrix[np.ix_(keep, keep)]
+    grid2 = Grid(
+        tuple(reversed([grid.size[a] for a in keep])),
+        tuple(grid.spacing[a] for a in keep),
+        tuple(grid.origin[a] for a in keep),
+        tuple(direction.ravel()),
+    )
+    return array.squeeze(2 - axis), grid2
+
+
+def _read_sitk(path: str | os.PathLike) -> sitk.Image:
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{path}: file not found")
+    try:
+        if p.is_dir():
+            return _read_dicom_series(p, path)
+        return sitk.ReadImage(str(p))
+    except RuntimeError as e:
+        raise InputError(f"{path}: cannot read image: {_short_reason(e)}") from None
+
+
+def _read_dicom_series(folder: Path, path) -> sitk.Image:
+    """Read the DICOM series with the most files in ``folder``."""
+    warnings = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        files = [
+            sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid)
+            for sid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+        ]
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warnings)
+    if not files:
+        raise InputError(f"{path}: no DICOM series found in this folder")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(max(files, key=len))
+    return reader.Execute()
+
+
+def _nifti_has_nonfinite(path: Path) -> bool:
+    """NaN/inf in a floating-point NIfTI file (ITK's NIfTI reader silently turns them into 0)."""
+    if not path.name.lower().endswith((".nii", ".nii.gz")):
+        return False
+    image = nib.load(path)
+    if image.get_data_dtype().kind not in "fc":
+        return False
+    return not np.isfinite(np.asanyarray(image.dataobj)).all()
+
+
+def _short_reason(error: Exception) -> str:
+    """Last line of an ITK exception without its source-location and class prefixes."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reason = lines[-1] if lines else type(error).__name__
+    for prefix in ("sitk::ERROR:", "ITK ERROR:"):
+        if reason.startswith(prefix):
+            reason = reason[len(prefix) :].strip()
+    return re.sub(r"^\w+\(0x[0-9a-fA-F]+\):\s*", "", reason)  # "NiftiImageIO(0x..): msg"
+
+
+def _grid_difference(grid: Grid, like: Grid, tol: float = 1e-3) -> str:
+    """Which of shape/spacing/origin/direction differ, e.g. ``"shape (4, 5) vs (4, 6)"``."""
+    parts = []
+    for name in ("shape", "spacing", "origin", "direction"):
+        a, b = getattr(grid, name), getattr(like, name)
+        if (a != b) if name == "shape" else not np.allclose(a, b, atol=tol):
+            parts.append(f"{name} {_fmt(a)} vs {_fmt(b)}")
+    return "; ".join(parts)
+
+
+def _fmt(values: tuple) -> str:
+    return "(" + ", ".join(f"{v:g}" for v in values) + ")"
