@@ -10,6 +10,14 @@ from omegaconf import OmegaConf
 
 STAGES = ("translation", "rigid", "affine", "ffd")
 METHODS = ("xcoreg", "xcoreg-gt")
+# Paper defaults per stage (Sec. 4.1-4.2): Adam steps of 1 mm for translations and centres,
+# 0.01 rad for rotations, 0.1 mm for FFD coefficients.
+STAGE_DEFAULTS = {
+    "translation": {"lr": 1.0, "iterations": 200},
+    "rigid": {"lr": 1.0, "iterations": 400},
+    "affine": {"lr": 1.0, "iterations": 400},
+    "ffd": {"lr": 0.1, "iterations": 200},
+}
 
 
 @dataclass
@@ -33,6 +41,14 @@ class StageConfig:
             raise ValueError(f"stage '{self.name}': iterations and levels must be >= 1")
         if self.lr <= 0 or self.ffd_spacing <= 0:
             raise ValueError(f"stage '{self.name}': lr and ffd_spacing must be positive")
+
+    @classmethod
+    def named(cls, name: str, **overrides) -> StageConfig:
+        """A stage with the paper's defaults for ``name``, updated by non-None ``overrides``."""
+        if name not in STAGES:
+            raise ValueError(f"unknown stage '{name}'; choose from {', '.join(STAGES)}")
+        values = {**STAGE_DEFAULTS[name], **{k: v for k, v in overrides.items() if v is not None}}
+        return cls(name=name, **values)
 
 
 @dataclass

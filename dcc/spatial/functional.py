@@ -42,8 +42,9 @@ def rotation_matrix(angles: torch.Tensor) -> torch.Tensor:
     if angles.shape[-1] == 1:
         return torch.stack([c[:, 0], -s[:, 0], s[:, 0], c[:, 0]], -1).view(-1, 2, 2)
     if angles.shape[-1] != 3:
-        raise ValueError(f"rotation_matrix: expected angles of shape (N, 1) or (N, 3), got "
-                         f"{tuple(angles.shape)}")
+        raise ValueError(
+            f"rotation_matrix: expected angles of shape (N, 1) or (N, 3), got {tuple(angles.shape)}"
+        )
     cx, cy, cz, sx, sy, sz = c[:, 0], c[:, 1], c[:, 2], s[:, 0], s[:, 1], s[:, 2]
     rx = torch.stack([one, zero, zero, zero, cx, -sx, zero, sx, cx], -1).view(-1, 3, 3)
     ry = torch.stack([cy, zero, sy, zero, one, zero, -sy, zero, cy], -1).view(-1, 3, 3)
@@ -51,9 +52,7 @@ def rotation_matrix(angles: torch.Tensor) -> torch.Tensor:
     return rz @ rx @ ry
 
 
-def sample(
-    images: torch.Tensor, normalized: torch.Tensor, mode: str = "bilinear"
-) -> torch.Tensor:
+def sample(images: torch.Tensor, normalized: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
     """Sample images ``(N, C, *shape)`` at ``grid_sample`` coordinates ``(N, *out, d)``.
 
     Returns ``(N, C, *out)``; outside the field of view the value is zero.
@@ -67,8 +66,9 @@ def sample(
             f"{tuple(images.shape)}"
         )
     mode = "bilinear" if mode == "linear" else mode
-    out = F.grid_sample(images, grid.to(images.dtype), mode=mode, padding_mode="zeros",
-                        align_corners=True)
+    out = F.grid_sample(
+        images, grid.to(images.dtype), mode=mode, padding_mode="zeros", align_corners=True
+    )
     return out.reshape(*out.shape[:2], *out_shape)
 
 
@@ -86,9 +86,11 @@ def _filter_axis(x: torch.Tensor, axis: int, order: int) -> torch.Tensor:
     n = x.shape[axis]
     if n < 3:
         return x.narrow(axis, 0, 0)
-    return k[0] * x.narrow(axis, 0, n - 2) + k[1] * x.narrow(axis, 1, n - 2) + k[
-        2
-    ] * x.narrow(axis, 2, n - 2)
+    return (
+        k[0] * x.narrow(axis, 0, n - 2)
+        + k[1] * x.narrow(axis, 1, n - 2)
+        + k[2] * x.narrow(axis, 2, n - 2)
+    )
 
 
 def bending_energy(

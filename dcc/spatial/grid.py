@@ -160,9 +160,9 @@ class Grid:
         axes = [torch.arange(n, dtype=torch.float64, device=device) for n in self.shape]
         idx_tensor_order = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
         idx = idx_tensor_order.flip(-1)  # (x, y, z) order
-        return apply_matrix(
-            torch.as_tensor(self.index_to_world_matrix(), device=device), idx
-        ).to(dtype)
+        return apply_matrix(torch.as_tensor(self.index_to_world_matrix(), device=device), idx).to(
+            dtype
+        )
 
     def world_to_normalized(self, points: torch.Tensor) -> torch.Tensor:
         """Map physical points ``(..., d)`` to ``grid_sample`` coordinates ``(..., d)``."""

@@ -28,9 +28,7 @@ def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     return out.reshape(n, c, *spatial)
 
 
-def image_pyramid(
-    images: torch.Tensor, grid: Grid, levels: int
-) -> list[tuple[torch.Tensor, Grid]]:
+def image_pyramid(images: torch.Tensor, grid: Grid, levels: int) -> list[tuple[torch.Tensor, Grid]]:
     """Images ``(N, C, *grid.shape)`` at ``levels`` resolutions, coarsest first.
 
     Each level halves the number of voxels per axis (``Grid.downsample``) after Gaussian
@@ -43,8 +41,8 @@ def image_pyramid(
         fine, fine_grid = pyramid[-1]
         coarse_grid = fine_grid.downsample(2)
         points = coarse_grid.points(device=images.device, dtype=images.dtype)
-        normalized = fine_grid.world_to_normalized(points).unsqueeze(0).expand(
-            fine.shape[0], *points.shape
+        normalized = (
+            fine_grid.world_to_normalized(points).unsqueeze(0).expand(fine.shape[0], *points.shape)
         )
         pyramid.append((sample(gaussian_blur(fine, 1.0), normalized), coarse_grid))
     return pyramid[::-1]

@@ -118,8 +118,13 @@ class Rigid(LinearTransform):
     5 parameters per image in 2D, 9 in 3D, as ITK's Euler transforms (radians).
     """
 
-    def __init__(self, groups: int, ndim: int, center: Sequence[float] | None = None,
-                 angle_scale: float = 0.01):
+    def __init__(
+        self,
+        groups: int,
+        ndim: int,
+        center: Sequence[float] | None = None,
+        angle_scale: float = 0.01,
+    ):
         super().__init__(groups, ndim)
         c = torch.zeros(ndim) if center is None else torch.as_tensor(center, dtype=torch.float32)
         self.center = nn.Parameter(c.expand(groups, ndim).clone())
@@ -167,8 +172,13 @@ class Rigid(LinearTransform):
 class Affine(LinearTransform):
     """phi_j(x) = A_j (x - c) + c + t_j about a fixed centre c (e.g. the grid centre)."""
 
-    def __init__(self, groups: int, ndim: int, center: Sequence[float] | None = None,
-                 matrix_scale: float = 0.01):
+    def __init__(
+        self,
+        groups: int,
+        ndim: int,
+        center: Sequence[float] | None = None,
+        matrix_scale: float = 0.01,
+    ):
         super().__init__(groups, ndim)
         c = torch.zeros(ndim) if center is None else torch.as_tensor(center, dtype=torch.float32)
         self.register_buffer("center", c.clone())
@@ -212,7 +222,9 @@ class BSplineFFD(SpatialTransform):
         spacing = (float(spacing),) * d if np.isscalar(spacing) else tuple(map(float, spacing))
         if any(s <= 0 for s in spacing):
             raise ValueError(f"BSplineFFD: control spacing must be positive, got {spacing} mm")
-        mesh = [max(1, math.ceil(e / s - 1e-6)) for e, s in zip(domain.extent, spacing, strict=True)]
+        mesh = [
+            max(1, math.ceil(e / s - 1e-6)) for e, s in zip(domain.extent, spacing, strict=True)
+        ]
         self.knots = tuple(m + 3 for m in mesh)  # (x, y, z) order
         self.spacing = spacing
         self.domain = domain
@@ -232,8 +244,9 @@ class BSplineFFD(SpatialTransform):
 
     def _knot_coordinates(self, points: torch.Tensor) -> torch.Tensor:
         """Continuous knot indices ``(..., d)`` in ``(x, y, z)`` order of physical points."""
-        rot = torch.as_tensor(self.domain.direction_matrix, dtype=points.dtype,
-                              device=points.device)
+        rot = torch.as_tensor(
+            self.domain.direction_matrix, dtype=points.dtype, device=points.device
+        )
         origin = torch.as_tensor(self.knot_origin(), dtype=points.dtype, device=points.device)
         spacing = torch.as_tensor(self.spacing, dtype=points.dtype, device=points.device)
         return ((points - origin) @ rot) / spacing
@@ -287,8 +300,11 @@ class BSplineFFD(SpatialTransform):
             for a in reversed(range(grid.ndim)):  # tensor axis order z, y, x
                 step = grid.spacing[a] / self.spacing[a]
                 coords = u0[a] + step * torch.arange(grid.size[a], dtype=torch.float64)
-                mats.append(SF.bspline_axis_matrix(coords, self.knots[a]).float()
-                            .to(self.coefficients.device))
+                mats.append(
+                    SF.bspline_axis_matrix(coords, self.knots[a])
+                    .float()
+                    .to(self.coefficients.device)
+                )
             self._axis_cache[key] = mats
         return self._axis_cache[key]
 
