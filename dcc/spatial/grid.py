@@ -14,6 +14,7 @@ Conventions used throughout dcc:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -194,6 +195,14 @@ class Grid:
             "origin": list(self.origin),
             "direction": list(self.direction),
         }
+
+
+@functools.lru_cache(maxsize=32)
+def _lattice_points(grid: Grid, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    axes = [torch.arange(n, dtype=torch.float64, device=device) for n in grid.shape]
+    index = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).flip(-1)  # (x, y, z)
+    matrix = torch.as_tensor(grid.index_to_world_matrix(), device=device)
+    return apply_matrix(matrix, index).to(dtype)
 
 
 def apply_matrix(matrix: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
