@@ -1,0 +1,567 @@
+"""Tests of dcc.similarity: Parzen pmfs, mutual information, the X-metric (Eqs. 8, 17-21), the
+common-space update (Eqs. 12, 14, 20, 22) and the EM property of Eq. (23)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dcc.data.misalign import warp_images
+from dcc.similarity import XMetric
+from dcc.similarity import functional as XF
+from dcc.spatial.grid import Grid
+from dcc.spatial.pyramid import gaussian_blur
+from dcc.spatial.transforms import Translation
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These problems are tiny: intra-op threads only add overhead, and on a busy 2-core machine
+    OpenMP contention made this file several times slower. Restored after the module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def beta3(t: float) -> float:
+    """Independent scalar cubic B-spline."""
+    a = abs(t)
+    if a < 1:
+        return 2 / 3 - a * a + a**3 / 2
+    if a < 2:
+        return (2 - a) ** 3 / 6
+    return 0.0
+
+
+def structured_values(
+    n: int, m: int, k: int, bins: int, seed: int = 0, noise: float = 1.0, dtype=torch.float32
+):
+    """Values ``(n, m)`` in bin units drawn from ``k`` classes with per-image means, and labels."""
+    gen = _gen(seed)
+    labels = torch.randint(0, k, (m,), generator=gen)
+    means = 2 + torch.rand(n, k, generator=gen, dtype=torch.float64) * (bins - 5)
+    values = means[:, labels] + noise * torch.randn(n, m, generator=gen, dtype=torch.float64)
+    return values.clamp(1, bins - 2).to(dtype), labels
+
+
+def dense_joint_histogram(values, posterior, bins):
+    """Brute-force Eq. (21): loops over images, points, levels and classes."""
+    n, m = values.shape
+    post = posterior if posterior.dim() == 3 else posterior.expand(n, *posterior.shape)
+    k = post.shape[-1]
+    hist = torch.zeros(n, bins, k, dtype=torch.float64)
+    for j in range(n):
+        for x in range(m):
+            u = min(max(float(values[j, x]), 1.0), bins - 2.0)
+            for mu in range(bins):
+                w = beta3(u - mu)
+                if w:
+                    for c in range(k):
+                        hist[j, mu, c] += w * float(post[j, x, c])
+    return hist / hist.sum((1, 2), keepdim=True)
+
+
+def entropy_of(p: torch.Tensor) -> torch.Tensor:
+    """Entropy over all axes but the first, computed independently of dcc."""
+    flat = p.flatten(1)
+    return -torch.where(flat > 0, flat * torch.log(flat), torch.zeros_like(flat)).sum(1)
+
+
+# ---------------------------------------------------------------------------- Parzen window
+def test_parzen_window_partition_of_unity_and_indices():
+    bins = 12
+    # random values (some outside [1, L-2]), every level, the edges
+    values = torch.cat(
+        [
+            torch.rand(2000, generator=_gen(0), dtype=torch.float64) * (bins + 4) - 2,
+            torch.arange(1, bins - 1, dtype=torch.float64),
+            torch.tensor([1.0, bins - 2.0, bins - 2.5, 1.0 + 1e-9], dtype=torch.float64),
+        ]
+    )
+    index, weights = XF.parzen_window(values, bins)
+    assert index.shape == weights.shape == (*values.shape, 4)
+    assert index.dtype == torch.long
+    assert index.min() >= 0 and index.max() <= bins - 1
+    assert (weights >= 0).all()
+    torch.testing.assert_close(weights.sum(-1), torch.ones_like(values))
+    # summed per level, the weights are beta_3 at the distances to the (clamped) value
+    u = values.clamp(1, bins - 2)
+    per_level = torch.zeros(len(values), bins, dtype=torch.float64).scatter_add(1, index, weights)
+    for i in torch.randint(0, len(values), (50,), generator=_gen(1)).tolist() + [-4, -3, -1]:
+        expected = torch.tensor(
+            [beta3(float(u[i]) - mu) for mu in range(bins)], dtype=torch.float64
+        )
+        torch.testing.assert_close(per_level[i], expected, atol=1e-12, rtol=0)
+
+
+def test_parzen_window_on_a_level():
+    bins = 10
+    for level in range(1, bins - 1):
+        index, weights = XF.parzen_window(torch.tensor([float(level)]), bins)
+        on = weights[0][index[0] == level].sum().item()
+        assert on == pytest.approx(2 / 3, abs=1e-7)
+        for nb in (level - 1, level + 1):
+            assert weights[0][index[0] == nb].sum().item() == pytest.approx(1 / 6, abs=1e-7)
+
+
+def test_parzen_window_differentiable():
+    values = (1.2 + torch.rand(40, generator=_gen(2), dtype=torch.float64) * 7).requires_grad_()
+    assert torch.autograd.gradcheck(lambda v: XF.parzen_window(v, 10)[1], (values,))
+
+
+# ---------------------------------------------------------------------------- joint histogram
+def test_joint_histogram_normalised_and_marginals():
+    n, m, k, bins = 3, 500, 4, 16
+    values, labels = structured_values(n, m, k, bins)
+    onehot = torch.nn.functional.one_hot(labels, k).float()
+    joint = XF.joint_histogram(values, onehot, bins)
+    assert joint.shape == (n, bins, k)
+    assert (joint >= 0).all()
+    torch.testing.assert_close(joint.sum((1, 2)), torch.ones(n))
+    proportions = torch.bincount(labels, minlength=k).float() / m
+    torch.testing.assert_close(joint.sum(1), proportions.expand(n, k))
+    # the intensity marginal equals the Parzen histogram of the values alone
+    ones = torch.ones(m, 1)
+    torch.testing.assert_close(joint.sum(2), XF.joint_histogram(values, ones, bins)[..., 0])
+    # unnormalised: total mass M (one unit per point)
+    raw = XF.joint_histogram(values, onehot, bins, normalize=False)
+    torch.testing.assert_close(raw.sum((1, 2)), torch.full((n,), float(m)))
+
+
+@pytest.mark.parametrize("per_image", [False, True])
+def test_joint_histogram_matches_brute_force(per_image):
+    n, m, k, bins = 2, 25, 3, 8
+    values = torch.rand(n, m, generator=_gen(3), dtype=torch.float64) * (bins + 1) - 0.5
+    values[0, :3] = torch.tensor([1.0, 4.0, bins - 2.0], dtype=torch.float64)  # on levels/edges
+    shape = (n, m, k) if per_image else (m, k)
+    posterior = torch.softmax(torch.randn(*shape, generator=_gen(4), dtype=torch.float64), -1)
+    joint = XF.joint_histogram(values, posterior, bins)
+    torch.testing.assert_close(joint, dense_joint_histogram(values, posterior, bins))
+
+
+def test_joint_histogram_differentiable():
+    n, m, k, bins = 2, 20, 3, 8
+    values = 1.5 + torch.rand(n, m, generator=_gen(5), dtype=torch.float64) * 4.5
+    posterior = torch.softmax(torch.randn(m, k, generator=_gen(6), dtype=torch.float64), -1)
+    values.requires_grad_()
+    posterior.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda v, p: XF.joint_histogram(v, p, bins), (values, posterior)
+    )
+
+
+def test_joint_histogram_rejects_bad_posterior():
+    with pytest.raises(ValueError):
+        XF.joint_histogram(torch.full((2, 10), 3.0), torch.ones(9, 2) / 2, 8)
+
+
+# ---------------------------------------------------------------------------- mutual information
+def _self_labelled(levels=(2, 5, 8, 11), bins=14, m=400, seed=0):
+    """Integer-level intensities and the one-hot posterior of their own level classes."""
+    gen = _gen(seed)
+    cls = torch.randint(0, len(levels), (m,), generator=gen)
+    values = torch.tensor(levels, dtype=torch.float64)[cls].unsqueeze(0)
+    posterior = torch.nn.functional.one_hot(cls, len(levels)).double()
+    return values, posterior, cls
+
+
+def test_mutual_information_of_image_with_its_own_classes_is_entropy():
+    # levels 3 apart: the smoothed class-conditional pmfs have disjoint supports, so
+    # H(K | U) = 0 and I(U; K) = H(K) exactly, Parzen smoothing notwithstanding
+    bins = 14
+    values, posterior, cls = _self_labelled(bins=bins)
+    joint = XF.joint_histogram(values, posterior, bins)
+    mi = XF.mutual_information(joint)
+    p_k = torch.bincount(cls, minlength=4).double() / len(cls)
+    torch.testing.assert_close(mi, XF.entropy(p_k).unsqueeze(0))
+    torch.testing.assert_close(mi, entropy_of(p_k.unsqueeze(0)))
+    # and the general identity I = H(mu) + H(k) - H(mu, k), computed independently
+    expected = entropy_of(joint.sum(2)) + entropy_of(joint.sum(1)) - entropy_of(joint)
+    torch.testing.assert_close(mi, expected)
+
+
+def test_mutual_information_identity_on_random_joints():
+    n, m, k, bins = 3, 300, 4, 12
+    values, _ = structured_values(n, m, k, bins, seed=1, dtype=torch.float64)
+    posterior = torch.softmax(3 * torch.randn(m, k, generator=_gen(2), dtype=torch.float64), -1)
+    joint = XF.joint_histogram(values, posterior, bins)
+    mi = XF.mutual_information(joint)
+    expected = entropy_of(joint.sum(2)) + entropy_of(joint.sum(1)) - entropy_of(joint)
+    torch.testing.assert_close(mi, expected)
+    assert (mi >= 0).all()
+    # independent posterior -> MI 0
+    flat = torch.full((m, k), 1.0 / k, dtype=torch.float64)
+    torch.testing.assert_close(
+        XF.x_metric(values, flat, bins, reduction="none"),
+        torch.zeros(n, dtype=torch.float64),
+        atol=1e-12,
+        rtol=0,
+    )
+
+
+def test_mutual_information_invariant_to_bijective_maps():
+    bins = 14
+    values, posterior, _ = _self_labelled(bins=bins, seed=3)
+    base = XF.x_metric(values, posterior, bins)
+    # relabelling the classes
+    for perm in ([3, 2, 1, 0], [1, 3, 0, 2]):
+        torch.testing.assert_close(
+            XF.x_metric(values, posterior[:, perm], bins), base, atol=1e-12, rtol=0
+        )
+    # flipping intensities u -> L-1-u maps levels to levels (and beta_3 is symmetric)
+    torch.testing.assert_close(
+        XF.x_metric(bins - 1 - values, posterior, bins), base, atol=1e-12, rtol=0
+    )
+    # the same for continuous intensities and a soft posterior
+    n, m, k = 2, 300, 3
+    vals, _ = structured_values(n, m, k, bins, seed=4, dtype=torch.float64)
+    post = torch.softmax(2 * torch.randn(m, k, generator=_gen(5), dtype=torch.float64), -1)
+    ref = XF.x_metric(vals, post, bins, reduction="none")
+    torch.testing.assert_close(XF.x_metric(bins - 1 - vals, post, bins, reduction="none"), ref)
+    torch.testing.assert_close(XF.x_metric(vals, post[:, [2, 0, 1]], bins, reduction="none"), ref)
+    # shifting by a whole number of levels (staying inside [1, L-2]) changes nothing either
+    shifted = XF.x_metric(values + 1, posterior, bins)
+    torch.testing.assert_close(shifted, base, atol=1e-12, rtol=0)
+
+
+# ---------------------------------------------------------------------------- X-metric
+def test_x_metric_is_sum_of_mutual_informations():
+    n, m, k, bins = 4, 400, 3, 16
+    values, _ = structured_values(n, m, k, bins, seed=6)
+    posterior = XF.random_posterior(m, k, _gen(7))
+    per_image = torch.stack(
+        [
+            XF.mutual_information(XF.joint_histogram(values[j : j + 1], posterior, bins))[0]
+            for j in range(n)
+        ]
+    )
+    none = XF.x_metric(values, posterior, bins, reduction="none")
+    assert none.shape == (n,)
+    torch.testing.assert_close(none, per_image)
+    torch.testing.assert_close(XF.x_metric(values, posterior, bins), per_image.sum())
+    torch.testing.assert_close(
+        XF.x_metric(values, posterior, bins, reduction="sum"), per_image.sum()
+    )
+    torch.testing.assert_close(
+        XF.x_metric(values, posterior, bins, reduction="mean"), per_image.mean()
+    )
+    with pytest.raises(ValueError):
+        XF.x_metric(values, posterior, bins, reduction="max")
+    # per-image posteriors (N, M, K) equal to the shared one give the same value
+    torch.testing.assert_close(
+        XF.x_metric(values, posterior.expand(n, m, k), bins, reduction="none"), per_image
+    )
+    # the module
+    for reduction in ("none", "sum", "mean"):
+        module = XMetric(bins=bins, reduction=reduction)
+        torch.testing.assert_close(
+            module(values, posterior), XF.x_metric(values, posterior, bins, reduction=reduction)
+        )
+    assert "bins=16" in repr(XMetric(bins=16))
+
+
+def _phantom(n: int = 48):
+    """Three contrasts of a disc/ring/inclusion phantom with 4 tissue classes, smoothed, noisy."""
+    grid = Grid.from_shape((n, n), spacing=1.0)
+    pts = grid.points()
+    centre = pts.reshape(-1, 2).mean(0)
+    r = (pts - centre).norm(dim=-1)
+    q = (pts - centre - torch.tensor([5.0, -3.0])).norm(dim=-1)
+    labels = torch.zeros(n, n, dtype=torch.long)
+    labels[r < 18] = 1
+    labels[r < 12] = 2
+    labels[q < 5] = 3
+    means = torch.tensor([[0.0, 0.3, 0.7, 1.0], [0.0, 1.0, 0.5, 0.2], [0.1, 0.6, 1.0, 0.4]])
+    images = gaussian_blur(means[:, labels].unsqueeze(1), 0.7)[:, 0]
+    images = images + 0.02 * torch.randn(images.shape, generator=_gen(0))
+    return images, labels, grid
+
+
+def _x_after_em(values: torch.Tensor, k: int, bins: int, seed: int, iterations: int = 15):
+    """X with the posterior of a few common-space updates (as XCoReg._update_common)."""
+    gamma = XF.random_posterior(values.shape[1], k, _gen(seed))
+    log_pi = torch.full((k,), -math.log(k))
+    for _ in range(iterations):
+        log_f = XF.appearance_model(values, gamma, bins)
+        log_gamma, _ = XF.posterior(values, log_f, log_pi)
+        gamma = log_gamma.exp()
+        log_pi = torch.log(XF.proportions(gamma).clamp_min(XF.EPS))
+    return XF.x_metric(values, gamma, bins).item()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_x_metric_rises_as_group_is_aligned(seed):
+    images, _, grid = _phantom()
+    bins, k = 24, 4
+    offsets = torch.tensor([[3.0, -2.0], [-2.5, 1.5], [0.5, 2.5]])
+    xs = []
+    for s in (1.0, 0.5, 0.0):
+        t = Translation(3, 2)
+        with torch.no_grad():
+            t.offset.copy_(offsets * s)
+        warped = warp_images(images, grid, t)
+        values = XF.normalize_intensities(warped, bins).reshape(3, -1)
+        xs.append(_x_after_em(values, k, bins, seed))
+    assert xs[0] < xs[1] < xs[2], xs
+
+
+# ---------------------------------------------------------------------------- gradients
+def test_x_metric_gradcheck():
+    n, m, k, bins = 2, 40, 3, 10
+    values, labels = structured_values(n, m, k, bins, seed=8, dtype=torch.float64)
+    values = values.clamp(1.3, bins - 2.3).requires_grad_()  # inside the un-clamped range
+    posterior = (0.7 * torch.nn.functional.one_hot(labels, k).double() + 0.1).requires_grad_()
+    assert torch.autograd.gradcheck(lambda v, p: XF.x_metric(v, p, bins), (values, posterior))
+    assert torch.autograd.gradcheck(
+        lambda v: XF.x_metric(v, posterior.detach(), bins, reduction="none"), (values,)
+    )
+
+
+def test_x_metric_central_differences_float64():
+    n, m, k, bins = 3, 200, 3, 12
+    values, labels = structured_values(n, m, k, bins, seed=9, dtype=torch.float64)
+    values = values.clamp(1.5, bins - 2.5).requires_grad_()
+    posterior = torch.softmax(3 * torch.nn.functional.one_hot(labels, k).double(), -1)
+    XF.x_metric(values, posterior, bins).backward()
+    eps = 1e-3
+    for idx in [(0, 0), (1, 17), (2, 123)]:
+        with torch.no_grad():
+            plus, minus = values.clone(), values.clone()
+            plus[idx] += eps
+            minus[idx] -= eps
+            fd = XF.x_metric(plus, posterior, bins) - XF.x_metric(minus, posterior, bins)
+        assert (fd / (2 * eps)).item() == pytest.approx(values.grad[idx].item(), rel=1e-2, abs=1e-6)
+
+
+def test_x_metric_finite_under_bf16_autocast():
+    n, m, k, bins = 2, 4000, 3, 16
+    gen = _gen(10)
+    labels = torch.randint(0, k, (m,), generator=gen)
+    features = torch.randn(m, 4, generator=gen) + torch.nn.functional.one_hot(labels, 4) * 3
+    weight = torch.randn(4, n, generator=gen, requires_grad=True)
+    posterior = torch.nn.functional.one_hot(labels, k).float() * 0.9 + 0.1 / k
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        values = features @ weight  # a bf16 op
+        assert values.dtype == torch.bfloat16
+        values = 1 + (bins - 3) * torch.sigmoid(values.T)  # bin units, still bf16
+        x = XF.x_metric(values, posterior, bins)
+    assert torch.isfinite(x)
+    x.float().backward()
+    assert torch.isfinite(weight.grad).all() and weight.grad.abs().sum() > 0
+    # bf16 accumulation stays close to the float32 computation on the same values
+    ref = XF.x_metric(values.detach().float(), posterior, bins)
+    assert abs(x.float().item() - ref.item()) < 0.05 * max(ref.item(), 1.0)
+
+
+def test_x_metric_degenerate_inputs_are_finite():
+    n, m, k, bins = 2, 50, 3, 10
+    # all values identical, posterior with empty columns
+    values = torch.full((n, m), 4.0, requires_grad=True)
+    posterior = torch.zeros(m, k)
+    posterior[:, 1] = 1.0
+    posterior.requires_grad_()
+    x = XF.x_metric(values, posterior, bins, reduction="none")
+    torch.testing.assert_close(x, torch.zeros(n), atol=1e-6, rtol=0)
+    x.sum().backward()
+    assert torch.isfinite(values.grad).all() and torch.isfinite(posterior.grad).all()
+    # values on the clamping edges, an all-zero posterior
+    for v in (1.0, bins - 2.0, -5.0, bins + 5.0):
+        values = torch.full((n, m), v, requires_grad=True)
+        x = XF.x_metric(values, torch.zeros(m, k), bins)
+        assert torch.isfinite(x)
+        x.backward()
+        assert torch.isfinite(values.grad).all()
+    # float64 with one image constant and one informative
+    vals = torch.stack(
+        [
+            torch.full((m,), 3.0, dtype=torch.float64),
+            torch.linspace(1, bins - 2, m, dtype=torch.float64),
+        ]
+    ).requires_grad_()
+    post = torch.nn.functional.one_hot(torch.arange(m) * k // m, k).double()
+    x = XF.x_metric(vals, post, bins, reduction="none")
+    assert x[0].abs() < 1e-12 and x[1] > 0.5
+    x.sum().backward()
+    assert torch.isfinite(vals.grad).all()
+
+
+# ---------------------------------------------------------------------------- posterior / EM
+def test_appearance_model_is_normalised():
+    n, m, k, bins = 3, 300, 4, 12
+    values, labels = structured_values(n, m, k, bins, seed=11)
+    gamma = XF.random_posterior(m, k, _gen(1))
+    log_f = XF.appearance_model(values, gamma, bins)
+    assert log_f.shape == (n, bins, k)
+    torch.testing.assert_close(log_f.exp().sum(1), torch.ones(n, k))
+    # Eq. (20): f_jk proportional to the joint histogram column k
+    joint = XF.joint_histogram(values, gamma, bins)
+    torch.testing.assert_close(log_f.exp(), joint / joint.sum(1, keepdim=True))
+
+
+def _naive_posterior(values, log_f, pi, bins):
+    """Eq. (12) in linear space: gamma = pi_k prod_j f_jk(u_j) / sum_l (...), with f_jk read at
+    continuous u as prod_mu f_jk(mu) ** beta_3(u - mu) (the reading documented in
+    log_appearance)."""
+    n, m = values.shape
+    k = log_f.shape[-1]
+    f = log_f.exp()
+    mus = torch.arange(bins, dtype=values.dtype)
+    w = _beta3_tensor(values.clamp(1, bins - 2).unsqueeze(-1) - mus)  # (n, m, L)
+    like = torch.ones(m, k, dtype=values.dtype)
+    for j in range(n):
+        f_at = torch.prod(f[j].unsqueeze(0) ** w[j].unsqueeze(-1), dim=1)  # (m, k)
+        like = like * f_at
+    joint = pi * like
+    return joint / joint.sum(-1, keepdim=True), joint.sum(-1)
+
+
+def _beta3_tensor(t: torch.Tensor) -> torch.Tensor:
+    """Independent vectorised beta_3."""
+    a = t.abs()
+    return torch.where(a < 1, 2 / 3 - a**2 + a**3 / 2, (2 - a).clamp(min=0) ** 3 / 6)
+
+
+def test_posterior_matches_linear_space_formula():
+    n, m, k, bins = 3, 100, 3, 12
+    values, _ = structured_values(n, m, k, bins, seed=12, dtype=torch.float64)
+    gamma0 = XF.random_posterior(m, k, _gen(2)).double()
+    log_f = XF.appearance_model(values, gamma0, bins)
+    pi = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
+    log_gamma, ll = XF.posterior(values, log_f, pi.log())
+    assert log_gamma.shape == (m, k) and ll.shape == (m,)
+    torch.testing.assert_close(log_gamma.exp().sum(-1), torch.ones(m, dtype=torch.float64))
+    gamma_lin, evidence = _naive_posterior(values, log_f, pi, bins)
+    torch.testing.assert_close(log_gamma.exp(), gamma_lin)
+    torch.testing.assert_close(ll, evidence.log())
+    torch.testing.assert_close(XF.log_likelihood(values, log_f, pi.log()), ll.sum())
+    torch.testing.assert_close(
+        XF.log_likelihood(values, log_f, pi.log(), reduction="mean"), ll.mean()
+    )
+    # on a level the reading is the geometric mean with weights 1/6, 2/3, 1/6
+    on_level = torch.full((1, 1), 5.0, dtype=torch.float64)
+    got = XF.log_appearance(on_level, log_f[:1])[0, 0]
+    expected = (log_f[0, 4] + 4 * log_f[0, 5] + log_f[0, 6]) / 6
+    torch.testing.assert_close(got, expected)
+    # a spatial prior (M, K) (Eq. 40)
+    spatial = torch.softmax(torch.randn(m, k, generator=_gen(3), dtype=torch.float64), -1)
+    log_gamma_s, _ = XF.posterior(values, log_f, spatial.log())
+    torch.testing.assert_close(log_gamma_s.exp(), _naive_posterior(values, log_f, spatial, bins)[0])
+
+
+def test_posterior_stays_finite_for_many_images():
+    n, m, k, bins = 60, 500, 3, 32
+    values, _ = structured_values(n, m, k, bins, seed=13, noise=1.5)
+    gamma0 = XF.random_posterior(m, k, _gen(4))
+    log_f = XF.appearance_model(values, gamma0, bins)
+    pi = torch.full((k,), 1.0 / k)
+    naive, _ = _naive_posterior(values, log_f, pi, bins)  # float32 linear space
+    assert not torch.isfinite(naive).all()  # 0/0: the product of 60 likelihoods underflows
+    log_gamma, ll = XF.posterior(values, log_f, pi.log())
+    assert torch.isfinite(log_gamma).all() and torch.isfinite(ll).all()
+    torch.testing.assert_close(log_gamma.exp().sum(-1), torch.ones(m))
+    # and it agrees with the float64 linear-space computation where that one is still finite
+    ref, _ = _naive_posterior(values.double(), log_f.double(), pi.double(), bins)
+    finite = torch.isfinite(ref).all(-1)
+    assert finite.any()
+    torch.testing.assert_close(log_gamma.exp()[finite].double(), ref[finite], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_em_never_lowers_the_likelihood(dtype):
+    """Eq. (23) along the common-space iteration at fixed phi: f^t and pi^t from gamma^t
+    (M-step, Eqs. 20 and 14), then gamma^{t+1} = posterior (E-step, Eq. 12)."""
+    n, m, k, bins = 3, 2000, 3, 16
+    values, _ = structured_values(n, m, k, bins, seed=14, noise=1.2, dtype=dtype)
+    gamma = XF.random_posterior(m, k, _gen(5)).to(dtype)
+    pi = torch.full((k,), 1.0 / k, dtype=dtype)
+    history = []
+    for t in range(30):
+        log_f = XF.appearance_model(values, gamma, bins)
+        if t > 0:
+            pi = XF.proportions(gamma)
+        history.append(XF.log_likelihood(values, log_f, pi.log()).item())
+        log_gamma, ll = XF.posterior(values, log_f, pi.log())
+        assert ll.sum().item() == pytest.approx(history[-1], rel=1e-6)
+        gamma = log_gamma.exp()
+    for before, after in zip(history, history[1:], strict=False):
+        assert after >= before - 1e-4 * abs(before), history
+    assert history[-1] > history[0]
+
+
+# ---------------------------------------------------------------------------- small helpers
+def test_proportions_and_random_posterior():
+    gamma = XF.random_posterior(1000, 5, _gen(6))
+    assert gamma.shape == (1000, 5)
+    assert (gamma > 0).all()
+    torch.testing.assert_close(gamma.sum(-1), torch.ones(1000))
+    torch.testing.assert_close(XF.random_posterior(1000, 5, _gen(6)), gamma, atol=0, rtol=0)
+    assert not torch.equal(XF.random_posterior(1000, 5, _gen(7)), gamma)
+    pi = XF.proportions(gamma)
+    assert pi.shape == (5,)
+    torch.testing.assert_close(pi.sum(), torch.tensor(1.0))
+    torch.testing.assert_close(pi, gamma.mean(0))
+    onehot = torch.nn.functional.one_hot(torch.tensor([0, 0, 2, 1, 0]), 3).float()
+    torch.testing.assert_close(XF.proportions(onehot), torch.tensor([0.6, 0.2, 0.2]))
+    assert torch.isfinite(XF.proportions(torch.zeros(4, 3))).all()
+
+
+def test_entropy():
+    p = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]])
+    torch.testing.assert_close(XF.entropy(p), torch.tensor([math.log(2), 0.0]))
+    torch.testing.assert_close(XF.entropy(torch.full((4,), 0.25)), torch.tensor(math.log(4)))
+
+
+def test_normalize_intensities_range_and_mask():
+    bins = 32
+    gen = _gen(8)
+    images = torch.randn(3, 20, 24, generator=gen) * torch.tensor([1.0, 50.0, 0.01]).view(3, 1, 1)
+    out = XF.normalize_intensities(images, bins)
+    assert out.shape == images.shape
+    assert out.min() >= 1 and out.max() <= bins - 2
+    for j in range(3):  # each image spans the range (robust percentiles are clipped)
+        assert out[j].min() == 1 and out[j].max() == bins - 2
+    # monotone per image
+    flat, idx = images[1].flatten().sort()
+    assert (out[1].flatten()[idx].diff() >= 0).all()
+    # exact linear map with (0, 100) percentiles
+    ramp = torch.arange(100.0).view(1, 10, 10)
+    torch.testing.assert_close(
+        XF.normalize_intensities(ramp, bins, percentiles=(0, 100)), 1 + ramp * (bins - 3) / 99
+    )
+    # the mask decides the range: a huge outlier outside it does not squash the inside
+    image = torch.rand(1, 16, 16, generator=gen)
+    mask = torch.zeros(1, 16, 16)
+    mask[:, 2:14, 2:14] = 1
+    spoiled = image.clone()
+    spoiled[0, 0, 0] = 1e6
+    a = XF.normalize_intensities(image, bins, mask, percentiles=(0, 100))
+    b = XF.normalize_intensities(spoiled, bins, mask, percentiles=(0, 100))
+    inside = mask > 0.5
+    torch.testing.assert_close(a[inside], b[inside])
+    assert b[inside].min() == 1 and b[inside].max() == bins - 2
+    assert b[0, 0, 0] == bins - 2  # clipped
+    torch.testing.assert_close(
+        XF.normalize_intensities(spoiled, bins, mask > 0.5, percentiles=(0, 100)), b
+    )  # a bool mask
+    with pytest.raises(ValueError):
+        XF.normalize_intensities(image, bins, torch.zeros_like(image))
+    with pytest.raises(ValueError):
+        XF.normalize_intensities(image, 3)
+
+
+def test_normalize_intensities_constant_image():
+    bins = 16
+    out = XF.normalize_intensities(torch.full((2, 8, 8), 7.0), bins)
+    assert torch.isfinite(out).all()
+    assert ((out >= 1) & (out <= bins - 2)).all()
+    zero = XF.normalize_intensities(torch.zeros(1, 5, 5), bins)
+    assert torch.isfinite(zero).all()
+    x = XF.x_metric(out.reshape(2, -1), XF.random_posterior(64, 3, _gen(0)), bins)
+    assert torch.isfinite(x)
