@@ -754,11 +754,6 @@ def test_warp_gradients_float32_lattice_path(kind):
         torch.testing.assert_close(grads[n].double(), params[n].grad, atol=1e-3 * scale, rtol=1e-2)
 
 
-@pytest.mark.xfail(
-    reason="SpatialTransform.lattice (and the BSplineFFD fast path) always build float32 grid "
-    "points / axis matrices, so a float64 transform cannot be evaluated on a grid",
-    strict=True,
-)
 @pytest.mark.parametrize("kind", ["rigid", "ffd"])
 def test_lattice_follows_parameter_dtype(kind):
     grid = OBLIQUE2D

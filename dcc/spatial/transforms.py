@@ -43,11 +43,16 @@ class SpatialTransform(nn.Module):
 
     def lattice(self, grid: Grid) -> torch.Tensor:
         """phi_j at every voxel centre of ``grid``: ``(N, *grid.shape, d)``."""
-        points = grid.points(device=self._device()).reshape(-1, self.ndim)
+        points = self._grid_points(grid).reshape(-1, self.ndim)
         return self(points).reshape(self.groups, *grid.shape, self.ndim)
 
     def _device(self):
         return next(iter(self.parameters()), torch.empty(0)).device
+
+    def _grid_points(self, grid: Grid) -> torch.Tensor:
+        """Voxel centres of ``grid`` on the parameters' device and dtype."""
+        reference = next(iter(self.parameters()), torch.empty(0))
+        return grid.points(device=reference.device, dtype=reference.dtype)
 
     @torch.no_grad()
     def zero_mean_(self) -> None:
@@ -289,10 +294,10 @@ class BSplineFFD(SpatialTransform):
         for k, mat in enumerate(mats):
             disp = torch.tensordot(disp, mat, dims=([2 + k], [1])).movedim(-1, 2 + k)
         disp = disp.movedim(1, -1)
-        return grid.points(device=disp.device).unsqueeze(0) + disp
+        return self._grid_points(grid).unsqueeze(0) + disp
 
     def _axis_matrices(self, grid: Grid) -> list[torch.Tensor]:
-        key = (grid, self.coefficients.device)
+        key = (grid, self.coefficients.device, self.coefficients.dtype)
         if key not in self._axis_cache:
             origin = torch.as_tensor(grid.origin, dtype=torch.float64).unsqueeze(0)
             u0 = self._knot_coordinates(origin)[0]
@@ -300,11 +305,8 @@ class BSplineFFD(SpatialTransform):
             for a in reversed(range(grid.ndim)):  # tensor axis order z, y, x
                 step = grid.spacing[a] / self.spacing[a]
                 coords = u0[a] + step * torch.arange(grid.size[a], dtype=torch.float64)
-                mats.append(
-                    SF.bspline_axis_matrix(coords, self.knots[a])
-                    .float()
-                    .to(self.coefficients.device)
-                )
+                matrix = SF.bspline_axis_matrix(coords, self.knots[a])
+                mats.append(matrix.to(self.coefficients.device, self.coefficients.dtype))
             self._axis_cache[key] = mats
         return self._axis_cache[key]
 
@@ -354,7 +356,7 @@ class MultiLevelFFD(SpatialTransform):
         return points + sum(level.displacement(points) for level in self.levels)
 
     def lattice(self, grid):
-        base = grid.points(device=self._device()).unsqueeze(0)
+        base = self._grid_points(grid).unsqueeze(0)
         return base + sum(level.lattice(grid) - base for level in self.levels)
 
     def regularization(self):
@@ -392,7 +394,7 @@ class DisplacementField(SpatialTransform):
 
     def lattice(self, grid):
         if grid.same_geometry(self.grid, tol=1e-6):
-            return grid.points(device=self.field.device).unsqueeze(0) + self.field
+            return self._grid_points(grid).unsqueeze(0) + self.field
         return super().lattice(grid)
 
     @torch.no_grad()
@@ -434,7 +436,7 @@ class ComposedTransform(SpatialTransform):
 
     def lattice(self, grid):
         if not self.stages:
-            pts = grid.points(device=self._device())
+            pts = self._grid_points(grid)
             return pts.expand(self.groups, *pts.shape)
         points = self.stages[-1].lattice(grid).reshape(self.groups, -1, self.ndim)
         for stage in reversed(self.stages[:-1]):
