@@ -272,8 +272,8 @@ def _peak_memory_mb(device: str) -> float:
 
 
 def write_phantom_inputs(folder: Path, dim: int, seed: int) -> MisalignedGroup:
-    """Write the misaligned phantom group as NIfTI images and label maps into ``folder``."""
-    group = misaligned_phantom(dim=dim, seed=seed)
+    """Write the misaligned phantom (3D at 2 mm) as NIfTI images and labels into ``folder``."""
+    group = misaligned_phantom(dim=dim, downsample=1 if dim == 2 else 2, seed=seed)
     for name, image, labels in zip(group.names, group.images, group.labels, strict=True):
         write_image(folder / f"{name}.nii.gz", image, group.grid)
         write_image(folder / f"{name}_labels.nii.gz", labels.to(torch.int32), group.grid)
