@@ -25,6 +25,25 @@ from dcc.spatial.transforms import (
 VALID = 0.999  # a warped validity mask above this means "inside the image's field of view"
 
 
+class _CachedGrid(Grid):
+    """A :class:`Grid` whose voxel-centre points are computed once per device and dtype.
+
+    The transforms ask their lattice for ``points()`` at every iteration; the optimisation loop
+    hands them this view of the level's grid so the lattice is not rebuilt each time.
+    """
+
+    def points(self, device=None, dtype=torch.float32) -> torch.Tensor:
+        key = (str(device), dtype)
+        cache = self.__dict__.setdefault("_points", {})
+        if key not in cache:
+            cache[key] = super().points(device, dtype)
+        return cache[key]
+
+    @classmethod
+    def of(cls, grid: Grid) -> _CachedGrid:
+        return cls(grid.shape, grid.spacing, grid.origin, grid.direction)
+
+
 @dataclass
 class CommonSpace:
     """Common-space parameters alpha = (Gamma, pi) on one grid (Sec. 3.2.1)."""
@@ -117,10 +136,10 @@ class XCoReg:
                     stage_cfg, stage, transform, stacked, grid, bins, common, log_f_gt, bar
                 )
                 reports.append(report)
-        x_value, loglik, common = self._final_state(transform, stacked, grid, bins, common,
-                                                    log_f_gt)
-        return CoRegResult(transform, common, reports, x_value, loglik,
-                           time.perf_counter() - start)
+        x_value, loglik, common = self._final_state(
+            transform, stacked, grid, bins, common, log_f_gt
+        )
+        return CoRegResult(transform, common, reports, x_value, loglik, time.perf_counter() - start)
 
     # ------------------------------------------------------------------ set-up
     def _check_inputs(self, images, grid, valid, labels):
@@ -133,8 +152,9 @@ class XCoReg:
         if n < 2:
             raise ValueError(f"XCoReg: groupwise registration needs at least 2 images, got {n}")
         if valid is not None and valid.shape != images.shape:
-            raise ValueError(f"XCoReg: valid must have shape {tuple(images.shape)}, got "
-                             f"{tuple(valid.shape)}")
+            raise ValueError(
+                f"XCoReg: valid must have shape {tuple(images.shape)}, got {tuple(valid.shape)}"
+            )
         ref = self.config.reference
         if ref is not None and not 0 <= ref < n:
             raise ValueError(f"XCoReg: reference index {ref} is outside 0..{n - 1}")
@@ -153,7 +173,7 @@ class XCoReg:
         values = stacked[:, 0].reshape(n, -1)
         inside = stacked[:, 1].reshape(n, -1) > VALID
         classes = torch.unique(labels)
-        onehot = (labels.reshape(n, -1, 1).to(stacked.device) == classes.to(stacked.device))
+        onehot = labels.reshape(n, -1, 1).to(stacked.device) == classes.to(stacked.device)
         onehot = onehot.float() * inside.unsqueeze(-1)
         return XF.appearance_model(values, onehot, bins)
 
@@ -175,8 +195,9 @@ class XCoReg:
         report = StageReport(cfg.name, 0)
         sublevels = max(cfg.levels, cfg.ffd_levels if cfg.name == "ffd" else 1)
         pyramid = image_pyramid(stacked, grid, cfg.levels)
-        per_level = [cfg.iterations // sublevels + (i < cfg.iterations % sublevels)
-                     for i in range(sublevels)]
+        per_level = [
+            cfg.iterations // sublevels + (i < cfg.iterations % sublevels) for i in range(sublevels)
+        ]
         for sub in range(sublevels):
             level_images, level_grid = pyramid[min(sub, cfg.levels - 1)]
             if sub > 0 and isinstance(stage, MultiLevelFFD) and len(stage.levels) < cfg.ffd_levels:
@@ -184,12 +205,21 @@ class XCoReg:
             common = self._common_space(common, level_grid, log_f_gt, stacked.device)
             optimizer = torch.optim.Adam(stage.parameter_groups(cfg.lr))
             steps, x_value, common = self._optimize(
-                per_level[sub], stage, transform, optimizer, level_images, level_grid, bins,
-                common, log_f_gt, bar,
+                per_level[sub],
+                stage,
+                transform,
+                optimizer,
+                level_images,
+                level_grid,
+                bins,
+                common,
+                log_f_gt,
+                bar,
             )
             report.iterations += steps
-            report.levels.append({"grid": list(level_grid.shape), "iterations": steps,
-                                  "x_metric": x_value})
+            report.levels.append(
+                {"grid": list(level_grid.shape), "iterations": steps, "x_metric": x_value}
+            )
             report.x_metric = x_value
         report.seconds = time.perf_counter() - t0
         return report, common
@@ -202,9 +232,12 @@ class XCoReg:
             return CommonSpace(grid, torch.log(gamma), log_pi)
         return common if common.grid == grid else common.resampled(grid)
 
-    def _warp(self, transform, images, grid):
-        """Points phi_j(x) on the lattice (with gradient) and the warped images (without)."""
-        points = transform.lattice(grid).reshape(images.shape[0], -1, grid.ndim)
+    def _warp(self, transform, images, grid, lattice):
+        """Points phi_j(x) on the lattice (with gradient) and the warped images (without).
+
+        ``lattice`` is ``grid`` with cached voxel centres (:class:`_CachedGrid`).
+        """
+        points = transform.lattice(lattice).reshape(images.shape[0], -1, grid.ndim)
         normalized = grid.world_to_normalized(points)
         with torch.no_grad():
             warped = sample(images, normalized.detach())  # (N, 2, M)
@@ -212,54 +245,61 @@ class XCoReg:
 
     @torch.no_grad()
     def _update_common(self, common, values, overlap, sample_idx, bins, log_f_gt):
-        """Eqs. (20), (12), (14): appearance model from gamma^[t], then gamma and pi^[t+1]."""
+        """Eqs. (20), (12), (14): appearance model from gamma^[t] on the coordinate sample, then
+        gamma^[t+1] on the overlap region (unchanged elsewhere) and pi^[t+1].
+
+        Returns the new common space and the log-likelihood of Eq. (23).
+        """
         if log_f_gt is None:
             log_f = XF.appearance_model(
                 values[:, sample_idx], common.log_gamma[sample_idx].exp(), bins
             )
         else:
             log_f = log_f_gt
-        inside = overlap.nonzero().squeeze(1)
-        log_gamma_in, log_evidence = XF.posterior(values[:, inside], log_f, common.log_pi)
-        log_gamma = common.log_gamma.clone()
-        log_gamma[inside] = log_gamma_in
-        pi = XF.proportions(log_gamma_in.exp())
+        log_gamma, log_evidence = XF.posterior(values, log_f, common.log_pi)
+        inside = overlap.unsqueeze(-1)
+        log_gamma = torch.where(inside, log_gamma, common.log_gamma)
+        pi = XF.proportions(log_gamma.exp() * inside)
         new = CommonSpace(common.grid, log_gamma, torch.log(pi.clamp_min(XF.EPS)))
-        return new, log_evidence.sum().item()
+        return new, log_evidence[overlap].sum().item()
 
     def _draw_sample(self, overlap):
+        """The coordinate sample Omega_S: each overlapping voxel with probability ``rate``."""
         rate = self.config.sample_rate
         if rate >= 1:
             return overlap.nonzero().squeeze(1)
         u = torch.rand(overlap.shape, generator=self.generator, device=overlap.device)
         return ((u < rate) & overlap).nonzero().squeeze(1)
 
-    def _optimize(self, iterations, stage, transform, optimizer, images, grid, bins, common,
-                  log_f_gt, bar):
+    def _optimize(
+        self, iterations, stage, transform, optimizer, images, grid, bins, common, log_f_gt, bar
+    ):
         cfg = self.config
         losses: list[float] = []
         x_value = float("nan")
         intensities = images[:, :1]
+        lattice = _CachedGrid.of(grid)
         for step in range(1, iterations + 1):
-            normalized, values, overlap = self._warp(transform, images, grid)
-            if not overlap.any():
-                raise RuntimeError("X-CoReg: the images no longer overlap; lower the step size")
+            normalized, values, overlap = self._warp(transform, images, grid, lattice)
             idx = self._draw_sample(overlap)
+            if idx.numel() == 0:
+                raise RuntimeError("X-CoReg: the images no longer overlap; lower the step size")
             common, _ = self._update_common(common, values, overlap, idx, bins, log_f_gt)
             warped = sample(intensities, normalized[:, idx])[:, 0]  # (N, m) with gradient
-            x = XF.x_metric(warped, common.log_gamma[idx].exp(), bins)
-            loss = -x + cfg.bending_weight * stage.regularization()
+            x = XF.x_metric(warped, common.log_gamma[idx].exp(), bins)  # Eqs. (17), (21)
+            loss = -x + cfg.bending_weight * stage.regularization()  # Eq. (15)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            optimizer.step()  # Eq. (16) with Adam
             if cfg.reference is None:
-                stage.zero_mean_()
+                stage.zero_mean_()  # Eq. (37)
             else:
                 stage.reset_(cfg.reference)
             x_value = x.item()
             losses.append(loss.item())
             bar.update(1)
-            bar.set_postfix(stage=type(stage).__name__, X=f"{x_value:.4f}")
+            if step % 10 == 0:
+                bar.set_postfix(stage=type(stage).__name__, X=f"{x_value:.4f}")
             if self._converged(losses):
                 bar.update(iterations - step)
                 return step, x_value, common
@@ -270,14 +310,14 @@ class XCoReg:
         if self.config.tolerance <= 0 or len(losses) < 2 * p:
             return False
         recent = sum(losses[-p:]) / p
-        before = sum(losses[-2 * p:-p]) / p
+        before = sum(losses[-2 * p : -p]) / p
         return abs(before - recent) < self.config.tolerance * p
 
     @torch.no_grad()
     def _final_state(self, transform, images, grid, bins, common, log_f_gt):
         """One last common-space update at full resolution; X on all overlapping voxels."""
         common = common if common.grid == grid else common.resampled(grid)
-        _, values, overlap = self._warp(transform, images, grid)
+        _, values, overlap = self._warp(transform, images, grid, _CachedGrid.of(grid))
         idx = overlap.nonzero().squeeze(1)
         common, loglik = self._update_common(common, values, overlap, idx, bins, log_f_gt)
         x = XF.x_metric(values[:, idx], common.log_gamma[idx].exp(), bins).item()
