@@ -18,6 +18,7 @@ import torch
 
 from dcc.coreg import StageConfig, XCoReg, XCoRegConfig, load_preset
 from dcc.coreg.config import METHODS, STAGES, available_presets
+from dcc.coreg.engine import RegistrationError
 from dcc.data.io import InputError, read_image, read_labels, resample_to_grid, write_image
 from dcc.data.misalign import MisalignedGroup, misaligned_phantom
 from dcc.evaluation.figures import save_montage
@@ -335,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give the images to register (at least 2), or --phantom 2|3 for the demo")
     try:
         report = run(args)
-    except (InputError, ValueError) as error:
+    except (InputError, ValueError, RegistrationError) as error:
         print(f"dcc-register: error: {error}", file=sys.stderr)
         return 2
     stages = ", ".join(f"{s['name']} {s['iterations']} it" for s in report["stages"])

@@ -22,26 +22,12 @@ from dcc.spatial.transforms import (
     Translation,
 )
 
+
+class RegistrationError(RuntimeError):
+    """The optimisation cannot go on (e.g. the warped images no longer overlap)."""
+
+
 VALID = 0.999  # a warped validity mask above this means "inside the image's field of view"
-
-
-class _CachedGrid(Grid):
-    """A :class:`Grid` whose voxel-centre points are computed once per device and dtype.
-
-    The transforms ask their lattice for ``points()`` at every iteration; the optimisation loop
-    hands them this view of the level's grid so the lattice is not rebuilt each time.
-    """
-
-    def points(self, device=None, dtype=torch.float32) -> torch.Tensor:
-        key = (str(device), dtype)
-        cache = self.__dict__.setdefault("_points", {})
-        if key not in cache:
-            cache[key] = super().points(device, dtype)
-        return cache[key]
-
-    @classmethod
-    def of(cls, grid: Grid) -> _CachedGrid:
-        return cls(grid.shape, grid.spacing, grid.origin, grid.direction)
 
 
 @dataclass
@@ -232,12 +218,9 @@ class XCoReg:
             return CommonSpace(grid, torch.log(gamma), log_pi)
         return common if common.grid == grid else common.resampled(grid)
 
-    def _warp(self, transform, images, grid, lattice):
-        """Points phi_j(x) on the lattice (with gradient) and the warped images (without).
-
-        ``lattice`` is ``grid`` with cached voxel centres (:class:`_CachedGrid`).
-        """
-        points = transform.lattice(lattice).reshape(images.shape[0], -1, grid.ndim)
+    def _warp(self, transform, images, grid):
+        """Points phi_j(x) on the lattice (with gradient) and the warped images (without)."""
+        points = transform.lattice(grid).reshape(images.shape[0], -1, grid.ndim)
         normalized = grid.world_to_normalized(points)
         with torch.no_grad():
             warped = sample(images, normalized.detach())  # (N, 2, M)
@@ -278,12 +261,11 @@ class XCoReg:
         losses: list[float] = []
         x_value = float("nan")
         intensities = images[:, :1]
-        lattice = _CachedGrid.of(grid)
         for step in range(1, iterations + 1):
-            normalized, values, overlap = self._warp(transform, images, grid, lattice)
+            normalized, values, overlap = self._warp(transform, images, grid)
             idx = self._draw_sample(overlap)
             if idx.numel() == 0:
-                raise RuntimeError("X-CoReg: the images no longer overlap; lower the step size")
+                raise RegistrationError("the images no longer overlap; lower the step size (--lr)")
             common, _ = self._update_common(common, values, overlap, idx, bins, log_f_gt)
             warped = sample(intensities, normalized[:, idx])[:, 0]  # (N, m) with gradient
             x = XF.x_metric(warped, common.log_gamma[idx].exp(), bins)  # Eqs. (17), (21)
@@ -317,7 +299,7 @@ class XCoReg:
     def _final_state(self, transform, images, grid, bins, common, log_f_gt):
         """One last common-space update at full resolution; X on all overlapping voxels."""
         common = common if common.grid == grid else common.resampled(grid)
-        _, values, overlap = self._warp(transform, images, grid, _CachedGrid.of(grid))
+        _, values, overlap = self._warp(transform, images, grid)
         idx = overlap.nonzero().squeeze(1)
         common, loglik = self._update_common(common, values, overlap, idx, bins, log_f_gt)
         x = XF.x_metric(values[:, idx], common.log_gamma[idx].exp(), bins).item()
