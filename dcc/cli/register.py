@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_config(args: argparse.Namespace) -> XCoRegConfig:
-    """Preset (or the paper's defaults) updated by the options given on the command line."""
+    """Preset (or the paper's defaults; ``brain2d`` for the 2D phantom demo) updated by the
+    options given on the command line."""
     top = {
         k: getattr(args, k)
         for k in (
@@ -85,9 +86,10 @@ def make_config(args: argparse.Namespace) -> XCoRegConfig:
         )
     }
     top["progress"] = not args.quiet
+    preset = args.preset or ("brain2d" if args.phantom == 2 else None)
     config = (
-        load_preset(args.preset, **top)
-        if args.preset
+        load_preset(preset, **top)
+        if preset
         else XCoRegConfig(**{k: v for k, v in top.items() if v is not None})
     )
     stage_options = {
