@@ -94,6 +94,9 @@ def test_bias_field():
     ratio = biased.images[:, brain] / flat.images[:, brain]
     assert ratio.min() >= 0.9 - 1e-5 and ratio.max() <= 1.1 + 1e-5
     assert (ratio.amax(1) - ratio.amin(1) > 0.05).all()  # a visible non-uniformity per image
+    torch.testing.assert_close(ratio[0], ratio[1])  # one coil field for the session
+    own = brain_phantom(noise=0.0, bias=0.2, downsample=2, seed=5, bias_per_image=True)
+    ratio = own.images[:, brain] / flat.images[:, brain]
     assert not torch.allclose(ratio[0], ratio[1])  # independent fields per image
     field = ph._smooth_field((20, 30), np.random.default_rng(0))
     assert field.min() == pytest.approx(-0.5) and field.max() == pytest.approx(0.5)

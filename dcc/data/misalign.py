@@ -21,9 +21,7 @@ def random_ffd(
     ffd = BSplineFFD(groups, grid, spacing)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        ffd.coefficients.copy_(
-            torch.randn(ffd.coefficients.shape, generator=generator) * std
-        )
+        ffd.coefficients.copy_(torch.randn(ffd.coefficients.shape, generator=generator) * std)
     return ffd
 
 

@@ -56,13 +56,16 @@ def brain_phantom(
     bias: float = 0.2,
     downsample: int = 1,
     seed: int = 0,
+    bias_per_image: bool = False,
 ) -> Phantom:
     """Build the phantom: the middle axial slice (``dim=2``) or the whole volume (``dim=3``).
 
     ``noise`` is the Rician noise level relative to the brightest tissue mean of each contrast,
     ``bias`` the total range of the multiplicative field ``1 + bias * s``, ``s`` in
-    ``[-0.5, 0.5]``; ``downsample`` keeps every k-th voxel. Images are ordered
-    ``[T1_0, T2_0, PD_0, T1_1, ...]`` over ``realisations``; all randomness derives from ``seed``.
+    ``[-0.5, 0.5]``. The field is the receive-coil sensitivity of one session, shared by all
+    images, unless ``bias_per_image`` draws one per image. ``downsample`` keeps every k-th
+    voxel. Images are ordered ``[T1_0, T2_0, PD_0, T1_1, ...]`` over ``realisations``; all
+    randomness derives from ``seed``.
     """
     if isinstance(contrasts, str):
         contrasts = (contrasts,)
@@ -93,7 +96,8 @@ def brain_phantom(
             index = len(images)
             means = CONTRASTS[c]
             clean = np.tensordot(np.asarray(means, np.float32), probs, axes=1)
-            field = 1 + bias * _smooth_field(grid.shape, np.random.default_rng([seed, index, 0]))
+            field_seed = [seed, index, 0] if bias_per_image else [seed, 0, 0]
+            field = 1 + bias * _smooth_field(grid.shape, np.random.default_rng(field_seed))
             noisy = _rician(
                 clean * field, noise * max(means), np.random.default_rng([seed, index, 1])
             )
