@@ -16,16 +16,6 @@ from dcc.spatial.pyramid import gaussian_blur
 from dcc.spatial.transforms import Translation
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These problems are tiny: intra-op threads only add overhead, and on a busy 2-core machine
-    OpenMP contention made this file several times slower. Restored after the module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

@@ -32,16 +32,6 @@ from dcc.spatial.transforms import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These problems are tiny: intra-op threads only add overhead, and on a busy 2-core machine
-    OpenMP contention made this file several times slower. Restored after the module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------- helpers
 def _euler3d(ax: float, ay: float, az: float) -> tuple[float, ...]:
     t = sitk.Euler3DTransform()
@@ -268,17 +258,21 @@ def test_identity_transform_leaves_images_unchanged(name, kind):
 
 
 # ---------------------------------------------------------------------------- against ITK
+def make_transform(kind, groups, grid, std, seed):
+    """A random linear transform, or an FFD with isotropic 5 mm or anisotropic control spacing."""
+    if kind == "ffd":
+        return random_ffd(groups, grid, spacing=5.0, std=std, seed=seed)
+    if kind == "ffd-aniso":
+        return random_ffd(groups, grid, spacing=ANISO[grid.ndim], std=std, seed=seed + 1)
+    return random_linear(kind, groups, grid, seed=seed)
+
+
 @pytest.mark.parametrize("name", ["2d", "3d"])
 @pytest.mark.parametrize("kind", ["translation", "rigid", "affine", "ffd", "ffd-aniso"])
 def test_warp_matches_sitk_resample(name, kind):
     grid = GRIDS[name]
     groups = 2
-    if kind == "ffd":
-        transform = random_ffd(groups, grid, spacing=5.0, std=1.0, seed=11)
-    elif kind == "ffd-aniso":
-        transform = random_ffd(groups, grid, spacing=ANISO[grid.ndim], std=1.0, seed=12)
-    else:
-        transform = random_linear(kind, groups, grid, seed=7)
+    transform = make_transform(kind, groups, grid, std=1.0, seed=11)
     image = blobs(grid, seed=2)
     warped = warp_images(image.expand(groups, *grid.shape), grid, transform)
     lattice = transform.lattice(grid).detach()
@@ -296,12 +290,7 @@ def test_warp_matches_sitk_resample(name, kind):
 def test_point_mapping_matches_sitk(name, kind):
     grid = GRIDS[name]
     groups = 3
-    if kind == "ffd":
-        transform = random_ffd(groups, grid, spacing=5.0, std=1.5, seed=5)
-    elif kind == "ffd-aniso":
-        transform = random_ffd(groups, grid, spacing=ANISO[grid.ndim], std=1.5, seed=6)
-    else:
-        transform = random_linear(kind, groups, grid, seed=3)
+    transform = make_transform(kind, groups, grid, std=1.5, seed=5)
     pts = interior_points(grid, 50, seed=9, margin=0.05)
     mapped = transform(pts.float()).detach().double()
     for j in range(groups):
