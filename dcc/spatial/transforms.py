@@ -46,12 +46,13 @@ class SpatialTransform(nn.Module):
         points = self._grid_points(grid).reshape(-1, self.ndim)
         return self(points).reshape(self.groups, *grid.shape, self.ndim)
 
-    def _device(self):
-        return next(iter(self.parameters()), torch.empty(0)).device
+    def _reference(self) -> torch.Tensor:
+        """A parameter whose device and dtype the transform's outputs follow."""
+        return next(iter(self.parameters()), torch.empty(0))
 
     def _grid_points(self, grid: Grid) -> torch.Tensor:
         """Voxel centres of ``grid`` on the parameters' device and dtype."""
-        reference = next(iter(self.parameters()), torch.empty(0))
+        reference = self._reference()
         return grid.points(device=reference.device, dtype=reference.dtype)
 
     @torch.no_grad()
@@ -70,7 +71,8 @@ class SpatialTransform(nn.Module):
 
     def regularization(self) -> torch.Tensor:
         """R(phi) of Eq. (15); zero for linear transforms."""
-        return torch.zeros((), device=self._device())
+        reference = self._reference()
+        return torch.zeros((), device=reference.device, dtype=reference.dtype)
 
 
 class LinearTransform(SpatialTransform):
