@@ -271,3 +271,28 @@ def test_resample_errors():
         resample_to_grid(torch.zeros(OBLIQUE2D.shape), OBLIQUE2D, OBLIQUE2D, mode="cubic")
     with pytest.raises(ValueError, match="shape"):
         resample_to_grid(torch.zeros(3, 4), OBLIQUE2D, OBLIQUE2D)
+
+
+def test_oblique_single_slice_keeps_physical_distances(tmp_path):
+    """An oblique one-slice volume becomes a 2D grid in the slice's own frame."""
+    rotation = sitk.Euler3DTransform()
+    rotation.SetRotation(0.4, -0.3, 0.5)
+    image = sitk.GetImageFromArray(np.random.default_rng(0).random((1, 6, 7)).astype(np.float32))
+    image.SetSpacing((0.8, 1.3, 8.0))
+    image.SetOrigin((4.0, -2.0, 9.0))
+    image.SetDirection(rotation.GetMatrix())
+    path = tmp_path / "oblique_slice.nii.gz"
+    sitk.WriteImage(image, str(path))
+    _, grid = read_image(path)
+    assert grid.shape == (6, 7)
+    direction = grid.direction_matrix
+    np.testing.assert_allclose(direction.T @ direction, np.eye(2), atol=1e-6)
+    # distances between voxel centres equal those in 3D
+    points2 = grid.points(dtype=torch.float64).reshape(-1, 2).numpy()
+    image3 = sitk.ReadImage(str(path))
+    points3 = np.array(
+        [image3.TransformIndexToPhysicalPoint((x, y, 0)) for y in range(6) for x in range(7)]
+    )
+    d2 = np.linalg.norm(points2[:, None] - points2[None], axis=-1)
+    d3 = np.linalg.norm(points3[:, None] - points3[None], axis=-1)
+    np.testing.assert_allclose(d2, d3, atol=1e-4)

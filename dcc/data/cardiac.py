@@ -19,7 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from dcc.data.io import InputError, read_image, read_labels
+from dcc.data.io import InputError, read_image, read_labels, slice_grid
 from dcc.spatial.grid import Grid
 
 MYOCARDIUM, LV, RV = 1, 2, 3
@@ -111,7 +111,7 @@ def load_myops_slices(
             f"{paths['gd']}: slice {slice_index} out of range (0..{merged.shape[0] - 1})"
         )
     slice_index %= merged.shape[0]
-    grid = _slice_grid(grid3, slice_index)
+    grid = slice_grid(grid3, 2, slice_index)
     images = torch.stack(
         [torch.from_numpy(volumes[s][0][slice_index].astype(np.float32)) for s in MYOPS_SEQUENCES]
     )
@@ -212,13 +212,3 @@ def _read_volume(path: Path) -> tuple[np.ndarray, Grid]:
     except RuntimeError as e:
         raise InputError(f"{path}: cannot read image: {str(e).splitlines()[-1]}") from None
     return sitk.GetArrayFromImage(image), Grid.from_sitk(image)
-
-
-def _slice_grid(grid3: Grid, z: int) -> Grid:
-    """2D in-plane frame of slice ``z`` of ``grid3`` (see :func:`load_myops_slices`)."""
-    direction = grid3.direction_matrix
-    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-3):
-        raise InputError(f"slice grid: direction matrix is not orthonormal: {grid3.direction}")
-    corner = grid3.index_to_world_matrix() @ np.array([0.0, 0.0, z, 1.0])
-    origin = direction[:, :2].T @ corner[:3]
-    return Grid(grid3.shape[1:], grid3.spacing[:2], tuple(origin), (1.0, 0.0, 0.0, 1.0))

@@ -139,16 +139,35 @@ def _read_array(path: str | os.PathLike) -> tuple[np.ndarray, Grid]:
 
 
 def _drop_axis(array: np.ndarray, grid: Grid, axis: int) -> tuple[np.ndarray, Grid]:
-    """Drop ITK axis ``axis`` (length 1) of a 3D image: keep the in-plane geometry block."""
+    """Drop ITK axis ``axis`` (length 1) of a 3D image, keeping a 2D grid (see `slice_grid`)."""
+    return array.squeeze(2 - axis), slice_grid(grid, axis, 0)
+
+
+def slice_grid(grid3: Grid, axis: int, index: int) -> Grid:
+    """2D grid of slice ``index`` along ITK axis ``axis`` of a 3D grid.
+
+    If the slice's axes lie in a coordinate plane of the world frame, the 2D grid keeps the
+    world coordinates of that plane. An oblique slice cannot: it gets its own in-plane frame
+    (identity direction, origin = the slice corner's coordinates along its two axes), so that
+    distances and angles stay physical.
+    """
     keep = [a for a in range(3) if a != axis]
-    direction = grid.direction_matrix[np.ix_(keep, keep)]
-    grid2 = Grid(
-        tuple(reversed([grid.size[a] for a in keep])),
-        tuple(grid.spacing[a] for a in keep),
-        tuple(grid.origin[a] for a in keep),
-        tuple(direction.ravel()),
+    direction = grid3.direction_matrix
+    index3 = np.zeros(4)
+    index3[axis], index3[3] = index, 1.0
+    corner = (grid3.index_to_world_matrix() @ index3)[:3]
+    block = direction[np.ix_(keep, keep)]
+    if np.allclose(block.T @ block, np.eye(2), atol=1e-6):
+        origin, direction2 = corner[keep], block
+    else:
+        origin, direction2 = direction[:, keep].T @ corner, np.eye(2)
+    size = [grid3.size[a] for a in keep]
+    return Grid(
+        tuple(reversed(size)),
+        tuple(grid3.spacing[a] for a in keep),
+        tuple(origin),
+        tuple(direction2.ravel()),
     )
-    return array.squeeze(2 - axis), grid2
 
 
 def _read_sitk(path: str | os.PathLike) -> sitk.Image:
