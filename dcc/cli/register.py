@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", type=int, help="index of the fixed image (group-to-reference)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--device", help="cpu (default), cuda, cuda:1, ...")
+    p.add_argument(
+        "--threads", type=int, help="CPU threads for torch (1 is fastest for small 2D groups)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -336,6 +339,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.images and not args.phantom:
         parser.error("give the images to register (at least 2), or --phantom 2|3 for the demo")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     try:
         report = run(args)
     except (InputError, ValueError, RegistrationError) as error:
