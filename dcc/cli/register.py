@@ -22,6 +22,7 @@ from dcc.coreg.engine import RegistrationError
 from dcc.data.io import InputError, read_image, read_labels, resample_to_grid, write_image
 from dcc.data.misalign import MisalignedGroup, misaligned_phantom
 from dcc.evaluation.figures import save_montage
+from dcc.evaluation.metrics import pairwise_dice
 from dcc.spatial.functional import sample
 from dcc.spatial.grid import Grid
 
@@ -192,7 +193,9 @@ def write_outputs(
     images,
     warped_labels_before,
     seconds,
+    extra: dict,
 ):
+    """Write every output into ``tmp``; ``extra`` entries are added to ``report.json``."""
     transform = result.transform.cpu()
     points, warped = warp_originals(transform, common, originals, "bilinear")
     for sub in ("warped", "transforms"):
@@ -256,10 +259,9 @@ def write_outputs(
         "peak_memory_mb": round(_peak_memory_mb(config.device), 1),
     }
     if warped_labels is not None:
-        from dcc.evaluation.metrics import pairwise_dice
-
         report["dice_before"] = pairwise_dice(warped_labels_before)
         report["dice_after"] = pairwise_dice(torch.stack(warped_labels))
+    report.update(extra)
     (tmp / "report.json").write_text(json.dumps(report, indent=2, default=float))
     return report
 
@@ -324,14 +326,24 @@ def _register_into(tmp: Path, args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     result = XCoReg(config).register(images, common, valid=valid, labels=warped_labels)
     seconds = time.perf_counter() - start
-    report = write_outputs(
-        tmp, args, names, result, config, originals, labels, common, images, warped_labels, seconds
-    )
+    extra = {}
     if phantom is not None:
-        report["gwi_before_mm"] = phantom.warping_index()
-        report["gwi_after_mm"] = phantom.warping_index(result.transform)
-        (tmp / "report.json").write_text(json.dumps(report, indent=2, default=float))
-    return report
+        extra["gwi_before_mm"] = phantom.warping_index()
+        extra["gwi_after_mm"] = phantom.warping_index(result.transform)
+    return write_outputs(
+        tmp,
+        args,
+        names,
+        result,
+        config,
+        originals,
+        labels,
+        common,
+        images,
+        warped_labels,
+        seconds,
+        extra,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
