@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--labels", nargs="+", help="one label map per image, on its image's grid")
     p.add_argument(
-        "--preset", help=f"named settings from conf/preset ({', '.join(available_presets())})"
+        "--preset", help=f"named settings shipped with dcc ({', '.join(available_presets())})"
     )
     p.add_argument("--stages", help=f"comma-separated stages from {', '.join(STAGES)}")
     p.add_argument(

@@ -1,8 +1,7 @@
-"""Settings of X-CoReg and the named presets in ``conf/preset``."""
+"""Settings of X-CoReg and the named presets shipped in ``dcc/coreg/presets``."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,10 +85,8 @@ class XCoRegConfig:
 
 
 def preset_dir() -> Path:
-    """Folder of the named presets: ``$DCC_CONF_DIR/preset`` or the repository's ``conf/preset``."""
-    root = os.environ.get("DCC_CONF_DIR")
-    base = Path(root) if root else Path(__file__).resolve().parents[2] / "conf"
-    return base / "preset"
+    """Folder of the named presets, shipped with the package (``dcc/coreg/presets``)."""
+    return Path(__file__).resolve().parent / "presets"
 
 
 def available_presets() -> list[str]:
@@ -97,7 +94,7 @@ def available_presets() -> list[str]:
 
 
 def load_preset(name: str, **overrides) -> XCoRegConfig:
-    """Build an :class:`XCoRegConfig` from ``conf/preset/<name>.yaml`` plus keyword overrides."""
+    """Build an :class:`XCoRegConfig` from the preset ``<name>.yaml`` plus keyword overrides."""
     path = preset_dir() / f"{name}.yaml"
     if not path.is_file():
         raise ValueError(
