@@ -1,0 +1,20 @@
+"""Test a checkpoint: ``python evaluate.py ckpt_path=PATH [overrides]`` (conf/evaluate.yaml)."""
+
+import os
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate.yaml")
+def main(cfg: DictConfig) -> None:
+    from dcc.lit.train import format_summary, run_evaluation
+
+    print(format_summary(run_evaluation(cfg), "test"))
+
+
+if __name__ == "__main__":
+    main()
