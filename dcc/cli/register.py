@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import os
 import re
 import resource
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import SimpleITK as sitk
 import torch
 
+from dcc.cli.checks import check_device, check_options, check_overlap, check_with_images
+from dcc.cli.outdir import OutputFolder, Terminated
 from dcc.coreg import StageConfig, XCoReg, XCoRegConfig, load_preset
 from dcc.coreg.config import METHODS, STAGES, available_presets
 from dcc.coreg.engine import RegistrationError
@@ -26,10 +26,12 @@ from dcc.evaluation.metrics import pairwise_dice
 from dcc.spatial.functional import sample
 from dcc.spatial.grid import Grid
 
+PROG = "dcc-register"
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="dcc-register",
+        prog=PROG,
         description="Groupwise registration with the X-metric (X-CoReg). Images are brought onto "
         "one common grid (the reference's, or the first image's) and registered unbiasedly "
         "(mean deformation zero, Eq. 37) unless --reference is given.",
@@ -42,7 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="demo: register the built-in brain phantom (2D slice or 3D) under a known random "
         "FFD misalignment; its inputs go to OUT/inputs and gWI before/after to report.json",
     )
-    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="new output folder; must not hold (or be) the inputs or the current folder. "
+        "Results appear only after success",
+    )
     p.add_argument("--labels", nargs="+", help="one label map per image, on its image's grid")
     p.add_argument(
         "--preset", help=f"named settings shipped with dcc ({', '.join(available_presets())})"
@@ -68,8 +75,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--threads", type=int, help="CPU threads for torch (1 is fastest for small 2D groups)"
     )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--min-overlap",
+        type=float,
+        default=0.25,
+        help="refuse groups whose images overlap on less than this fraction of the common grid "
+        "(default 0.25)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out folder, only if every file in it was written by "
+        "dcc-register (listed in its .dcc-register-manifest.json)",
+    )
+    p.add_argument(
+        "--quiet", action="store_true", help="no progress bar (none either when not a terminal)"
+    )
     return p
 
 
@@ -89,7 +110,7 @@ def make_config(args: argparse.Namespace) -> XCoRegConfig:
             "device",
         )
     }
-    top["progress"] = not args.quiet
+    top["progress"] = not args.quiet and sys.stderr.isatty()
     preset = args.preset or ("brain2d" if args.phantom == 2 else None)
     config = (
         load_preset(preset, **top)
@@ -195,7 +216,9 @@ def write_outputs(
     seconds,
     extra: dict,
 ):
-    """Write every output into ``tmp``; ``extra`` entries are added to ``report.json``."""
+    """Write every output into ``tmp``; ``extra`` entries are added to ``report.json`` (whose
+    ``images``/``labels`` are the paths given in ``extra`` if any, else those on the command
+    line)."""
     transform = result.transform.cpu()
     points, warped = warp_originals(transform, common, originals, "bilinear")
     for sub in ("warped", "transforms"):
@@ -234,6 +257,7 @@ def write_outputs(
         torch.stack(warped),
         posterior,
         names,
+        labels_before=warped_labels_before,
         labels_after=None if warped_labels is None else torch.stack(warped_labels),
     )
     report = {
@@ -242,7 +266,7 @@ def write_outputs(
         "labels": args.labels,
         "common_grid": common.to_dict(),
         "mode": "unbiased" if config.reference is None else f"reference {config.reference}",
-        "settings": _jsonable(config),
+        "settings": dataclasses.asdict(config),
         "stages": [
             {
                 "name": s.name,
@@ -261,15 +285,23 @@ def write_outputs(
     if warped_labels is not None:
         report["dice_before"] = pairwise_dice(warped_labels_before)
         report["dice_after"] = pairwise_dice(torch.stack(warped_labels))
+    diagnostics = getattr(result, "diagnostics", None)  # engine diagnostics, if it gives any
+    if diagnostics is not None:
+        report["diagnostics"] = diagnostics
     report.update(extra)
-    (tmp / "report.json").write_text(json.dumps(report, indent=2, default=float))
+    (tmp / "report.json").write_text(json.dumps(report, indent=2, default=_json_default))
     return report
 
 
-def _jsonable(config: XCoRegConfig) -> dict:
-    values = dict(vars(config))
-    values["stages"] = [dict(vars(s)) for s in config.stages]
-    return values
+def _json_default(value):
+    """JSON for dataclasses, tensors, arrays, paths and numbers that ``json`` does not know."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    return float(value)
 
 
 def _peak_memory_mb(device: str) -> float:
@@ -289,44 +321,46 @@ def write_phantom_inputs(folder: Path, dim: int, seed: int) -> MisalignedGroup:
 
 
 def run(args: argparse.Namespace) -> dict:
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise InputError(f"{out}: output folder exists (use --overwrite to replace it)")
+    """Check every option and ``--out`` before any work, register, then move the results in."""
+    check_options(args)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.phantom and args.images:
         raise InputError("give either image files or --phantom, not both")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        report = _register_into(tmp, args)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    if args.phantom and args.labels:
+        raise InputError("--labels: the phantom brings its own labels; drop --labels")
+    config = make_config(args)
+    check_device(config.device)
+    if config.method == "xcoreg-gt" and args.labels is None and not args.phantom:
+        raise InputError("--method xcoreg-gt needs --labels (one label map per image)")
+    output = OutputFolder(args.out, [*args.images, *(args.labels or [])], args.overwrite, PROG)
+    with output as tmp:
+        report = _register_into(tmp, args, config)
+        output.commit()
     return report
 
 
-def _register_into(tmp: Path, args: argparse.Namespace) -> dict:
-    phantom = None
+def _register_into(tmp: Path, args: argparse.Namespace, config: XCoRegConfig) -> dict:
+    phantom, extra = None, {}
+    paths, label_paths = args.images, args.labels
     if args.phantom:
         (tmp / "inputs").mkdir()
         phantom = write_phantom_inputs(tmp / "inputs", args.phantom, args.seed or 0)
-        args.images = [str(tmp / "inputs" / f"{n}.nii.gz") for n in phantom.names]
-        args.labels = [str(tmp / "inputs" / f"{n}_labels.nii.gz") for n in phantom.names]
-    config = make_config(args)
-    if config.device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {config.device}: CUDA is not available on this machine")
-    if config.method == "xcoreg-gt" and args.labels is None:
-        raise InputError("--method xcoreg-gt needs --labels (one label map per image)")
+        paths = [str(tmp / "inputs" / f"{n}.nii.gz") for n in phantom.names]
+        label_paths = [str(tmp / "inputs" / f"{n}_labels.nii.gz") for n in phantom.names]
+        # report.json names the inputs where they end up, not in the temporary folder
+        final = Path(args.out).resolve() / "inputs"
+        extra["images"] = [str(final / Path(p).name) for p in paths]
+        extra["labels"] = [str(final / Path(p).name) for p in label_paths]
     originals, labels, common, images, valid, warped_labels = load_group(
-        args.images, args.labels, config.reference
+        paths, label_paths, config.reference
     )
-    names = unique_names(args.images)
+    check_with_images(config, common)
+    extra["overlap"] = check_overlap(valid, paths, config.reference or 0, args.min_overlap)
+    names = unique_names(paths)
     start = time.perf_counter()
     result = XCoReg(config).register(images, common, valid=valid, labels=warped_labels)
     seconds = time.perf_counter() - start
-    extra = {}
     if phantom is not None:
         extra["gwi_before_mm"] = phantom.warping_index()
         extra["gwi_after_mm"] = phantom.warping_index(result.transform)
@@ -351,23 +385,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.images and not args.phantom:
         parser.error("give the images to register (at least 2), or --phantom 2|3 for the demo")
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
     try:
         report = run(args)
     except (InputError, ValueError, RegistrationError) as error:
-        print(f"dcc-register: error: {error}", file=sys.stderr)
+        print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; nothing written", file=sys.stderr)
+        return 130
+    except Terminated:
+        print(f"{PROG}: terminated; nothing written", file=sys.stderr)
+        return 143
     stages = ", ".join(f"{s['name']} {s['iterations']} it" for s in report["stages"])
     print(
-        f"dcc-register: {len(report['names'])} images registered ({stages}); "
+        f"{PROG}: {len(report['names'])} images registered ({stages}); "
         f"X = {report['x_metric']:.4f}; {report['wall_time_s']:.1f} s; wrote {args.out}"
     )
+    if "dice_after" in report:
+        print(
+            f"{PROG}: mean Dice of the labels {report['dice_before']['mean']:.3f} -> "
+            f"{report['dice_after']['mean']:.3f}"
+        )
     if "gwi_after_mm" in report:
         print(
-            f"dcc-register: phantom gWI {report['gwi_before_mm']:.3f} mm -> "
+            f"{PROG}: phantom gWI {report['gwi_before_mm']:.3f} mm -> "
             f"{report['gwi_after_mm']:.3f} mm"
         )
     return 0

@@ -7,8 +7,10 @@ single slice) is returned as a 2D image.
 
 from __future__ import annotations
 
+import gzip
 import os
 import re
+import zlib
 from pathlib import Path
 
 import nibabel as nib
@@ -123,8 +125,7 @@ def _read_array(path: str | os.PathLike) -> tuple[np.ndarray, Grid]:
     dim = image.GetDimension()
     if dim not in (2, 3):
         raise InputError(f"{path}: expected a 2D or 3D image, got {dim}D with size {size}")
-    if _nifti_has_nonfinite(Path(path)):
-        raise InputError(f"{path}: image contains NaN or infinite voxels")
+    _check_nifti(Path(path))
     array = sitk.GetArrayFromImage(image)
     grid = Grid.from_sitk(image)
     singleton = [a for a, n in enumerate(size) if n == 1]
@@ -195,25 +196,91 @@ def _read_dicom_series(folder: Path, path) -> sitk.Image:
         sitk.ProcessObject.SetGlobalWarningDisplay(warnings)
     if not files:
         raise InputError(f"{path}: no DICOM series found in this folder")
+    names = max(files, key=len)
+    _check_one_frame_per_position(names, path)
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(max(files, key=len))
+    reader.SetFileNames(names)
     return reader.Execute()
 
 
-def _nifti_has_nonfinite(path: Path) -> bool:
-    """NaN/inf in a floating-point NIfTI file (ITK's NIfTI reader silently turns them into 0)."""
-    if not path.name.lower().endswith((".nii", ".nii.gz")):
-        return False
-    image = nib.load(path)
-    if image.get_data_dtype().kind not in "fc":
-        return False
-    return not np.isfinite(np.asanyarray(image.dataobj)).all()
+def _check_one_frame_per_position(names: tuple[str, ...], path) -> None:
+    """Refuse a DICOM series whose files repeat a slice position: a time series (e.g. perfusion
+    or cine frames) is not a volume, and ITK would stack its frames with an invented spacing."""
+    if len(names) < 2:
+        return
+    positions = set()
+    for name in names:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(name)
+        reader.ReadImageInformation()
+        key = "0020|0032"  # Image Position (Patient); a file without it counts as its own
+        if reader.HasMetaDataKey(key):
+            positions.add(tuple(np.round(_numbers(reader.GetMetaData(key)), 2)))
+        else:
+            positions.add(name)
+    if len(positions) == len(names):
+        return
+    if len(positions) == 1:
+        raise InputError(
+            f"{path}: DICOM series of {len(names)} frames at one slice position (a time series, "
+            "not a volume); to register its frames as a group, pass the frame files as the "
+            f"images, e.g. {os.path.join(str(path), '*')}"
+        )
+    raise InputError(
+        f"{path}: DICOM series of {len(names)} files at only {len(positions)} slice positions "
+        "(several frames per position, e.g. cine or perfusion); split it into one folder per "
+        "time frame, or pass single-frame files"
+    )
+
+
+def _numbers(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split("\\")]
+    except ValueError:
+        return [float("nan")]
+
+
+def _check_nifti(path: Path) -> None:
+    """A NIfTI file must hold all its voxels (ITK zero-fills a short file) and, if floating
+    point, no NaN/inf (ITK's NIfTI reader silently turns them into 0)."""
+    name = path.name.lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        return
+    compressed = name.endswith(".gz")
+    try:
+        image = nib.load(path)
+        header = image.header
+        voxels = int(np.prod(header.get_data_shape(), dtype=np.int64))
+        expected = int(header["vox_offset"]) + voxels * header.get_data_dtype().itemsize
+        found = _gzip_length(path) if compressed else path.stat().st_size
+    except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as e:
+        reason = "its compressed data end early" if isinstance(e, EOFError) else _short_reason(e)
+        raise InputError(f"{path}: file is truncated or damaged ({reason})") from None
+    if found < expected:
+        unpacked = " after decompression" if compressed else ""
+        raise InputError(
+            f"{path}: file is truncated (holds {found} of {expected} bytes{unpacked}); "
+            "copy or download it again"
+        )
+    if image.get_data_dtype().kind in "fc" and not np.isfinite(np.asanyarray(image.dataobj)).all():
+        raise InputError(f"{path}: image contains NaN or infinite voxels")
+
+
+def _gzip_length(path: Path, chunk: int = 1 << 22) -> int:
+    """Bytes a gzip file decompresses to; a stream that ends early raises ``EOFError``."""
+    total = 0
+    with gzip.open(path, "rb") as stream:
+        while block := stream.read(chunk):
+            total += len(block)
+    return total
 
 
 def _short_reason(error: Exception) -> str:
     """Last line of an ITK exception without its source-location and class prefixes."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     reason = lines[-1] if lines else type(error).__name__
+    if len(lines) > 1 and "File cannot be read" in lines[-2] and reason.startswith("Reason:"):
+        return "its voxel data are missing or incomplete (file truncated or damaged?)"  # MetaIO
     for prefix in ("sitk::ERROR:", "ITK ERROR:"):
         if reason.startswith(prefix):
             reason = reason[len(prefix) :].strip()

@@ -9,12 +9,15 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from functools import partial
 
 import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 from scipy import ndimage
 
 __all__ = ["save_montage", "save_overlay"]
@@ -129,15 +132,17 @@ def save_montage(
     posterior: torch.Tensor | None = None,
     names: list[str] | None = None,
     labels_after: torch.Tensor | None = None,
+    labels_before: torch.Tensor | None = None,
 ) -> None:
-    """Write a PNG montage: row 1 the images before registration, row 2 after.
+    """Write a PNG montage: row 1 the images before registration, row 2 after, and a legend.
 
     ``before``/``after`` are ``(N, *shape)``; for ``N > 10`` an evenly spaced subset of 10 is
-    shown, titled with ``names``. Every panel of a row carries the same reference outline (the
-    thresholded gradient-magnitude edges of image 0, or on row 2 the label outlines of
-    ``labels_after[0]`` if given), so misalignment shows as image structures leaving it. Extra
-    columns: the group mean of the normalised images (before/after), and, if ``posterior``
-    ``(K, *shape)`` is given, its argmax as colour labels (alone, and over the mean after).
+    shown, titled with ``names``. Every panel carries the outline of image 0 in its row's state,
+    the same kind on both rows: the label outlines of ``labels_before[0]``/``labels_after[0]``
+    if both are given, else the thresholded gradient-magnitude edges of image 0, so
+    misalignment shows as image structures leaving it. Extra columns: the group mean of the
+    normalised images (before/after), and, if ``posterior`` ``(K, *shape)`` is given, its
+    argmax as colour labels (alone, and over the mean after).
     """
     before_np = _to_numpy(before).astype(np.float64)
     after_np = _to_numpy(after).astype(np.float64)
@@ -155,12 +160,13 @@ def save_montage(
     before2 = np.stack([_normalise(s) for s in _middle_slice(before_np, sd)])
     after2 = np.stack([_normalise(s) for s in _middle_slice(after_np, sd)])
 
-    lab2 = None
-    if labels_after is not None:
-        lab_np = _to_numpy(labels_after)
-        if lab_np.shape != after_np.shape:
-            raise ValueError(f"labels_after shape {lab_np.shape} != after shape {after_np.shape}")
-        lab2 = _middle_slice(lab_np, sd)
+    labels2 = []  # label slices (before, after) when both are given
+    for name, labels in (("labels_before", labels_before), ("labels_after", labels_after)):
+        if labels is not None:
+            lab_np = _to_numpy(labels)
+            if lab_np.shape != after_np.shape:
+                raise ValueError(f"{name} shape {lab_np.shape} != after shape {after_np.shape}")
+            labels2.append(_middle_slice(lab_np, sd)[0])
 
     post2 = None
     if posterior is not None:
@@ -175,31 +181,37 @@ def save_montage(
     height, width = before2.shape[1:]
     aspect = height / max(width, 1)
     panel_h = PANEL_INCHES * min(max(aspect, 0.4), 2.5)
-    fig = Figure(figsize=(PANEL_INCHES * ncols, panel_h * 2 + 0.9))
+    fig = Figure(figsize=(PANEL_INCHES * ncols, panel_h * 2 + 1.3))
 
     axes = fig.subplots(2, ncols, squeeze=False)
-    ref_before = _edges(before2[0])
-    ref_after = _edges(after2[0]) if lab2 is None else None
-    lab_values = [v for v in np.unique(lab2[0]) if v != 0] if lab2 is not None else []
-    lab_colours = _label_colours(len(lab_values))
-
-    def overlay_after(ax):
-        if lab2 is not None:
-            _draw_label_contours(ax, lab2[0], lab_values, lab_colours)
-        else:
-            _draw_mask_contour(ax, ref_after, EDGE_COLOUR)
+    handles = []
+    if len(labels2) == 2:
+        lab_values = sorted({v for lab in labels2 for v in np.unique(lab) if v != 0})
+        lab_colours = _label_colours(len(lab_values))
+        overlays = [
+            partial(_draw_label_contours, labels=lab, values=lab_values, colours=lab_colours)
+            for lab in labels2
+        ]
+        handles += [
+            Line2D([0], [0], color=c, lw=2, label=f"label {_scalar(v)} of {names[0]}")
+            for v, c in zip(lab_values, lab_colours, strict=False)
+        ]
+    else:
+        overlays = [
+            partial(_draw_mask_contour, mask=_edges(rows[0]), colour=EDGE_COLOUR)
+            for rows in (before2, after2)
+        ]
+        handles.append(Line2D([0], [0], color=EDGE_COLOUR, lw=2, label=f"edges of {names[0]}"))
 
     for col, i in enumerate(shown):
-        _show(axes[0, col], before2[i], f"{names[i]}\nbefore")
-        _draw_mask_contour(axes[0, col], ref_before, EDGE_COLOUR)
-        _show(axes[1, col], after2[i], f"{names[i]}\nafter")
-        overlay_after(axes[1, col])
+        for row, (images, state) in enumerate(((before2, "before"), (after2, "after"))):
+            _show(axes[row, col], images[i], f"{names[i]}\n{state}")
+            overlays[row](axes[row, col])
 
     col = len(shown)
-    _show(axes[0, col], before2.mean(axis=0), f"mean of {n} (before)")
-    _draw_mask_contour(axes[0, col], ref_before, EDGE_COLOUR)
-    _show(axes[1, col], after2.mean(axis=0), f"mean of {n} (after)")
-    overlay_after(axes[1, col])
+    for row, (images, state) in enumerate(((before2, "before"), (after2, "after"))):
+        _show(axes[row, col], images.mean(axis=0), f"mean of {n} ({state})")
+        overlays[row](axes[row, col])
 
     if post2 is not None:
         col += 1
@@ -215,6 +227,9 @@ def save_montage(
         )
         _show(axes[1, col], after2.mean(axis=0), "argmax over mean (after)")
         _draw_label_contours(axes[1, col], post2, range(1, n_classes), colours[1:])
+        handles += [
+            Patch(color=c, label=f"posterior class {k}") for k, c in enumerate(colours) if k
+        ]
 
     shown_text = ", ".join(names[i] for i in shown)
     if len(shown) < n:
@@ -227,10 +242,17 @@ def save_montage(
     if len(title) > max_chars:
         title = title[: max_chars - 3] + "..."
     fig.suptitle(title, fontsize=9)
+    fig.legend(
+        handles=handles,
+        loc="lower center",
+        ncol=min(len(handles), max(2, ncols * 2)),
+        fontsize=7,
+        frameon=False,
+    )
     fig.subplots_adjust(
         left=0.01,
         right=0.99,
-        bottom=0.01,
+        bottom=(0.1 + 0.2 * math.ceil(len(handles) / max(2, ncols * 2))) / fig.get_figheight(),
         top=1 - 0.75 / fig.get_figheight(),
         wspace=0.05,
         hspace=0.25,
@@ -262,8 +284,6 @@ def save_overlay(
     _show(ax, img2, title)
     _draw_label_contours(ax, lab2, values, colours)
     if values:
-        from matplotlib.lines import Line2D
-
         handles = [
             Line2D([0], [0], color=c, lw=2, label=str(_scalar(v)))
             for v, c in zip(values, colours, strict=False)
