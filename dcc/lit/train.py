@@ -1,0 +1,136 @@
+"""Training and evaluation runs from a composed Hydra config (``conf/train.yaml``,
+``conf/evaluate.yaml``); ``train.py`` and ``evaluate.py`` only compose and call these."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig
+
+from dcc.lit.module import DCCModule
+
+__all__ = ["instantiate_list", "run_training", "run_evaluation", "format_summary"]
+
+STRUCTURES = ("myocardium", "LV", "RV")
+
+
+def instantiate_list(cfg: DictConfig | None) -> list[Any]:
+    """Instantiate every entry of a config group that maps names to ``_target_`` configs
+    (``callbacks``, ``logger``); entries without ``_target_`` are skipped."""
+    if not cfg:
+        return []
+    if not isinstance(cfg, DictConfig):
+        raise ValueError(f"expected a mapping of name -> config, got {type(cfg).__name__}")
+    return [
+        hydra.utils.instantiate(value)
+        for value in cfg.values()
+        if isinstance(value, DictConfig) and "_target_" in value
+    ]
+
+
+def _setup(cfg: DictConfig) -> None:
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    if cfg.get("seed") is not None:
+        pl.seed_everything(int(cfg.seed), workers=True)
+
+
+def _metrics(trainer: pl.Trainer) -> dict[str, float]:
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def run_training(cfg: DictConfig) -> dict[str, Any]:
+    """Fit the model on the data of ``cfg``, then test the best checkpoint (by ``val/reg_dsc``).
+
+    Returns ``{"metrics": {name: value}, "best_ckpt": path or None, "last_ckpt": path or None,
+    "output_dir": run folder}``; the metrics hold the last validation values and, with
+    ``cfg.test``, the test values.
+    """
+    _setup(cfg)
+    datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data)
+    model: DCCModule = hydra.utils.instantiate(cfg.model)
+    trainer: pl.Trainer = hydra.utils.instantiate(
+        cfg.trainer,
+        callbacks=instantiate_list(cfg.get("callbacks")),
+        logger=instantiate_list(cfg.get("logger")) or False,
+    )
+    os.makedirs(trainer.default_root_dir, exist_ok=True)
+    metrics: dict[str, float] = {}
+    if cfg.get("train", True):
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        metrics.update(_metrics(trainer))
+    checkpoint = trainer.checkpoint_callback
+    best = checkpoint.best_model_path if checkpoint is not None else ""
+    last = checkpoint.last_model_path if checkpoint is not None else ""
+    if cfg.get("test", True):
+        # fast_dev_run and runs without a checkpoint callback test the weights in memory
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+        metrics.update(_metrics(trainer))
+    return {
+        "metrics": metrics,
+        "best_ckpt": best or None,
+        "last_ckpt": last or None,
+        "output_dir": trainer.default_root_dir,
+    }
+
+
+def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
+    """Test the checkpoint ``cfg.ckpt_path`` on the test split of ``cfg.data``.
+
+    The model is rebuilt from the checkpoint alone; the data module follows the checkpoint's
+    sequences and strategy (an atlas member for ``dcc_at``). Returns like :func:`run_training`.
+    """
+    _setup(cfg)
+    path = cfg.get("ckpt_path")
+    if not path or not os.path.isfile(path):
+        raise ValueError(f"ckpt_path: no checkpoint file at {path!r}")
+    model = DCCModule.load_from_checkpoint(path, map_location="cpu")
+    datamodule = hydra.utils.instantiate(cfg.data, with_atlas=model.atlas)
+    trainer: pl.Trainer = hydra.utils.instantiate(
+        cfg.trainer, logger=instantiate_list(cfg.get("logger")) or False
+    )
+    trainer.test(model, datamodule=datamodule)
+    return {
+        "metrics": _metrics(trainer),
+        "best_ckpt": path,
+        "last_ckpt": None,
+        "output_dir": trainer.default_root_dir,
+    }
+
+
+def format_summary(result: Mapping[str, Any], stage: str = "test") -> str:
+    """The lines printed at the end of a run: Reg DSC per structure and mean beside the
+    unregistered Dice, Seg DSC per sequence, folding voxels, and where the checkpoints and the
+    figures are."""
+    m = result["metrics"]
+
+    def pct(key: str) -> str:
+        value = m.get(f"{stage}/{key}")
+        return "   -  " if value is None else f"{100 * value:6.1f}"
+
+    lines = [f"{stage} Dice (%)       unregistered  registered"]
+    for name in STRUCTURES:
+        before, after = pct(f"unreg_dsc/{name}"), pct(f"reg_dsc/{name}")
+        lines.append(f"  Reg DSC {name:<12} {before}      {after}")
+    lines.append(f"  Reg DSC {'mean':<12} {pct('unreg_dsc')}      {pct('reg_dsc')}")
+    seqs = sorted(k.split("/")[-1] for k in m if k.startswith(f"{stage}/seg_dsc/"))
+    for name in seqs:
+        lines.append(f"  Seg DSC {name:<12}               {pct(f'seg_dsc/{name}')}")
+    if seqs:
+        lines.append(f"  Seg DSC {'mean':<12}               {pct('seg_dsc')}")
+    folding = m.get(f"{stage}/folding")
+    if folding is not None:
+        lines.append(f"  folding voxels per image: {folding:.1f}")
+    if result.get("best_ckpt"):
+        lines.append(f"best checkpoint: {result['best_ckpt']}")
+    if result.get("last_ckpt"):
+        lines.append(f"last checkpoint: {result['last_ckpt']}")
+    figures = os.path.join(result["output_dir"], "figures")
+    if os.path.isdir(figures):
+        lines.append(f"figures: {figures}")
+    return "\n".join(lines)
