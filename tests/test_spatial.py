@@ -756,3 +756,34 @@ def test_lattice_follows_parameter_dtype(kind):
     torch.testing.assert_close(
         lattice, transform(grid.points(dtype=torch.float64).reshape(-1, 2)).reshape(lattice.shape)
     )
+
+
+@pytest.mark.parametrize("kind", ["rigid", "ffd", "multilevel", "composed", "field"])
+def test_transforms_run_in_float32_under_autocast(kind):
+    """Issue 6.5: under autocast the FFD lattice crashed (bf16 tensordot against float32
+    matrices); every map now gives exactly its float32 result, with float32 gradients."""
+    grid = OBLIQUE2D
+    if kind == "rigid":
+        transform = random_linear("rigid", 2, grid, seed=4)
+    elif kind == "composed":
+        transform = ComposedTransform(
+            2, 2, [random_linear("rigid", 2, grid, seed=4), random_ffd(2, grid, 5.0, 0.5, seed=6)]
+        )
+    else:
+        transform = _randomised(kind, grid, groups=2)
+    image = blobs(grid, seed=5).expand(2, 1, *grid.shape)
+    points = interior_points(grid, 20, seed=7).float()
+
+    def run(autocast):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            lattice = transform.lattice(grid)
+            warped = SF.sample(image, grid.world_to_normalized(lattice))
+            loss = warped.pow(2).mean() + transform.regularization()
+            mapped = transform(points)
+        # backward outside the autocast region, as in torch.amp's recipe
+        grads = torch.autograd.grad(loss, [p for p in transform.parameters() if p.requires_grad])
+        return [lattice, mapped, warped, loss, *grads]
+
+    for a, b in zip(run(True), run(False), strict=True):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, atol=0, rtol=0)

@@ -3,7 +3,8 @@
 Intensities are given in *bin units*: a value ``u`` in ``[1, L - 2]`` for ``L`` intensity levels
 (see :func:`normalize_intensities`), so that the cubic B-spline Parzen window beta_3 centred on
 the levels ``mu = 0 ... L-1`` is a partition of unity over the four levels it touches.
-Posteriors are ``(M, K)`` (shared by the group) or ``(N, M, K)`` (one per image).
+Values are ``(*B, N, M)`` for any leading batch dims ``B`` (``N`` images, ``M`` points);
+posteriors are ``(*B, M, K)`` (shared by the group) or ``(*B, N, M, K)`` (one per image).
 All probabilities that multiply are combined in log space.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from dcc.spatial.functional import cubic_bspline_weights, reduce
+from dcc.spatial.functional import cubic_bspline_weights, full_precision, reduce
 
 EPS = 1e-10
 
@@ -58,41 +59,55 @@ def parzen_window(values: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.
     return index, weights
 
 
+def _shared_or_per_image(values: torch.Tensor, posterior: torch.Tensor, name: str) -> torch.Tensor:
+    """Posterior ``(*B, M, K)`` (shared by the group) or ``(*B, N, M, K)`` expanded to
+    ``(*B, N, M, K)`` for values ``(*B, N, M)``."""
+    if posterior.dim() == values.dim():
+        posterior = posterior.unsqueeze(-3)
+    try:
+        return posterior.expand(*values.shape, posterior.shape[-1])
+    except RuntimeError:
+        raise ValueError(
+            f"{name}: posterior must be (*B, M, K) or (*B, N, M, K) for values (*B, N, M) = "
+            f"{tuple(values.shape)}, got {tuple(posterior.shape)}"
+        ) from None
+
+
+@full_precision
 def joint_histogram(
     values: torch.Tensor, posterior: torch.Tensor, bins: int, normalize: bool = True
 ) -> torch.Tensor:
-    """Parzen estimate of p_j(mu, k) (Eq. 21), shape ``(N, L, K)``.
+    """Parzen estimate of p_j(mu, k) (Eq. 21), shape ``(*B, N, L, K)``.
 
-    ``values`` ``(N, M)`` in bin units, ``posterior`` ``(M, K)`` or ``(N, M, K)``. Each point adds
-    ``beta_3(u - mu) * gamma_k`` to the four levels ``mu`` it touches (one ``index_add`` of
-    ``K``-vectors per point and level).
+    ``values`` ``(*B, N, M)`` in bin units, ``posterior`` ``(*B, M, K)`` (shared by the ``N``
+    images) or ``(*B, N, M, K)``. Each point adds ``beta_3(u - mu) * gamma_k`` to the four
+    levels ``mu`` it touches (one ``index_add`` of ``K``-vectors per point and level).
     """
-    n, m = values.shape
-    k = posterior.shape[-1]
-    if posterior.shape[-2] != m:
-        raise ValueError(
-            f"joint_histogram: posterior must be (M, K) or (N, M, K) with M={m}, got "
-            f"{tuple(posterior.shape)}"
-        )
-    index, weights = parzen_window(values, bins)  # (N, M, 4)
-    src = weights.unsqueeze(-1) * posterior.to(weights.dtype).unsqueeze(-2)  # (N, M, 4, K)
-    rows = (index + bins * torch.arange(n, device=index.device).view(n, 1, 1)).reshape(-1)
-    hist = weights.new_zeros(n * bins, k).index_add(0, rows, src.reshape(-1, k))
-    hist = hist.view(n, bins, k)
+    if values.dim() < 2:
+        raise ValueError(f"joint_histogram: values must be (*B, N, M), got {tuple(values.shape)}")
+    posterior = _shared_or_per_image(values, posterior, "joint_histogram")
+    m, k = values.shape[-1], posterior.shape[-1]
+    g = values[..., 0].numel()  # all (batch, image) pairs
+    index, weights = parzen_window(values.reshape(g, m), bins)  # (G, M, 4)
+    src = weights.unsqueeze(-1) * posterior.reshape(g, m, 1, k).to(weights.dtype)  # (G, M, 4, K)
+    rows = (index + bins * torch.arange(g, device=index.device).view(g, 1, 1)).reshape(-1)
+    hist = weights.new_zeros(g * bins, k).index_add(0, rows, src.reshape(-1, k))
+    hist = hist.view(*values.shape[:-1], bins, k)
     if normalize:
-        hist = hist / hist.sum((1, 2), keepdim=True).clamp_min(EPS)
+        hist = hist / hist.sum((-2, -1), keepdim=True).clamp_min(EPS)
     return hist
 
 
+@full_precision
 def mutual_information(joint: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    """I(U_j; Z) from normalised joint pmfs ``(N, L, K)`` (Eq. 17), in nats, shape ``(N,)``."""
-    p_mu = joint.sum(2)
-    p_k = joint.sum(1)
+    """I(U_j; Z) from normalised joint pmfs ``(*B, N, L, K)`` (Eq. 17), in nats, ``(*B, N)``."""
+    p_mu = joint.sum(-1)
+    p_k = joint.sum(-2)
 
     def plogp(p, dims):
         return (p * torch.log(p.clamp_min(eps))).sum(dims)
 
-    return plogp(joint, (1, 2)) - plogp(p_mu, 1) - plogp(p_k, 1)
+    return plogp(joint, (-2, -1)) - plogp(p_mu, -1) - plogp(p_k, -1)
 
 
 def x_metric(
@@ -104,22 +119,29 @@ def x_metric(
 ) -> torch.Tensor:
     """The X-metric sum_j I(U_j o phi_j; Z) (Eq. 8 with Eqs. 17-21).
 
-    ``values`` ``(N, M)``: warped intensities at the coordinate sample, in bin units;
-    ``posterior`` ``(M, K)`` or ``(N, M, K)``: gamma at the same points. ``reduction="none"``
-    returns the ``N`` mutual informations.
+    ``values`` ``(*B, N, M)``: warped intensities at the coordinate sample, in bin units;
+    ``posterior`` ``(*B, M, K)`` or ``(*B, N, M, K)``: gamma at the same points.
+    ``reduction="sum"`` adds the mutual informations over the group (and the batch),
+    ``"mean"`` averages them, ``"none"`` returns them, ``(*B, N)``.
     """
     return reduce(mutual_information(joint_histogram(values, posterior, bins), eps), reduction)
 
 
+@full_precision
 def appearance_model(
     values: torch.Tensor, posterior: torch.Tensor, bins: int, eps: float = EPS
 ) -> torch.Tensor:
-    """log f_jk(mu), the class-conditional intensity pmfs of Eq. (20), shape ``(N, L, K)``.
+    """log f_jk(mu), the class-conditional intensity pmfs of Eq. (20), shape ``(*B, N, L, K)``.
 
-    With one-hot label maps as ``posterior`` this is the ground-truth model of Eq. (48).
+    ``f_jk = (h_jk + eps / L) / (sum_mu h_jk + eps)`` for the Parzen counts ``h_jk(mu)``: a
+    normalised pmf for every class; a class without mass in image j gets the uniform pmf
+    ``1 / L``, so it carries no evidence in the posterior (Eq. 12) instead of explaining every
+    intensity (``f = 1``). With one-hot label maps as ``posterior`` this is the ground-truth
+    model of Eq. (48).
     """
     hist = joint_histogram(values, posterior, bins, normalize=False)
-    return torch.log(hist.clamp_min(eps)) - torch.log(hist.sum(1, keepdim=True).clamp_min(eps))
+    mass = hist.sum(-2, keepdim=True)
+    return torch.log(hist + eps / bins) - torch.log(mass + eps)
 
 
 # Coefficients of the four beta_3 weights of cubic_bspline_weights (offsets -1..2, rows) as
@@ -132,42 +154,70 @@ _BSPLINE_BASIS = (
 )
 
 
+@full_precision
 def log_appearance(values: torch.Tensor, log_f: torch.Tensor) -> torch.Tensor:
-    """log f_jk at continuous intensities, ``(N, M, K)``.
+    """log f_jk at continuous intensities: values ``(*B, N, M)``, ``log_f`` ``(*B, N, L, K)``
+    -> ``(*B, N, M, K)``.
 
     The level of ``u`` is read with the same beta_3 weights as the estimate, in log space:
     ``log f_jk(u) = sum_mu beta_3(u - mu) log f_jk(mu)``. With this reading, Eq. (20) is the exact
     M-step of the E-step in Eq. (12), so the update never lowers Eq. (23).
 
     On each unit interval the sum is a cubic in the fractional part of ``u``; its coefficients
-    are tabulated per level (``(N, L, 4, K)``), so every point costs one table row and a Horner
+    are tabulated per level (``(G, L, 4, K)``), so every point costs one table row and a Horner
     evaluation instead of four weights and four look-ups.
     """
-    n, m = values.shape
-    bins, k = log_f.shape[1:]
-    values = values.clamp(1, bins - 2)
+    if log_f.dim() < 3 or values.dim() < 2:
+        raise ValueError(
+            f"log_appearance: expected values (*B, N, M) and log_f (*B, N, L, K), got "
+            f"{tuple(values.shape)} and {tuple(log_f.shape)}"
+        )
+    bins, k = log_f.shape[-2:]
+    try:
+        log_f = log_f.expand(*values.shape[:-1], bins, k)
+    except RuntimeError:
+        raise ValueError(
+            f"log_appearance: log_f {tuple(log_f.shape)} does not match values "
+            f"{tuple(values.shape)} (expected (*B, N, L, K))"
+        ) from None
+    batch, m = values.shape[:-1], values.shape[-1]
+    g = values[..., 0].numel()
+    log_f = log_f.reshape(g, bins, k)
+    values = values.reshape(g, m).clamp(1, bins - 2)
     base = torch.floor(values)
     t = (values - base).unsqueeze(-1)
     levels = torch.arange(bins, device=log_f.device)
     neighbours = torch.stack(
         [log_f[:, (levels + o).clamp(0, bins - 1)] for o in range(-1, 3)], 2
-    )  # (N, L, 4 offsets, K)
+    )  # (G, L, 4 offsets, K)
     basis = torch.tensor(_BSPLINE_BASIS, dtype=log_f.dtype, device=log_f.device)
-    table = torch.einsum("nlok,op->nlpk", neighbours, basis).reshape(n * bins, 4 * k)
-    rows = base.long() + bins * torch.arange(n, device=values.device).unsqueeze(1)
-    c = torch.nn.functional.embedding(rows, table).view(n, m, 4, k)
-    return ((c[:, :, 3] * t + c[:, :, 2]) * t + c[:, :, 1]) * t + c[:, :, 0]
+    table = torch.einsum("glok,op->glpk", neighbours, basis).reshape(g * bins, 4 * k)
+    rows = base.long() + bins * torch.arange(g, device=values.device).unsqueeze(1)
+    c = torch.nn.functional.embedding(rows, table).view(g, m, 4, k)
+    out = ((c[:, :, 3] * t + c[:, :, 2]) * t + c[:, :, 1]) * t + c[:, :, 0]
+    return out.view(*batch, m, k)
 
 
+@full_precision
 def posterior(
     values: torch.Tensor, log_f: torch.Tensor, log_prior: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior gamma of the common anatomy (Eq. 12) in log space.
 
-    Returns ``log_gamma`` ``(M, K)`` and the per-point log-likelihood ``(M,)``, the summand of
-    Eq. (23). ``log_prior`` is ``log pi`` ``(K,)`` or a spatial prior ``(M, K)`` (Eq. 40).
+    ``values`` ``(*B, N, M)``, ``log_f`` ``(*B, N, L, K)``; ``log_prior`` is ``log pi``,
+    ``(K,)`` or ``(*B, K)``, or a spatial prior ``(*B, M, K)`` (Eq. 40). Returns ``log_gamma``
+    ``(*B, M, K)`` and the per-point log-likelihood ``(*B, M)``, the summand of Eq. (23).
     """
-    joint = log_appearance(values, log_f).sum(0) + log_prior
+    if log_prior.dim() <= values.dim() - 1:  # log pi per class: (K,) or (*B, K)
+        log_prior = log_prior.unsqueeze(-2)
+    joint = log_appearance(values, log_f).sum(-3)
+    try:
+        joint = joint + log_prior
+    except RuntimeError:
+        raise ValueError(
+            f"posterior: log_prior must be (K,), (*B, K) or (*B, M, K) for values (*B, N, M) = "
+            f"{tuple(values.shape)}, got {tuple(log_prior.shape)}"
+        ) from None
     peak = joint.amax(-1, keepdim=True)  # log-sum-exp over the K classes
     log_evidence = peak + (joint - peak).exp().sum(-1, keepdim=True).log()
     return joint - log_evidence, log_evidence.squeeze(-1)
@@ -176,14 +226,16 @@ def posterior(
 def log_likelihood(
     values: torch.Tensor, log_f: torch.Tensor, log_prior: torch.Tensor, reduction: str = "sum"
 ) -> torch.Tensor:
-    """Eq. (23): sum over points of log sum_k pi_k prod_j f_jk(u_xj)."""
+    """Eq. (23): sum over points of log sum_k pi_k prod_j f_jk(u_xj) (and over the batch for
+    ``reduction="sum"``; ``"none"`` gives the per-point terms ``(*B, M)``)."""
     return reduce(posterior(values, log_f, log_prior)[1], reduction)
 
 
+@full_precision
 def proportions(gamma: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    """pi_k of Eq. (14): gamma ``(M, K)`` over the overlap region, normalised."""
-    pi = gamma.sum(0)
-    return pi / pi.sum().clamp_min(eps)
+    """pi_k of Eq. (14): gamma ``(*B, M, K)`` over the overlap region, normalised, ``(*B, K)``."""
+    pi = gamma.sum(-2)
+    return pi / pi.sum(-1, keepdim=True).clamp_min(eps)
 
 
 def random_posterior(

@@ -22,6 +22,8 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from dcc.spatial.functional import full_precision
+
 
 @dataclass(frozen=True)
 class Grid:
@@ -205,8 +207,10 @@ def _lattice_points(grid: Grid, device: torch.device, dtype: torch.dtype) -> tor
     return apply_matrix(matrix, index).to(dtype)
 
 
+@full_precision
 def apply_matrix(matrix: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """Apply a homogeneous ``(d+1, d+1)`` matrix to points ``(..., d)``."""
+    """Apply a homogeneous ``(d+1, d+1)`` matrix to points ``(..., d)`` (float32 or float64,
+    also under autocast)."""
     d = points.shape[-1]
     matrix = matrix.to(points.dtype)
     return points @ matrix[:d, :d].T + matrix[:d, d]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dcc.spatial.functional import sample
+from dcc.spatial.functional import full_precision, sample
 from dcc.spatial.grid import Grid
 
 
@@ -28,11 +28,13 @@ def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     return out.reshape(n, c, *spatial)
 
 
+@full_precision
 def image_pyramid(images: torch.Tensor, grid: Grid, levels: int) -> list[tuple[torch.Tensor, Grid]]:
     """Images ``(N, C, *grid.shape)`` at ``levels`` resolutions, coarsest first.
 
     Each level halves the number of voxels per axis (``Grid.downsample``) after Gaussian
-    smoothing with sigma of one fine voxel, and resamples in physical space.
+    smoothing with sigma of one fine voxel, and resamples in physical space (in float32, also
+    under autocast).
     """
     if levels < 1:
         raise ValueError(f"image_pyramid: levels must be >= 1, got {levels}")

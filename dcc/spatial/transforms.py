@@ -31,6 +31,14 @@ class SpatialTransform(nn.Module):
             )
         self.groups, self.ndim = groups, ndim
 
+    def __init_subclass__(cls, **kwargs):
+        """Point maps always run in float32 (see :func:`dcc.spatial.functional.full_precision`):
+        under autocast, half-precision coordinates would be off by up to half a millimetre."""
+        super().__init_subclass__(**kwargs)
+        for name in ("forward", "lattice", "linear", "displacement", "regularization"):
+            if name in cls.__dict__:
+                setattr(cls, name, SF.full_precision(cls.__dict__[name]))
+
     def _expand(self, points: torch.Tensor) -> torch.Tensor:
         if points.dim() == 2:
             points = points.unsqueeze(0).expand(self.groups, -1, -1)
