@@ -84,26 +84,7 @@ def load_myops_slices(
     physical, and a 2D point ``(u, v)`` is the 3D point ``u e_x + v e_y + w e_z`` of the slice
     (``e_*`` the columns of the 3D direction matrix, ``w`` the slice's normal coordinate).
     """
-    case_dir = Path(case_dir)
-    case = case_dir.name
-    paths = {s: case_dir / f"{case}_{s}.nii.gz" for s in (*MYOPS_SEQUENCES, "gd")}
-    missing = [str(p) for p in paths.values() if not p.is_file()]
-    if missing:
-        raise InputError(f"{case_dir}: MyoPS case is missing {', '.join(missing)}")
-    volumes = {}
-    for s, path in paths.items():
-        array, grid = read_image(path) if s != "gd" else _read_volume(path)
-        if s != "gd":
-            array = array.numpy()
-        volumes[s] = (np.asarray(array), grid)
-    gd, grid3 = volumes["gd"]
-    if grid3.ndim != 3:
-        raise InputError(f"{paths['gd']}: expected a 3D stack of slices, got {grid3.ndim}D")
-    for s in MYOPS_SEQUENCES:
-        array, grid = volumes[s]
-        if not grid.same_geometry(grid3):
-            raise InputError(f"{paths[s]}: grid differs from the label map {paths['gd']}")
-    merged = merge_labels(gd)  # (Z, H, W)
+    volumes, merged, grid3, paths = load_myops_case(case_dir)
     if slice_index is None:
         slice_index = mid_ventricular_slice(merged, paths["gd"])
     elif not -merged.shape[0] <= slice_index < merged.shape[0]:
@@ -112,9 +93,7 @@ def load_myops_slices(
         )
     slice_index %= merged.shape[0]
     grid = slice_grid(grid3, 2, slice_index)
-    images = torch.stack(
-        [torch.from_numpy(volumes[s][0][slice_index].astype(np.float32)) for s in MYOPS_SEQUENCES]
-    )
+    images = torch.from_numpy(volumes[:, slice_index].astype(np.float32))
     label = merged[slice_index]
     if crop is not None:
         (y0, x0), grid = crop_box(label, grid, crop)
@@ -125,6 +104,30 @@ def load_myops_slices(
             raise InputError(f"{paths[s]}: slice {slice_index} is constant")
     labels = label.unsqueeze(0).repeat(len(MYOPS_SEQUENCES), 1, 1)
     return images.contiguous(), labels.contiguous(), grid
+
+
+def load_myops_case(
+    case_dir: str | os.PathLike,
+) -> tuple[np.ndarray, torch.Tensor, Grid, dict[str, Path]]:
+    """Read a whole MyoPS case once: ``volumes`` ``(3, Z, H, W)`` (C0, LGE, T2; raw values),
+    the merged labels ``(Z, H, W)`` int64, the 3D grid and the file paths (keys: sequences and
+    ``"gd"``)."""
+    case_dir = Path(case_dir)
+    case = case_dir.name
+    paths = {s: case_dir / f"{case}_{s}.nii.gz" for s in (*MYOPS_SEQUENCES, "gd")}
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if missing:
+        raise InputError(f"{case_dir}: MyoPS case is missing {', '.join(missing)}")
+    gd, grid3 = _read_volume(paths["gd"])
+    if grid3.ndim != 3:
+        raise InputError(f"{paths['gd']}: expected a 3D stack of slices, got {grid3.ndim}D")
+    volumes = []
+    for s in MYOPS_SEQUENCES:
+        array, grid = read_image(paths[s])
+        if not grid.same_geometry(grid3):
+            raise InputError(f"{paths[s]}: grid differs from the label map {paths['gd']}")
+        volumes.append(np.asarray(array.numpy()))
+    return np.stack(volumes), merge_labels(gd), grid3, paths
 
 
 def mid_ventricular_slice(merged: torch.Tensor, path: str | os.PathLike = "labels") -> int:

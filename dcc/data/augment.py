@@ -1,0 +1,148 @@
+"""The synthetic misalignment of Sec. 4.4.1: random B-spline FFDs per sequence.
+
+The paper imposes, on each slice, "five synthetic FFDs ... with four different mesh spacings for
+each sequence", combines them across sequences for training (39 x 5^3 x 4 groups) and keeps one
+FFD index for all sequences for validation and testing (15 x 5 x 4 groups). This module does
+exactly that, for the phantom and for MyoPS alike:
+
+* the FFD *bank* of a case is ``num_ffds`` FFDs per mesh spacing (``spacings``, mm) per
+  sequence; FFD ``(sequence j, level s, index k)`` of a case is drawn from
+  ``numpy.random.default_rng([*case_seed, j, s, k])``, so it is fixed by the case's seed;
+* training draws a fresh *combination*: one level ``s`` for the group and an index ``k_j`` per
+  sequence (:meth:`RandomFFDMisalignment.random_combination`);
+* validation and test enumerate every ``(s, k)`` with the same ``k`` for every sequence
+  (:meth:`RandomFFDMisalignment.fixed_combinations`), so every run sees the same groups.
+
+Why our own :class:`dcc.spatial.transforms.BSplineFFD` (sampled as in
+:func:`dcc.data.misalign.warp_images`, one lattice for images and labels) rather than TorchIO's
+``RandomElasticDeformation`` or MONAI's ``Rand2DElastic(d)``:
+
+* the paper's misalignment is a bank of FFDs at given mesh spacings in mm, combined across
+  sequences; TorchIO's transform draws control displacements from its own global RNG on a
+  control-point *count* (not a spacing in mm), one image at a time, and cannot replay FFD
+  ``(j, s, k)`` of a bank; MONAI's ``Rand2DElastic`` is a Gaussian-smoothed dense random field
+  (an elastic deformation, not a B-spline FFD at a mesh spacing);
+* ``BSplineFFD`` is the transform class of the registration engine, matches ITK's
+  ``BSplineTransform`` (tested against SimpleITK), knows the physical grid, warps the whole group
+  in one call in 2D and 3D and returns the ground-truth maps;
+* importing TorchIO or MONAI transforms costs 3-6 s per process (and per data-loader worker),
+  longer than a phantom training epoch.
+
+Control displacements are i.i.d. normal with std ``magnitude * spacing`` per component, clipped
+to ``+-0.4 * spacing``: below the bound 1/K ~ 0.40 of Choi and Lee (2000) for cubic B-splines,
+so every FFD is a diffeomorphism (no folding). Images are warped linearly, labels by nearest
+neighbour; outside the field of view images are zero (background).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from dcc.spatial.functional import sample
+from dcc.spatial.grid import Grid
+from dcc.spatial.transforms import BSplineFFD
+
+DEFAULT_SPACINGS = (25.0, 35.0, 45.0, 60.0)
+"""FFD mesh spacings in mm (four levels, as the paper's four mesh spacings)."""
+FOLDING_BOUND = 0.4
+"""Control displacements are clipped to this fraction of the mesh spacing (no folding)."""
+
+
+class RandomFFDMisalignment:
+    """A bank of random B-spline FFDs per sequence and mesh spacing (Sec. 4.4.1).
+
+    ``spacings`` are the mesh spacings in mm, ``magnitude`` the std of the control displacements
+    as a fraction of the spacing, ``num_ffds`` the FFDs per spacing and sequence (paper: 5).
+    """
+
+    def __init__(
+        self,
+        spacings: Sequence[float] = DEFAULT_SPACINGS,
+        magnitude: float = 0.16,
+        num_ffds: int = 5,
+    ):
+        spacings = tuple(float(s) for s in spacings)
+        if not spacings or any(s <= 0 for s in spacings):
+            raise ValueError(f"RandomFFDMisalignment: spacings must be positive, got {spacings}")
+        if magnitude < 0 or num_ffds < 1:
+            raise ValueError(
+                "RandomFFDMisalignment: need magnitude >= 0 and num_ffds >= 1, got "
+                f"{magnitude}, {num_ffds}"
+            )
+        self.spacings, self.magnitude, self.num_ffds = spacings, float(magnitude), int(num_ffds)
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.spacings)
+
+    def random_combination(
+        self, num_sequences: int, rng: np.random.Generator
+    ) -> tuple[int, tuple[int, ...]]:
+        """Training: a random level and an independent FFD index per sequence."""
+        level = int(rng.integers(self.num_levels))
+        return level, tuple(int(k) for k in rng.integers(self.num_ffds, size=num_sequences))
+
+    def fixed_combinations(self, num_sequences: int) -> list[tuple[int, tuple[int, ...]]]:
+        """Validation/test: every ``(level, k)`` with the same index ``k`` for every sequence
+        (``num_levels * num_ffds`` groups per case)."""
+        return [
+            (level, (k,) * num_sequences)
+            for level in range(self.num_levels)
+            for k in range(self.num_ffds)
+        ]
+
+    def transform(
+        self, grid: Grid, level: int, indices: Sequence[int], case_seed: Sequence[int]
+    ) -> BSplineFFD:
+        """The FFDs ``(j, level, indices[j])`` of the case's bank as one group transform."""
+        if not 0 <= level < self.num_levels:
+            raise ValueError(
+                f"RandomFFDMisalignment: level {level} not in 0..{self.num_levels - 1}"
+            )
+        spacing = self.spacings[level]
+        ffd = BSplineFFD(len(indices), grid, spacing)
+        shape = ffd.coefficients.shape[1:]
+        bound = FOLDING_BOUND * spacing
+        coefficients = [
+            np.clip(
+                np.random.default_rng([*case_seed, j, level, int(k)]).standard_normal(shape)
+                * (self.magnitude * spacing),
+                -bound,
+                bound,
+            )
+            for j, k in enumerate(indices)
+        ]
+        with torch.no_grad():
+            ffd.coefficients.copy_(torch.from_numpy(np.stack(coefficients)))
+        return ffd
+
+    def __call__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        grid: Grid,
+        level: int,
+        indices: Sequence[int],
+        case_seed: Sequence[int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Misalign ``images`` ``(N, *S)`` (linear) and ``labels`` ``(N, *S)`` (nearest) by the
+        FFDs ``(j, level, indices[j])`` of the case ``case_seed``; ``grid`` is their common grid.
+        """
+        if images.shape != labels.shape or images.shape[1:] != grid.shape:
+            raise ValueError(
+                f"RandomFFDMisalignment: images {tuple(images.shape)} and labels "
+                f"{tuple(labels.shape)} must both be (N, *{grid.shape})"
+            )
+        if len(indices) != images.shape[0]:
+            raise ValueError(
+                f"RandomFFDMisalignment: {len(indices)} FFD indices for {images.shape[0]} images"
+            )
+        ffd = self.transform(grid, level, indices, case_seed)
+        with torch.no_grad():  # one lattice phi_j(x) for images and labels
+            normalized = grid.world_to_normalized(ffd.lattice(grid))
+        warped = sample(images.unsqueeze(1).float(), normalized)[:, 0]
+        warped_labels = sample(labels.unsqueeze(1).float(), normalized, mode="nearest")[:, 0]
+        return warped, warped_labels.to(labels.dtype)
