@@ -172,8 +172,10 @@ def test_dice_and_cross_entropy_agree_with_monai():
     unl = LF.segmentation_loss(values, seg, ~labelled, None, 32, reduction="none")
     entropy = -(seg * seg.log()).sum(2).flatten(2).mean(-1)
     torch.testing.assert_close(unl, -mi + entropy)
-    with pytest.raises(ValueError, match="labels"):
-        LF.segmentation_loss(values, seg, labelled, None, 32)
+    # without labels (test-time posterior, Eq. 53) the labelled members keep -MI only
+    torch.testing.assert_close(
+        LF.segmentation_loss(values, seg, labelled, None, 32, reduction="none"), -mi
+    )
 
 
 def _onehot(labels):
@@ -196,6 +198,9 @@ def test_labelled_members_enter_the_posterior_as_spatial_prior():
         out = loss(images, u, seg, rho, torch.tensor([labelled]))
         return out.posterior[0].log()
 
+    # test time (Eq. 53): without rho the predictions of the labelled members are the prior
+    out = loss(images, u, rho, None, torch.tensor([[True, False, False]]))
+    assert (out.posterior[0].argmax(0) == labels[0, 0]).all()
     none = log_gamma([False, False, False])
     assert (none - none[:, :1, :1]).abs().max() < 1e-5  # no spatial information at all
     one = log_gamma([True, False, False])

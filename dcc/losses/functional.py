@@ -23,12 +23,13 @@ from dcc.spatial.functional import full_precision, reduce
 
 EPS = XF.EPS
 
-# Slope of Eq. (38) per unit of ``spacing`` (mm, or voxels without spacing). Between the
-# clipping bounds [zeta, 1 - (K - 1) zeta] a two-class boundary spans a logit range of
-# log((1 - (K-1)zeta) / zeta) - log(zeta / (1 - zeta)) ~ 4.7 for zeta = 0.05, K = 4; with
-# D_k - D_l = 2 s at signed distance s from the boundary that is a band of 4.7 / (2 tau) ~ 2.4
-# units around each contour: wide enough for the warped maps to give phi a gradient over a few
-# voxels, narrow enough that a 3-4 voxel thick myocardium keeps its own class at its centre.
+# Slope of Eq. (38) per unit of ``spacing`` (mm, or voxels without spacing). The clipped maps
+# (zeta = 0.05) saturate where a class's probability falls below zeta, i.e. where
+# |tau (D_k - D_l)| > log((1 - zeta) / zeta) ~ 2.9 on a contour between classes k and l; since
+# D_k - D_l ~ 2 s at signed distance s from the contour, they vary over the band |s| < 1.5 / tau:
+# 3 units wide for tau = 1. Wide enough that the warped maps give phi a gradient a voxel or two
+# away from each contour (L2, Eq. 40), narrow enough that a 3-4 voxel thick myocardium keeps
+# its own class as the clear maximum at its centre.
 DEFAULT_TAU = 1.0
 
 
@@ -225,18 +226,18 @@ def segmentation_loss(
 
     ``values`` ``(B, N, *S)``: the images in bin units in their own space; ``seg_probs``
     ``(B, N, K, *S)``: rho-hat; ``labelled`` ``(B, N)`` bool; ``labels`` ``(B, N, *S)`` class
-    indices (needed when any member is labelled). I is the Parzen MI of the image with its own
-    probability maps (Eqs. 17, 21), H the mean voxel entropy, CE the mean voxel cross entropy
-    and DSC the soft Dice ``(2 sum p y + smooth) / (sum p + sum y + smooth)`` averaged over the
-    classes (foreground only unless ``include_background``), as MONAI's ``DiceCELoss``
-    computes them (checked in the tests) without importing MONAI at training start-up.
+    indices of the labelled members (``None``: no CE + Dice term, e.g. for the test-time
+    posterior of Eq. 53, where the predictions stand in for the labels). I is the Parzen MI of
+    the image with its own probability maps (Eqs. 17, 21), H the mean voxel entropy, CE the
+    mean voxel cross entropy and DSC the soft Dice ``(2 sum p y + smooth) / (sum p + sum y +
+    smooth)`` averaged over the classes (foreground only unless ``include_background``), as
+    MONAI's ``DiceCELoss`` computes them (checked in the tests; not imported here, MONAI takes
+    seconds to import).
     """
     mi = XF.x_metric(values.flatten(2), _flat(seg_probs, 2), bins, reduction="none", eps=eps)
     entropy = XF.entropy(seg_probs, dim=2, eps=eps).flatten(2).mean(-1)
     loss = -mi + torch.where(labelled, torch.zeros_like(entropy), entropy)
-    if bool(labelled.any()):
-        if labels is None:
-            raise ValueError("segmentation_loss: labels are needed for the labelled members")
+    if labels is not None and bool(labelled.any()):
         target = labels.long().unsqueeze(2)  # (B, N, 1, *S)
         ce = -torch.log(seg_probs.gather(2, target).clamp_min(eps)).flatten(2).mean(-1)
         onehot = torch.zeros_like(seg_probs).scatter_(2, target, 1.0)

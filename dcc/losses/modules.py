@@ -52,8 +52,9 @@ class DCCLoss(nn.Module):
     * ``rho`` ``(B, N, K, *S)`` the maps of Eq. (38) of the labels, used for the labelled members
       (``None``: the predictions stand in for them, as in the test-time posterior of Eq. 53);
     * ``labelled`` ``(B, N)`` bool, the set J (default: no member labelled);
-    * ``labels`` ``(B, N, *S)`` class indices for CE + Dice (default: ``rho.argmax(2)``, which
-      equals the labels for maps of Eq. 38).
+    * ``labels`` ``(B, N, *S)`` class indices for the CE + Dice of the labelled members (default:
+      ``rho.argmax(2)``, which equals the labels for maps of Eq. 38; pass them when at hand, the
+      argmax is not free; with neither ``rho`` nor ``labels`` the term is left out).
 
     The E-step (initial appearance models, Eq. 39, and ``em_steps`` common-space updates,
     Eqs. 40, 12, 14) runs without gradient: in the EM derivation (Eqs. 25-29) the posterior
