@@ -1,6 +1,14 @@
 """dcc-register end to end: geometry round trip, ITK-compatible transforms, bad input."""
 
+import dataclasses
+import importlib.resources
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -8,7 +16,9 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from dcc.cli.outdir import MANIFEST
 from dcc.cli.register import main
+from dcc.coreg.engine import CoRegResult
 from dcc.data.io import write_image
 from dcc.data.misalign import misaligned_phantom
 from dcc.spatial.grid import Grid
@@ -33,9 +43,9 @@ def group_files(tmp_path_factory):
     return paths, labels, grid
 
 
-def register(tmp_path, *args):
+def register(tmp_path, *args, quiet=True):
     out = tmp_path / "out"
-    code = main([*map(str, args), "--out", str(out), "--quiet"])
+    code = main([*map(str, args), "--out", str(out), *["--quiet"] * quiet])
     return code, out
 
 
@@ -46,13 +56,16 @@ def resample_with(transform, moving_path, reference_path):
     return sitk.GetArrayFromImage(out), sitk.GetArrayFromImage(reference)
 
 
-def test_linear_stages_round_trip(tmp_path, group_files):
+def test_linear_stages_round_trip(tmp_path, group_files, capsys):
     paths, labels, grid = group_files
     code, out = register(
         tmp_path, *paths, "--labels", *labels, "--stages", "translation,rigid", "--iterations", "15"
     )
     assert code == 0
     report = json.loads((out / "report.json").read_text())
+    dice = f"{report['dice_before']['mean']:.3f} -> {report['dice_after']['mean']:.3f}"
+    assert f"dcc-register: mean Dice of the labels {dice}" in capsys.readouterr().out
+    assert report["overlap"]["all"] > 0.5 and len(report["overlap"]["per_image"]) == 3
     assert [s["name"] for s in report["stages"]] == ["translation", "rigid"]
     assert report["wall_time_s"] > 0 and report["peak_memory_mb"] > 0
     assert np.isfinite(report["x_metric"])
@@ -81,7 +94,7 @@ def test_linear_stages_round_trip(tmp_path, group_files):
     assert (out / "montage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_ffd_displacement_field_reproduces_warp(tmp_path, group_files):
+def test_ffd_displacement_field_reproduces_warp(tmp_path, group_files, capsys):
     paths, _, _ = group_files
     code, out = register(
         tmp_path,
@@ -94,8 +107,10 @@ def test_ffd_displacement_field_reproduces_warp(tmp_path, group_files):
         "40",
         "--reference",
         "0",
+        quiet=False,
     )
     assert code == 0
+    assert capsys.readouterr().err == ""  # no progress bar when stderr is not a terminal
     assert not list((out / "transforms").glob("*.tfm"))  # non-linear: field only
     for path in paths[1:]:
         name = path.split("/")[-1].replace(".nii.gz", "")
@@ -146,41 +161,77 @@ def test_phantom_demo(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["gwi_before_mm"] > 2.0 and np.isfinite(report["gwi_after_mm"])
     assert len(list((out / "inputs").glob("*.nii.gz"))) == 6
+    # report.json names the inputs where they are now, not in the deleted temporary folder
+    for path in report["images"] + report["labels"]:
+        assert Path(path).is_file() and Path(path).parent == (out / "inputs").resolve()
+    engine_fields = {f.name for f in dataclasses.fields(CoRegResult)}
+    assert ("diagnostics" in report) == ("diagnostics" in engine_fields)
+
+
+# ---------------------------------------------------------------------- bad input
+SIZE = 32
+
+
+def blob(shift: float = 0.0) -> np.ndarray:
+    """A smooth 32x32 image: two Gaussian blobs on a ramp (not constant, registrable)."""
+    y, x = np.mgrid[:SIZE, :SIZE].astype(np.float32)
+    blobs = sum(
+        np.exp(-((x - cx - shift) ** 2 + (y - cy) ** 2) / 30) for cx, cy in ((10, 12), (21, 19))
+    )
+    return (100 * blobs + 0.5 * x).astype(np.float32)
+
+
+def moved_grid(x: float) -> Grid:
+    return Grid((SIZE, SIZE), (1.0, 1.0), (x, 0.0), (1.0, 0.0, 0.0, 1.0))
 
 
 def write(path, array, grid=None):
-    array = np.asarray(array, dtype=np.float32)
+    array = np.asarray(array)
     write_image(path, array, grid or Grid.from_shape(array.shape))
     return str(path)
 
 
 @pytest.fixture
 def good(tmp_path):
-    rng = np.random.default_rng(0)
-    return [write(tmp_path / f"ok{i}.nii.gz", rng.random((16, 16))) for i in range(2)]
+    folder = tmp_path / "inputs"
+    return [write(folder / f"ok{i}.nii.gz", blob(1.5 * i)) for i in range(2)]
 
 
-def expect_error(tmp_path, capsys, args, *fragments):
-    out = tmp_path / "result"
+def snapshot(root: Path) -> dict:
+    """Every folder and file under ``root`` with the bytes of each file."""
+    found = {}
+    for folder, dirs, files in os.walk(root):
+        for d in dirs:
+            found[os.path.join(folder, d)] = None
+        for f in files:
+            found[os.path.join(folder, f)] = Path(folder, f).read_bytes()
+    return found
+
+
+def expect_error(tmp_path, capsys, args, *fragments, out=None):
+    """Exit 2 with one line holding every fragment; nothing written or deleted anywhere under
+    ``tmp_path`` and every input byte-for-byte unchanged."""
+    before = snapshot(tmp_path)
+    out = tmp_path / "result" if out is None else out
     code = main([*map(str, args), "--out", str(out), "--quiet"])
-    err = capsys.readouterr().err.strip()
-    assert code == 2
-    assert len(err.splitlines()) == 1, err
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert code == 2, captured
+    assert len(err.splitlines()) == 1 and err.startswith("dcc-register: error: "), err
     for fragment in fragments:
         assert fragment in err, err
-    assert not out.exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".result")]
+    assert snapshot(tmp_path) == before
+    return err
 
 
-def test_bad_inputs(tmp_path, capsys, good):
+def test_bad_files(tmp_path, capsys, good):
     garbage = tmp_path / "garbage.nii.gz"
     garbage.write_bytes(b"not an image at all")
-    nan = np.ones((16, 16))
+    nan = blob()
     nan[3, 3] = np.nan
-    nan_path = tmp_path / "nan.mha"
-    write_image(nan_path, nan.astype(np.float32), Grid.from_shape((16, 16)))
-    constant = write(tmp_path / "constant.nii.gz", np.full((16, 16), 5.0))
-    labels_other_grid = write(tmp_path / "lab.nii.gz", np.ones((12, 16)))
+    nan_path = write(tmp_path / "nan.mha", nan)
+    constant = write(tmp_path / "constant.nii.gz", np.full((16, 16), 5.0, np.float32))
+    labels_other_grid = write(tmp_path / "lab.nii.gz", np.ones((12, 16), np.uint8))
     expect_error(tmp_path, capsys, [good[0], garbage], "garbage.nii.gz", "cannot read")
     expect_error(
         tmp_path, capsys, [good[0], tmp_path / "missing.nii.gz"], "missing.nii.gz", "not found"
@@ -197,16 +248,206 @@ def test_bad_inputs(tmp_path, capsys, good):
     volume = write(tmp_path / "volume.nii.gz", np.random.default_rng(1).random((4, 16, 16)))
     expect_error(tmp_path, capsys, [good[0], volume], "volume.nii.gz", "3D")
     expect_error(tmp_path, capsys, [good[0]], "at least 2 images")
-    expect_error(tmp_path, capsys, [*good, "--method", "xcoreg-gt"], "--labels")
-    expect_error(tmp_path, capsys, [*good, "--preset", "nope"], "unknown preset")
-    expect_error(tmp_path, capsys, [*good, "--stages", "rigid,warp"], "unknown stage")
+    expect_error(tmp_path, capsys, [*good, "--labels", good[0]], "1 label maps for 2 images")
 
 
-def test_unknown_option_and_existing_output(tmp_path, capsys, good):
+@pytest.mark.parametrize("dtype", [np.int16, np.float32], ids=["int", "float"])
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_truncated_image_in_2d_group_is_named(tmp_path, capsys, good, dtype, suffix):
+    path = tmp_path / f"short{suffix}"
+    write(path, (blob() * 10).astype(dtype))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+    err = expect_error(tmp_path, capsys, [good[0], path, good[1]], f"{path}: file is truncated")
+    assert "ok0" not in err and "ok1" not in err
+
+
+def test_dicom_time_series_folder(tmp_path, capsys, good):
+    from test_io import write_dicom_series  # the same DICOM writer as the reader's tests
+
+    folder = tmp_path / "perfusion"
+    folder.mkdir()
+    frames = np.stack([blob(k).astype(np.int16) for k in range(4)])
+    uid = "1.2.826.0.1.3680043.9.11"
+    write_dicom_series(folder, frames, (1.4, 1.4, 8.0), (0.0,) * 3, uid, "I", [0] * 4)
+    expect_error(
+        tmp_path,
+        capsys,
+        [folder, good[0]],
+        f"{folder}: DICOM series of 4 frames at one slice position (a time series",
+        f"pass the frame files as the images, e.g. {folder}/*",
+    )
+
+
+@pytest.mark.parametrize("offset, percent", [(28.0, "12%"), (100.0, "0%")], ids=["strip", "apart"])
+def test_images_that_barely_overlap(tmp_path, capsys, good, offset, percent):
+    """A 4 mm strip (and disjoint images) are refused, naming the image and the fraction."""
+    moved = write(tmp_path / "moved.nii.gz", blob(), moved_grid(offset))
+    expect_error(
+        tmp_path,
+        capsys,
+        [good[0], moved],
+        f"{moved}: overlaps the common grid (that of {good[0]}) by only {percent}",
+        "need at least 25% (--min-overlap)",
+    )
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--lambda", "-1000"], "--lambda -1000.0: must be a finite number >= 0"),
+        (["--lambda", "nan"], "--lambda nan: must be a finite number >= 0"),
+        (["-K", "1000"], "-K 1000: must be an integer in 2..16"),
+        (["-K", "1"], "-K 1: must be an integer in 2..16"),
+        (["--bins", "100000"], "--bins 100000: must be an integer in 8..256"),
+        (["--lr", "nan"], "--lr nan: must be a number in (0, 10]"),
+        (["--lr", "1e9"], "--lr 1000000000.0: must be a number in (0, 10]"),
+        (["--lr", "0"], "--lr 0.0: must be a number in (0, 10]"),
+        (["--sample-rate", "0"], "--sample-rate 0.0: must be a number in (0, 1]"),
+        (["--sample-rate", "1.5"], "--sample-rate 1.5: must be a number in (0, 1]"),
+        (["--iterations", "0"], "--iterations 0: must be an integer in 1..100000"),
+        (["--levels", "0"], "--levels 0: must be an integer in 1..8"),
+        (["--ffd-levels", "9"], "--ffd-levels 9: must be an integer in 1..6"),
+        (["--ffd-spacing", "-5"], "--ffd-spacing -5.0: must be a finite number > 0"),
+        (["--ffd-spacing", "inf"], "--ffd-spacing inf: must be a finite number > 0"),
+        (["--seed", "-1"], "--seed -1: must be an integer in 0..9223372036854775807"),
+        (["--threads", "0"], "--threads 0: must be an integer in 1..1024"),
+        (["--min-overlap", "2"], "--min-overlap 2.0: must be a number in [0, 1]"),
+        (["--reference", "5"], "--reference 5: must be an image index in 0..1"),
+        (["--device", "cpu:7"], "--device cpu:7: use cpu, cuda or cuda:<index>"),
+        (["--device", "tpu"], "--device tpu: use cpu, cuda or cuda:<index>"),
+        (["--stages", ""], "--stages '': give one or more of translation, rigid, affine, ffd"),
+        (["--stages", " , "], "--stages ' , ': give one or more of"),
+        (["--stages", "rigid,warp"], "--stages rigid,warp: unknown stage 'warp'"),
+        (["--preset", "nope"], "unknown preset 'nope'; available: brain2d"),
+        (["--method", "xcoreg-gt"], "--method xcoreg-gt needs --labels"),
+        # ranges that depend on the 32x32 images, checked after reading them
+        (["--levels", "6"], "--levels 6 (stage ffd): the coarsest level would be 1x1 voxels"),
+        (["--levels", "6"], "use --levels <= 3 to keep at least 8 voxels per axis"),
+        (["--ffd-spacing", "0.1"], "--ffd-spacing 0.1 mm: the control-point spacing must be at"),
+        (["--ffd-spacing", "1e6"], "and at most the grid's extent (31 mm)"),
+        (["--ffd-spacing", "8", "--ffd-levels", "4"], "(finest of 4 levels 1 mm)"),
+        (["--sample-rate", "0.001"], "--sample-rate 0.001: samples about 1.0 of the 1024 voxels"),
+    ],
+)
+def test_bad_options(tmp_path, capsys, good, options, message):
+    expect_error(tmp_path, capsys, [*good, *options], message)
+
+
+def test_cuda_device_must_exist(tmp_path, capsys, good):
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        expect_error(tmp_path, capsys, [*good, "--device", f"cuda:{count}"], f"has {count} CUDA")
+    else:
+        expect_error(tmp_path, capsys, [*good, "--device", "cuda"], "CUDA is not available")
+
+
+def test_phantom_with_files_or_labels(tmp_path, capsys, good):
+    expect_error(tmp_path, capsys, [*good, "--phantom", "2"], "either image files or --phantom")
+    expect_error(tmp_path, capsys, ["--phantom", "2", "--labels", *good], "own labels")
+
+
+def test_unknown_option(tmp_path, capsys, good):
     with pytest.raises(SystemExit) as exit_info:
         main([*good, "--out", str(tmp_path / "o"), "--bogus"])
     assert exit_info.value.code == 2
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
-    (tmp_path / "taken").mkdir()
-    code = main([*good, "--out", str(tmp_path / "taken"), "--quiet"])
-    assert code == 2 and "exists" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- the output folder
+def test_out_is_current_folder_holding_the_inputs(tmp_path, capsys, good, monkeypatch):
+    """The reported data loss: `--out . --overwrite` in the inputs' folder."""
+    monkeypatch.chdir(Path(good[0]).parent)
+    expect_error(
+        tmp_path, capsys, [*good, "--overwrite"], "--out .: is the current folder", out="."
+    )
+    monkeypatch.chdir(tmp_path / "inputs")
+    expect_error(tmp_path, capsys, [*good, "--overwrite"], "contains it", out=tmp_path)
+
+
+def test_out_holding_the_inputs(tmp_path, capsys, good):
+    inputs = Path(good[0]).parent
+    for out in (inputs, tmp_path):
+        expect_error(
+            tmp_path, capsys, [*good, "--overwrite"], f"--out {out}: contains the input", out=out
+        )
+    expect_error(
+        tmp_path, capsys, [*good, "--labels", *good], "contains the input", out=inputs / "x" / ".."
+    )
+
+
+def test_out_with_foreign_files_or_not_a_folder(tmp_path, capsys, good):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    expect_error(
+        tmp_path, capsys, [*good, "--overwrite"], f"--out {mine}: folder was not written", out=mine
+    )
+    expect_error(tmp_path, capsys, [*good], f"--out {mine}: folder exists", out=mine)
+    a_file = tmp_path / "result.txt"
+    a_file.write_text("a file")
+    expect_error(tmp_path, capsys, [*good, "--overwrite"], "exists and is not a folder", out=a_file)
+    expect_error(tmp_path, capsys, [*good], "cannot write there", out=a_file / "sub" / "out")
+
+
+def test_overwrite_only_what_it_wrote(tmp_path, capsys, good):
+    out = tmp_path / "result"
+    fast = ["--stages", "translation", "--iterations", "2", "--quiet"]
+    assert main([*good, *fast, "--out", str(out)]) == 0
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert "report.json" in manifest["files"] and "warped/ok0.nii.gz" in manifest["files"]
+    assert sorted(manifest["files"]) == sorted(
+        p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and p.name != MANIFEST
+    )
+    # a failed run with --overwrite leaves the earlier results as they were
+    moved = write(tmp_path / "far.nii.gz", blob(), moved_grid(500.0))
+    expect_error(tmp_path, capsys, [good[0], moved, "--overwrite"], "overlaps", out=out)
+    # a file the tool did not write blocks --overwrite
+    (out / "warped" / "mine.txt").write_text("keep me")
+    expect_error(
+        tmp_path, capsys, [*good, "--overwrite"], "did not write (warped/mine.txt)", out=out
+    )
+    (out / "warped" / "mine.txt").unlink()
+    capsys.readouterr()
+    assert main([*good, *fast, "--out", str(out), "--overwrite"]) == 0
+    assert json.loads((out / "report.json").read_text())["stages"][0]["name"] == "translation"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["far.nii.gz", "inputs", "result"]
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_interrupted_run_cleans_up(tmp_path, good, signum, code):
+    out = tmp_path / "result"
+    command = [sys.executable, "-m", "dcc.cli.register", *good, "--iterations", "50000"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [*command, "--out", str(out), "--threads", "1"], stderr=subprocess.PIPE, env=env, text=True
+    )
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".result.*")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)  # registering by now
+    assert process.poll() is None
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == code
+    assert err.strip().splitlines() == [
+        f"dcc-register: {'terminated' if code == 143 else 'interrupted'}; nothing written"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs"]
+
+
+def test_presets_ship_with_the_package():
+    """A non-editable install finds the presets: they are package data of dcc.coreg."""
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"
+    ]["dcc.coreg"]
+    presets = importlib.resources.files("dcc.coreg") / "presets"
+    names = sorted(p.name for p in presets.iterdir() if p.name.endswith(".yaml"))
+    assert "brain2d.yaml" in names
+    folder = Path(str(presets)).parent
+    shipped = {
+        p.relative_to(folder).as_posix() for pattern in patterns for p in folder.glob(pattern)
+    }
+    assert {f"presets/{n}" for n in names} <= shipped

@@ -80,8 +80,9 @@ def test_single_slice_volume_becomes_2d(tmp_path):
     np.testing.assert_allclose(image.numpy(), data[0], rtol=1e-6)
 
 
-def write_dicom_series(folder, array, spacing, origin, uid, prefix):
-    """One file per slice with the tags GDCM needs to group and order a series."""
+def write_dicom_series(folder, array, spacing, origin, uid, prefix, positions=None):
+    """One file per slice with the tags GDCM needs to group and order a series; file ``k`` lies
+    at slice position ``positions[k]`` (default ``k``: a volume; repeats make a time series)."""
     image = sitk.GetImageFromArray(array)
     image.SetSpacing(spacing)
     image.SetOrigin(origin)
@@ -89,12 +90,13 @@ def write_dicom_series(folder, array, spacing, origin, uid, prefix):
     writer.KeepOriginalImageUIDOn()
     for k in range(array.shape[0]):
         s = image[:, :, k]
+        z = k if positions is None else positions[k]
         tags = {
             "0008|0060": "MR",
             "0020|000d": uid + ".1",
             "0020|000e": uid + ".2",
             "0020|0037": "1\\0\\0\\0\\1\\0",
-            "0020|0032": "\\".join(map(str, image.TransformIndexToPhysicalPoint((0, 0, k)))),
+            "0020|0032": "\\".join(map(str, image.TransformIndexToPhysicalPoint((0, 0, z)))),
             "0020|0013": str(k + 1),
             "0018|0050": str(spacing[2]),
         }
@@ -118,6 +120,49 @@ def test_dicom_series_folder_takes_largest_series(tmp_path):
     np.testing.assert_array_equal(image.numpy(), big)
     np.testing.assert_allclose(grid.spacing, (0.7, 0.8, 2.5), atol=1e-6)
     np.testing.assert_allclose(grid.origin, (1.0, 2.0, 3.0), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "positions, fragment",
+    [
+        ([0, 0, 0, 0], "DICOM series of 4 frames at one slice position (a time series"),
+        ([0, 0, 1, 1], "DICOM series of 4 files at only 2 slice positions"),
+    ],
+    ids=["one-position", "two-positions"],
+)
+def test_dicom_time_series_refused(tmp_path, positions, fragment):
+    """Frames that repeat a slice position are not stacked into a volume with a made-up
+    spacing; the message says how to pass the frames."""
+    frames = np.arange(4 * 6 * 5, dtype=np.int16).reshape(4, 6, 5)
+    write_dicom_series(
+        tmp_path,
+        frames,
+        (1.4, 1.4, 8.0),
+        (0.0, 0.0, 0.0),
+        "1.2.826.0.1.3680043.9.9",
+        "f",
+        positions,
+    )
+    error = assert_error(tmp_path, fragment)
+    if len(set(positions)) == 1:
+        assert f"pass the frame files as the images, e.g. {tmp_path}/*" in str(error)
+    # each frame alone is a 2D image
+    image, grid = read_image(tmp_path / "f001.dcm")
+    assert grid.ndim == 2
+    np.testing.assert_array_equal(image.numpy(), frames[1])
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.float32], ids=["int", "float"])
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz", ".mha"])
+def test_truncated_file(tmp_path, dtype, suffix):
+    """ITK zero-fills a short NIfTI file (and nibabel/gzip raise deep errors): a truncated
+    file is refused by name."""
+    path = tmp_path / f"short{suffix}"
+    write_image(path, (smooth_image(OBLIQUE3D) * 100).astype(dtype), OBLIQUE3D)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+    error = assert_error(path, "truncated")
+    assert "\n" not in str(error)
 
 
 def test_folder_without_dicom(tmp_path):

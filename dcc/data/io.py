@@ -251,7 +251,7 @@ def _check_nifti(path: Path) -> None:
         image = nib.load(path)
         header = image.header
         voxels = int(np.prod(header.get_data_shape(), dtype=np.int64))
-        expected = int(header["vox_offset"]) + voxels * header.get_data_dtype().itemsize
+        expected = int(image.dataobj.offset) + voxels * header.get_data_dtype().itemsize
         found = _gzip_length(path) if compressed else path.stat().st_size
     except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as e:
         reason = "its compressed data end early" if isinstance(e, EOFError) else _short_reason(e)
