@@ -65,7 +65,9 @@ def test_linear_stages_round_trip(tmp_path, group_files, capsys):
     report = json.loads((out / "report.json").read_text())
     dice = f"{report['dice_before']['mean']:.3f} -> {report['dice_after']['mean']:.3f}"
     assert f"dcc-register: mean Dice of the labels {dice}" in capsys.readouterr().out
-    assert report["overlap"]["all"] > 0.5 and len(report["overlap"]["per_image"]) == 3
+    assert (
+        report["initial_overlap"]["all"] > 0.5 and len(report["initial_overlap"]["per_image"]) == 3
+    )
     assert [s["name"] for s in report["stages"]] == ["translation", "rigid"]
     assert report["wall_time_s"] > 0 and report["peak_memory_mb"] > 0
     assert np.isfinite(report["x_metric"])
@@ -287,8 +289,8 @@ def test_images_that_barely_overlap(tmp_path, capsys, good, offset, percent):
         tmp_path,
         capsys,
         [good[0], moved],
-        f"{moved}: overlaps the common grid (that of {good[0]}) by only {percent}",
-        "need at least 25% (--min-overlap)",
+        f"{moved}: covers only {percent} of the common grid (the grid of {good[0]})",
+        "need at least 25% (--min-initial-overlap)",
     )
 
 
@@ -312,7 +314,7 @@ def test_images_that_barely_overlap(tmp_path, capsys, good, offset, percent):
         (["--ffd-spacing", "inf"], "--ffd-spacing inf: must be a finite number > 0"),
         (["--seed", "-1"], "--seed -1: must be an integer in 0..9223372036854775807"),
         (["--threads", "0"], "--threads 0: must be an integer in 1..1024"),
-        (["--min-overlap", "2"], "--min-overlap 2.0: must be a number in [0, 1]"),
+        (["--min-initial-overlap", "2"], "--min-initial-overlap 2.0: must be a number in [0, 1]"),
         (["--reference", "5"], "--reference 5: must be an image index in 0..1"),
         (["--device", "cpu:7"], "--device cpu:7: use cpu, cuda or cuda:<index>"),
         (["--device", "tpu"], "--device tpu: use cpu, cuda or cuda:<index>"),
@@ -401,7 +403,7 @@ def test_overwrite_only_what_it_wrote(tmp_path, capsys, good):
     )
     # a failed run with --overwrite leaves the earlier results as they were
     moved = write(tmp_path / "far.nii.gz", blob(), moved_grid(500.0))
-    expect_error(tmp_path, capsys, [good[0], moved, "--overwrite"], "overlaps", out=out)
+    expect_error(tmp_path, capsys, [good[0], moved, "--overwrite"], "covers only", out=out)
     # a file the tool did not write blocks --overwrite
     (out / "warped" / "mine.txt").write_text("keep me")
     expect_error(

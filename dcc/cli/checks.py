@@ -31,7 +31,7 @@ RANGES = {
     "reference": ("--reference", 0, None, False),
     "seed": ("--seed", 0, 2**63 - 1, False),
     "threads": ("--threads", 1, 1024, False),
-    "min_overlap": ("--min-overlap", 0.0, 1.0, False),
+    "min_initial_overlap": ("--min-initial-overlap", 0.0, 1.0, False),
 }
 MIN_COARSE_VOXELS = 8  # per axis at the coarsest pyramid level (axes shorter than this: kept)
 MIN_SAMPLES = 32  # expected coordinate samples per step at the coarsest level
@@ -132,10 +132,10 @@ def check_overlap(valid: torch.Tensor, paths: list[str], reference: int, minimum
     if together < minimum:
         j = min(range(len(each)), key=each.__getitem__)
         raise InputError(
-            f"{paths[j]}: overlaps the common grid (that of {paths[reference]}) by only "
-            f"{each[j]:.0%} and all images together by {together:.0%}; need at least "
-            f"{minimum:.0%} (--min-overlap). Check the images' origins/orientations, or list the "
-            "image with the smallest field of view first"
+            f"{paths[j]}: covers only {each[j]:.0%} of the common grid (the grid of "
+            f"{paths[reference]}), all images together {together:.0%}; need at least "
+            f"{minimum:.0%} (--min-initial-overlap): check the images' origins and orientations, "
+            "or list the image with the smallest field of view first"
         )
     return {"all": round(together, 4), "per_image": [round(f, 4) for f in each]}
 

@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=int, help="CPU threads for torch (1 is fastest for small 2D groups)"
     )
     p.add_argument(
-        "--min-overlap",
+        "--min-initial-overlap",
         type=float,
         default=0.25,
         help="refuse groups whose images overlap on less than this fraction of the common grid "
@@ -356,7 +356,9 @@ def _register_into(tmp: Path, args: argparse.Namespace, config: XCoRegConfig) ->
         paths, label_paths, config.reference
     )
     check_with_images(config, common)
-    extra["overlap"] = check_overlap(valid, paths, config.reference or 0, args.min_overlap)
+    extra["initial_overlap"] = check_overlap(
+        valid, paths, config.reference or 0, args.min_initial_overlap
+    )
     names = unique_names(paths)
     start = time.perf_counter()
     result = XCoReg(config).register(images, common, valid=valid, labels=warped_labels)
