@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -222,32 +223,53 @@ def test_mutual_information_invariant_to_bijective_maps():
 
 
 # ---------------------------------------------------------------------------- X-metric
-def test_x_metric_is_sum_of_mutual_informations():
-    n, m, k, bins = 4, 400, 3, 16
-    values, _ = structured_values(n, m, k, bins, seed=6)
-    posterior = XF.random_posterior(m, k, _gen(7))
-    per_image = torch.stack(
-        [
-            XF.mutual_information(XF.joint_histogram(values[j : j + 1], posterior, bins))[0]
-            for j in range(n)
-        ]
+def _numpy_mi(joint: np.ndarray) -> float:
+    """I(mu; k) of one normalised joint table, written out with numpy."""
+    p_mu = joint.sum(1, keepdims=True)
+    p_k = joint.sum(0, keepdims=True)
+    nz = joint > 0
+    return float((joint[nz] * np.log(joint[nz] / (p_mu @ p_k)[nz])).sum())
+
+
+def test_mutual_information_of_hand_computed_tables():
+    # 2 x 2: I = 0.8 ln(0.4 / 0.25) + 0.2 ln(0.1 / 0.25) = 0.19274... nats
+    a = [[0.4, 0.1], [0.1, 0.4]]
+    assert 0.8 * math.log(1.6) + 0.2 * math.log(0.4) == pytest.approx(0.1927448, abs=1e-7)
+    # 3 levels x 2 classes with an empty cell; and an independent table (I = 0)
+    b = [[0.3, 0.0], [0.1, 0.2], [0.0, 0.4]]
+    c = np.outer([0.2, 0.5, 0.3], [0.6, 0.4]).tolist()
+    expected_b = (
+        0.3 * math.log(0.3 / (0.3 * 0.4))
+        + 0.1 * math.log(0.1 / (0.3 * 0.4))
+        + 0.2 * math.log(0.2 / (0.3 * 0.6))
+        + 0.4 * math.log(0.4 / (0.4 * 0.6))
     )
-    none = XF.x_metric(values, posterior, bins, reduction="none")
-    assert none.shape == (n,)
-    torch.testing.assert_close(none, per_image)
-    torch.testing.assert_close(XF.x_metric(values, posterior, bins), per_image.sum())
+    assert _numpy_mi(np.array(b)) == pytest.approx(expected_b, rel=1e-12)
+    joints = torch.tensor([a + [[0.0, 0.0]], b, c], dtype=torch.float64)  # (N=3, L=3, K=2)
+    mi = XF.mutual_information(joints)
     torch.testing.assert_close(
-        XF.x_metric(values, posterior, bins, reduction="sum"), per_image.sum()
+        mi, torch.tensor([0.8 * math.log(1.6) + 0.2 * math.log(0.4), expected_b, 0.0]).double()
     )
+    # with a leading batch axis, in float32
+    mi32 = XF.mutual_information(joints.float().expand(2, 3, 3, 2))
+    torch.testing.assert_close(mi32, mi.float().expand(2, 3), atol=1e-6, rtol=0)
+
+
+def test_x_metric_equals_independently_computed_mutual_informations():
+    """X (Eq. 8) against brute-force Parzen tables (Eq. 21) and numpy MIs (Eq. 17)."""
+    n, m, k, bins = 3, 60, 3, 10
+    values, _ = structured_values(n, m, k, bins, seed=6, dtype=torch.float64)
+    posterior = XF.random_posterior(m, k, _gen(7)).double()
+    tables = dense_joint_histogram(values, posterior, bins).numpy()
+    expected = torch.tensor([_numpy_mi(t) for t in tables], dtype=torch.float64)
+    assert (expected > 0).all()
+    torch.testing.assert_close(XF.x_metric(values, posterior, bins, reduction="none"), expected)
+    torch.testing.assert_close(XF.x_metric(values, posterior, bins), expected.sum())
     torch.testing.assert_close(
-        XF.x_metric(values, posterior, bins, reduction="mean"), per_image.mean()
+        XF.x_metric(values, posterior, bins, reduction="mean"), expected.mean()
     )
     with pytest.raises(ValueError):
         XF.x_metric(values, posterior, bins, reduction="max")
-    # per-image posteriors (N, M, K) equal to the shared one give the same value
-    torch.testing.assert_close(
-        XF.x_metric(values, posterior.expand(n, m, k), bins, reduction="none"), per_image
-    )
     # the module
     for reduction in ("none", "sum", "mean"):
         module = XMetric(bins=bins, reduction=reduction)
@@ -415,16 +437,70 @@ def test_x_metric_degenerate_inputs_are_finite():
 
 
 # ---------------------------------------------------------------------------- posterior / EM
-def test_appearance_model_is_normalised():
-    n, m, k, bins = 3, 300, 4, 12
-    values, labels = structured_values(n, m, k, bins, seed=11)
-    gamma = XF.random_posterior(m, k, _gen(1))
-    log_f = XF.appearance_model(values, gamma, bins)
-    assert log_f.shape == (n, bins, k)
-    torch.testing.assert_close(log_f.exp().sum(1), torch.ones(n, k))
-    # Eq. (20): f_jk proportional to the joint histogram column k
-    joint = XF.joint_histogram(values, gamma, bins)
-    torch.testing.assert_close(log_f.exp(), joint / joint.sum(1, keepdim=True))
+def test_appearance_model_by_hand_and_empty_class_uniform():
+    """Eq. (20) at integer intensities: beta_3 spreads a point over mu - 1, mu, mu + 1 with
+    weights 1/6, 2/3, 1/6. A class without mass gets the uniform pmf 1/L (issue 6.1: it was
+    f = 1 at every level, which explained every voxel better than any real class)."""
+    bins = 10
+    values = torch.tensor([[3.0, 3.0, 7.0], [2.0, 5.0, 5.0]], dtype=torch.float64)
+    onehot = torch.tensor([[1.0, 0, 0], [1, 0, 0], [0, 1, 0]], dtype=torch.float64)  # class 2 empty
+    f = XF.appearance_model(values, onehot, bins).exp()
+    assert f.shape == (2, bins, 3)
+    spread = {-1: 1 / 6, 0: 2 / 3, 1: 1 / 6}
+    expected = torch.zeros(2, bins, 3, dtype=torch.float64)
+    for j in range(2):
+        for x in range(3):
+            c = int(onehot[x].argmax())
+            mass = onehot[:, c].sum()
+            for o, w in spread.items():
+                expected[j, int(values[j, x]) + o, c] += w / mass
+    expected[:, :, 2] = 1 / bins
+    torch.testing.assert_close(f, expected, atol=1e-9, rtol=0)
+    # a class with a vanishing (underflowed) mass is uniform too, in float32
+    tiny = onehot.float().clone()
+    tiny[:, 2] = 1e-30
+    f32 = XF.appearance_model(values.float(), tiny, bins).exp()
+    torch.testing.assert_close(f32[:, :, 2], torch.full((2, bins), 1 / bins))
+    torch.testing.assert_close(f32.sum(1), torch.ones(2, 3))
+
+
+def test_class_absent_from_one_image_does_not_swallow_the_posterior():
+    """X-Reg-GT (Eq. 48) when a label is missing from one image's segmentation (issue 6.1):
+    class 3 looks like class 1 in images 1 and 2 and is absent from image 0's labels. Image 0
+    must still decide between them (it was f_03 = 1, so class 3 took all class-1 voxels)."""
+    bins, m = 32, 3000
+    gen = _gen(30)
+    labels = torch.randint(0, 4, (m,), generator=gen)
+    means = torch.tensor([[4.0, 12, 20, 12], [5, 15, 25, 15], [25, 10, 5, 10]])
+    values = (means[:, labels] + 0.7 * torch.randn(3, m, generator=gen)).clamp(1, bins - 2)
+    seg = labels.expand(3, m).clone()
+    seg[0][seg[0] == 3] = 1
+    log_f = XF.appearance_model(values, torch.nn.functional.one_hot(seg, 4).float(), bins)
+    torch.testing.assert_close(log_f[0, :, 3], torch.full((bins,), -math.log(bins)))
+    log_gamma, _ = XF.posterior(values, log_f, torch.full((4,), -math.log(4)))
+    found = log_gamma.argmax(-1)
+    for c in (0, 1, 2):
+        assert (found[labels == c] == c).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("empty_mass", [0.0, 1e-30])
+def test_em_with_an_emptied_class_does_not_collapse(empty_mass):
+    """K larger than the number of tissues: once a class has lost its mass (gamma underflows
+    to 0 at N ~ 50), the next E-step must not hand it every voxel (X fell to 0 in issue 6.1)."""
+    n, m, bins = 8, 2000, 32
+    values, labels = structured_values(n, m, 3, bins, seed=31, noise=1.0)
+    onehot = torch.nn.functional.one_hot(labels, 3).float()
+    x_true = XF.x_metric(values, onehot, bins).item()
+    gamma = torch.cat([onehot * 0.9 + 0.05, torch.full((m, 1), empty_mass)], 1)
+    gamma = gamma / gamma.sum(-1, keepdim=True)
+    log_pi = torch.log(XF.proportions(gamma).clamp_min(XF.EPS))
+    for _ in range(5):
+        log_f = XF.appearance_model(values, gamma, bins)
+        log_gamma, _ = XF.posterior(values, log_f, log_pi)
+        gamma = log_gamma.exp()
+        log_pi = torch.log(XF.proportions(gamma).clamp_min(XF.EPS))
+    assert gamma[:, 3].sum() < 1e-3
+    assert XF.x_metric(values, gamma, bins).item() == pytest.approx(x_true, rel=0.02)
 
 
 def _naive_posterior(values, log_f, pi, bins):
@@ -498,23 +574,24 @@ def test_posterior_stays_finite_for_many_images():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_em_never_lowers_the_likelihood(dtype):
     """Eq. (23) along the common-space iteration at fixed phi: f^t and pi^t from gamma^t
-    (M-step, Eqs. 20 and 14), then gamma^{t+1} = posterior (E-step, Eq. 12)."""
-    n, m, k, bins = 3, 2000, 3, 16
+    (M-step, Eqs. 20 and 14), then gamma^{t+1} = posterior (E-step, Eq. 12). The likelihood is
+    evaluated independently, in float64 linear space (``_naive_posterior``)."""
+    n, m, k, bins = 3, 1000, 3, 16
     values, _ = structured_values(n, m, k, bins, seed=14, noise=1.2, dtype=dtype)
     gamma = XF.random_posterior(m, k, _gen(5)).to(dtype)
     pi = torch.full((k,), 1.0 / k, dtype=dtype)
     history = []
-    for t in range(30):
+    for t in range(25):
         log_f = XF.appearance_model(values, gamma, bins)
         if t > 0:
             pi = XF.proportions(gamma)
-        history.append(XF.log_likelihood(values, log_f, pi.log()).item())
-        log_gamma, ll = XF.posterior(values, log_f, pi.log())
-        assert ll.sum().item() == pytest.approx(history[-1], rel=1e-6)
-        gamma = log_gamma.exp()
-    for before, after in zip(history, history[1:], strict=False):
-        assert after >= before - 1e-4 * abs(before), history
-    assert history[-1] > history[0]
+        _, evidence = _naive_posterior(values.double(), log_f.double(), pi.double(), bins)
+        history.append(evidence.log().sum().item())
+        gamma = XF.posterior(values, log_f, pi.log())[0].exp()
+    tol = 1e-9 if dtype == torch.float64 else 1e-5
+    steps = [after - before for before, after in zip(history, history[1:], strict=False)]
+    assert min(steps) >= -tol * abs(history[0]), history
+    assert history[-1] - history[0] > 0.05 * abs(history[0])  # and EM made real progress
 
 
 # ---------------------------------------------------------------------------- batch axis
