@@ -1,0 +1,184 @@
+"""Speed and memory of the DCC network (issue #8): one training step and inference per group.
+
+One configuration per process (so the peak memory is its own)::
+
+    OMP_WAIT_POLICY=PASSIVE python bench/bench_dcc_speed.py --threads 2
+
+``--sweep`` runs the listed variants each in a fresh process and prints a Markdown table::
+
+    OMP_WAIT_POLICY=PASSIVE python bench/bench_dcc_speed.py --threads 2 --sweep
+
+A training step is forward + loss + backward + Adam step, timed twice: with a surrogate loss
+(mean squares of the outputs: the network alone) and, when ``dcc.losses.DCCLoss`` is
+importable, with the full DCC loss (Eqs. 41-47, every member labelled). Inference is a forward
+pass in eval/inference mode, per group. Times are the minimum and median wall-clock seconds over
+``--repeats`` after ``--warmup`` untimed calls, plus the minimum process CPU seconds (all threads:
+less sensitive to other people's jobs on a shared machine; on idle cores the wall time is about
+CPU / threads). Peak memory is the process's maximum resident set size (``getrusage``), torch's
+own import included; ``load`` is the 1-minute load average at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from dcc.nets import DCCNet
+
+VARIANTS = {
+    "C16 L4 2conv": [],
+    "C16 L4 2conv channels-last": ["--channels-last"],
+    "C16 L4 1conv": ["--block-convs", "1"],
+    "C16 L4 1conv D_r to 1/2": ["--block-convs", "1", "--reg-finest-level", "1"],
+    "C16 L4 1conv D_r to 1/2 channels-last": ["--block-convs", "1", "--reg-finest-level", "1",
+                                              "--channels-last"],
+}
+
+
+def _dcc_loss(num_classes: int):
+    """The full DCC loss over the network output, or ``None`` when dcc.losses is unavailable."""
+    try:
+        from dcc.losses import DCCLoss
+    except ImportError:
+        return None
+    criterion = DCCLoss(num_classes=num_classes)
+    takes_labels = "labels" in inspect.signature(criterion.forward).parameters
+
+    def dcc_loss(images, out, rho, labelled, labels):
+        extra = {"labels": labels} if takes_labels else {}
+        probs = out.seg_logits.softmax(dim=2)
+        return criterion(images, out.displacement, probs, rho, labelled, **extra).total
+
+    return dcc_loss
+
+
+def _surrogate(images, out, rho, labelled, labels):
+    """Network only: mean squares of the outputs."""
+    return out.seg_logits.square().mean() + out.displacement.square().mean()
+
+
+def _times(fn, warmup: int, repeats: int) -> tuple[list[float], list[float]]:
+    """Wall-clock and process CPU seconds of ``repeats`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    wall, cpu = [], []
+    for _ in range(repeats):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return wall, cpu
+
+
+def measure(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    ndim = 2
+    size = (args.size,) * ndim
+    net = DCCNet(ndim=ndim, num_classes=4, num_domains=3, channels=args.channels,
+                 levels=args.levels, block_convs=args.block_convs,
+                 reg_finest_level=args.reg_finest_level)
+    with torch.no_grad():  # non-zero heads, so every D_r layer is on the backward path
+        for head in net.reg_heads.values():
+            head.weight.normal_(0, 1e-3)
+    images = torch.rand(args.batch, args.group, *size) * 100
+    domains = torch.arange(args.group).remainder(3).expand(args.batch, -1).contiguous()
+    labels = torch.randint(0, 4, (args.batch, args.group, *size))
+    rho = torch.nn.functional.one_hot(labels, 4).movedim(-1, 2).float()
+    labelled = torch.ones(args.batch, args.group, dtype=torch.bool)
+    if args.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    model = torch.compile(net) if args.compile else net
+    optimiser = torch.optim.Adam(net.parameters(), lr=1e-4)
+
+    def train_step(loss_fn):
+        optimiser.zero_grad(set_to_none=True)
+        out = model(images, domains)
+        loss_fn(images, out, rho, labelled, labels).backward()
+        optimiser.step()
+
+    def infer():
+        with torch.inference_mode():
+            model(images, domains)
+
+    result = {"params": net.num_parameters()}
+    net.train()
+    loss_fn = None if args.net_only else _dcc_loss(4)
+    runs = {"net": _surrogate} | ({"step": loss_fn} if loss_fn is not None else {})
+    for key, fn in runs.items():
+        wall, cpu = _times(lambda fn=fn: train_step(fn), args.warmup, args.repeats)
+        result |= {f"{key}_min": min(wall), f"{key}_med": statistics.median(wall),
+                   f"{key}_cpu": min(cpu)}
+    net.eval()
+    wall, cpu = _times(infer, args.warmup, args.repeats)
+    result |= {"infer_min": min(wall) / args.batch,
+               "infer_med": statistics.median(wall) / args.batch,
+               "infer_cpu": min(cpu) / args.batch}
+    result["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["loadavg"] = os.getloadavg()[0]
+    return result
+
+
+def parse(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--size", type=int, default=160)
+    parser.add_argument("--group", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--channels", type=int, default=16)
+    parser.add_argument("--levels", type=int, default=4)
+    parser.add_argument("--block-convs", type=int, default=2)
+    parser.add_argument("--reg-finest-level", type=int, default=0)
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the network")
+    parser.add_argument("--net-only", action="store_true", help="surrogate loss, no DCCLoss")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--json", action="store_true", help="print one JSON line (for --sweep)")
+    parser.add_argument("--sweep", action="store_true", help="run every variant in VARIANTS")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse(argv)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if not args.sweep:
+        result = measure(args)
+        if args.json:
+            print(json.dumps(result))
+        else:
+            for key, value in result.items():
+                print(f"{key:10s} {value:.4f}" if isinstance(value, float)
+                      else f"{key:10s} {value}")
+        return
+    base = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--sweep"]
+    print("| variant | params | net fwd+bwd+Adam min / med (s) | full step (DCCLoss) min / med "
+          "(s) | inference min / med (s) | CPU s: net / step / inference | peak RSS (MiB) "
+          "| load |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, extra in VARIANTS.items():
+        proc = subprocess.run([sys.executable, __file__, *base, *extra, "--json"],
+                              capture_output=True, text=True, check=False)
+        if proc.returncode:
+            print(f"| {name} | failed: {proc.stderr.strip().splitlines()[-1]} |||||||")
+            continue
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        step = (f"{r['step_min']:.3f} / {r['step_med']:.3f}" if "step_min" in r
+                else "n/a (no dcc.losses)")
+        print(f"| {name} | {r['params'] / 1e6:.2f} M | {r['net_min']:.3f} / {r['net_med']:.3f} "
+              f"| {step} | {r['infer_min']:.3f} / {r['infer_med']:.3f} | {r['net_cpu']:.3f} / "
+              f"{r.get('step_cpu', float('nan')):.3f} / {r['infer_cpu']:.3f} | "
+              f"{r['peak_mib']:.0f} | {r['loadavg']:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
