@@ -97,7 +97,7 @@ def test_misalignment_dice_in_paper_range():
     scores = []
     for seed in range(8):
         for level in range(4):
-            _, _, (images, labels) = _misaligned(48, seed, level)
+            _, _, (images, labels, _) = _misaligned(48, seed, level)
             assert set(labels.unique().tolist()) <= {0, 1, 2, 3}
             scores.append(pairwise_dice(labels, [1, 2, 3])["mean"])
     assert 0.6 <= np.mean(scores) <= 0.8
@@ -106,10 +106,10 @@ def test_misalignment_dice_in_paper_range():
 
 def test_misalignment_identity_and_interpolation():
     aug = RandomFFDMisalignment(magnitude=0.0)
-    p, _, (images, labels) = _misaligned(32, 0, 2, aug=aug)
+    p, _, (images, labels, _) = _misaligned(32, 0, 2, aug=aug)
     assert torch.equal(labels, p.labels.expand(3, 32, 32))
     assert torch.allclose(images, p.images, atol=1e-4)
-    p, _, (images, labels) = _misaligned(32, 0, 2)
+    p, _, (images, labels, _) = _misaligned(32, 0, 2)
     assert labels.dtype == torch.int64 and images.dtype == torch.float32
     # images linear (new values appear), labels nearest (only the original classes)
     assert not torch.isin(images, p.images).all()
@@ -145,3 +145,23 @@ def test_combinations():
         RandomFFDMisalignment(spacings=(0, 10))
     with pytest.raises(ValueError, match="level"):
         aug.transform(Grid.from_shape((8, 8)), 2, (0, 0, 0), (0,))
+
+
+def test_probabilities_warped_with_labels():
+    """rho warped with the labels stays a distribution (background fills the outside) and
+    agrees with Eq. 38 recomputed from the warped labels."""
+    pytest.importorskip("monai")
+    from dcc.data.datasets import distance_rho
+
+    p = cardiac_phantom(48, seed=2)
+    grid = Grid.from_shape(p.labels.shape, p.spacing)
+    labels = p.labels.expand(3, 48, 48)
+    rho = distance_rho(labels, 1.0, p.spacing)
+    aug = RandomFFDMisalignment()
+    _, warped_labels, warped_rho = aug(p.images, labels, grid, 3, (0, 1, 2), (2,), rho)
+    assert torch.allclose(warped_rho.sum(1), torch.ones(3, 48, 48), atol=1e-5)
+    assert (warped_rho.argmax(1) == warped_labels).float().mean() > 0.97
+    recomputed = distance_rho(warped_labels, 1.0, p.spacing)
+    assert (warped_rho - recomputed).abs().mean() < 0.03
+    with pytest.raises(ValueError, match="probabilities"):
+        aug(p.images, labels, grid, 0, (0, 1, 2), (2,), rho[:, 0])

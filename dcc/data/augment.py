@@ -127,9 +127,15 @@ class RandomFFDMisalignment:
         level: int,
         indices: Sequence[int],
         case_seed: Sequence[int],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        probabilities: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Misalign ``images`` ``(N, *S)`` (linear) and ``labels`` ``(N, *S)`` (nearest) by the
         FFDs ``(j, level, indices[j])`` of the case ``case_seed``; ``grid`` is their common grid.
+
+        ``probabilities`` ``(N, K, *S)`` (class maps such as rho of Eq. 38, class 0 the
+        background) are warped linearly too, the mass lost outside the field of view going to
+        the background (as the labels there): they stay distributions over the K classes.
+        Returns the warped images, labels and probabilities (``None`` if not given).
         """
         if images.shape != labels.shape or images.shape[1:] != grid.shape:
             raise ValueError(
@@ -140,9 +146,21 @@ class RandomFFDMisalignment:
             raise ValueError(
                 f"RandomFFDMisalignment: {len(indices)} FFD indices for {images.shape[0]} images"
             )
+        if probabilities is not None and (
+            probabilities.dim() != images.dim() + 1
+            or probabilities.shape[:1] + probabilities.shape[2:] != images.shape
+        ):
+            raise ValueError(
+                f"RandomFFDMisalignment: probabilities {tuple(probabilities.shape)} must be "
+                f"(N, K, *S) for images {tuple(images.shape)}"
+            )
         ffd = self.transform(grid, level, indices, case_seed)
-        with torch.no_grad():  # one lattice phi_j(x) for images and labels
+        with torch.no_grad():  # one lattice phi_j(x) for images, labels and probabilities
             normalized = grid.world_to_normalized(ffd.lattice(grid))
         warped = sample(images.unsqueeze(1).float(), normalized)[:, 0]
         warped_labels = sample(labels.unsqueeze(1).float(), normalized, mode="nearest")[:, 0]
-        return warped, warped_labels.to(labels.dtype)
+        warped_probs = None
+        if probabilities is not None:
+            warped_probs = sample(probabilities.float(), normalized)
+            warped_probs[:, 0] += (1 - warped_probs.sum(1)).clamp_min(0)
+        return warped, warped_labels.to(labels.dtype), warped_probs

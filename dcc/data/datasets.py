@@ -5,7 +5,8 @@ Every item is the dict of PLAN.md ("dcc data items"), for a group of ``N`` membe
 * ``images`` float32 ``(N, *S)``: the misaligned images (each z-scored before misalignment);
 * ``labels`` int64 ``(N, *S)``: their labels misaligned alike (0 background, 1 myocardium,
   2 LV, 3 RV);
-* ``rho`` float32 ``(N, K, *S)``: Eq. (38) of ``labels`` (signed distances in mm, slope ``tau``);
+* ``rho`` float32 ``(N, K, *S)``: Eq. (38) of the labels (signed distances in mm, slope
+  ``tau``), computed once on the aligned labels and misaligned with them;
 * ``domains`` int64 ``(N,)``: sequence index (C0 0, LGE 1, T2 2; the atlas ``len(sequences)``);
 * ``spacing`` float32 ``(ndim,)``: voxel size in mm, ``(x, y[, z])`` order;
 * ``case`` str;
@@ -127,27 +128,35 @@ def majority_vote_atlas(
 def misaligned_item(
     images: torch.Tensor,
     labels: torch.Tensor,
+    rho: torch.Tensor,
     grid: Grid,
     misalignment: RandomFFDMisalignment,
     combination: tuple[int, tuple[int, ...]],
     case_seed: Sequence[int],
     case: str,
-    tau: float,
     atlas: Atlas | None = None,
 ) -> dict:
-    """One data item from aligned ``images`` ``(N, *S)`` (z-scored here) and their ``labels``
-    ``(N, *S)``: misaligned by the FFD ``combination`` (level, indices) of the case's bank."""
+    """One data item from aligned ``images`` ``(N, *S)`` (z-scored here), their ``labels``
+    ``(N, *S)`` and ``rho`` ``(N, K, *S)`` (Eq. 38 of ``labels``): all three misaligned by the
+    FFD ``combination`` (level, indices) of the case's bank.
+
+    rho is warped with the labels rather than recomputed from the warped labels: the same up to
+    the FFD's local stretch of distances near the contours (a few per cent for these smooth
+    FFDs), and it can be computed once per case (2K distance transforms for a label map shared
+    by the sequences instead of 2K per member and access)."""
     level, indices = combination
-    moved, moved_labels = misalignment(zscore(images), labels, grid, level, indices, case_seed)
+    moved, moved_labels, moved_rho = misalignment(
+        zscore(images), labels, grid, level, indices, case_seed, rho
+    )
     n = images.shape[0]
     item = {
         "images": moved,
         "labels": moved_labels,
-        "rho": distance_rho(moved_labels, tau, grid.spacing),
+        "rho": moved_rho,
         "domains": torch.arange(n),
         "spacing": torch.tensor(grid.spacing, dtype=torch.float32),
         "case": case,
-        "aligned_labels": labels.clone(),
+        "aligned_labels": labels.clone(memory_format=torch.contiguous_format),
     }
     if atlas is not None:
         for key, value in (
@@ -223,16 +232,16 @@ class CardiacPhantomDataset(Dataset):
             combination = combos[index % len(combos)]
         phantom = cardiac_phantom(seed=list(case_seed), **self.phantom_kwargs)
         grid = Grid.from_shape(phantom.labels.shape, phantom.spacing)
-        labels = phantom.labels.expand(n, *phantom.labels.shape)
+        rho = distance_rho(phantom.labels[None], self.tau, phantom.spacing)
         return misaligned_item(
             phantom.images,
-            labels,
+            phantom.labels.expand(n, *phantom.labels.shape),
+            rho.expand(n, *rho.shape[1:]),
             grid,
             self.misalignment,
             combination,
             case_seed,
             f"phantom-{self.split}-{index}",
-            self.tau,
             self.atlas,
         )
 
@@ -393,6 +402,8 @@ class MyoPSSliceDataset(Dataset):
         if not self.slices:
             raise InputError(f"{root}/myops2020: no slice with myocardium, LV and RV in {cases}")
         self.combinations = self.misalignment.fixed_combinations(len(self.sequences))
+        labels = torch.stack([s.labels for s in self.slices])  # rho of Eq. 38, once per slice
+        self.rho = list(distance_rho(labels, tau, self.spacing))
 
     def __len__(self) -> int:
         per_slice = 1 if self.split == "train" else len(self.combinations)
@@ -403,11 +414,12 @@ class MyoPSSliceDataset(Dataset):
             raise IndexError(f"index {index} out of range for {len(self)} groups")
         n = len(self.sequences)
         if self.split == "train":
-            piece = self.slices[index]
+            which = index
             combination = self.misalignment.random_combination(n, _training_rng(self.seed, index))
         else:
-            piece = self.slices[index // len(self.combinations)]
-            combination = self.combinations[index % len(self.combinations)]
+            which, fixed = divmod(index, len(self.combinations))
+            combination = self.combinations[fixed]
+        piece, rho = self.slices[which], self.rho[which]
         case_seed = (
             self.seed,
             int("".join(filter(str.isdigit, piece.case)) or 0),
@@ -417,12 +429,12 @@ class MyoPSSliceDataset(Dataset):
         return misaligned_item(
             piece.images,
             piece.labels.expand(n, *piece.labels.shape),
+            rho.expand(n, *rho.shape),
             self.grid,
             self.misalignment,
             combination,
             case_seed,
             f"{piece.case}-z{piece.slice_index}-s{level}-k{'.'.join(map(str, indices))}",
-            self.tau,
             self.atlas,
         )
 
