@@ -100,7 +100,12 @@ def test_train_groups_fresh_each_epoch_and_reproducible():
     torch.manual_seed(0)
     assert torch.equal(epoch(), first)
     ds = dm.datasets["train"]
-    assert not torch.equal(ds[0]["labels"], ds[0]["labels"])  # fresh at every access
+    draws = [ds[0] for _ in range(4)]  # a fresh FFD combination at every access ...
+    assert any(not torch.equal(d["labels"], draws[0]["labels"]) for d in draws[1:])
+    for d in draws:  # ... of the same phantom
+        assert torch.equal(d["aligned_labels"], draws[0]["aligned_labels"])
+    fresh = _module(fresh_phantoms=True).datasets["train"]
+    assert not torch.equal(fresh[0]["aligned_labels"], fresh[0]["aligned_labels"])
 
 
 def test_atlas_member():

@@ -87,11 +87,12 @@ class RandomFFDMisalignment:
 
     def fixed_combinations(self, num_sequences: int) -> list[tuple[int, tuple[int, ...]]]:
         """Validation/test: every ``(level, k)`` with the same index ``k`` for every sequence
-        (``num_levels * num_ffds`` groups per case)."""
+        (``num_levels * num_ffds`` groups per case), the levels in turn (so that any prefix
+        mixes all mesh spacings)."""
         return [
             (level, (k,) * num_sequences)
-            for level in range(self.num_levels)
             for k in range(self.num_ffds)
+            for level in range(self.num_levels)
         ]
 
     def transform(

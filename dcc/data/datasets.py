@@ -186,10 +186,14 @@ def _check_split(split: str) -> None:
 class CardiacPhantomDataset(Dataset):
     """Groups of the procedural cardiac phantom (:func:`cardiac_phantom`), misaligned.
 
-    ``split="train"``: item ``i`` is a fresh random phantom and FFD combination at every access;
-    ``"val"``/``"test"``: item ``i`` is the phantom of seed ``(seed, split, i)`` under the
-    fixed combination ``i mod (levels * num_ffds)`` (every FFD level in turn), identical across
-    runs. ``phantom_kwargs`` go to :func:`cardiac_phantom`.
+    Item ``i`` is the phantom of seed ``(seed, split, i)`` (drawn once, with its rho, at
+    construction) misaligned by its FFD bank: for ``split="train"`` under a fresh random
+    combination at every access (new groups every epoch, as the paper's training set of slices
+    x 5^3 x 4 combinations); for ``"val"``/``"test"`` under the fixed combination
+    ``i mod (levels * num_ffds)`` (the levels in turn), identical across runs.
+    ``fresh_phantoms=True`` (training only) draws a new phantom at every access too: unlimited
+    anatomy, at the cost of generating it (and its distance maps) on the fly.
+    ``phantom_kwargs`` go to :func:`cardiac_phantom`.
     """
 
     def __init__(
@@ -204,6 +208,7 @@ class CardiacPhantomDataset(Dataset):
         tau: float = 1.0,
         atlas: Atlas | None = None,
         phantom_kwargs: dict | None = None,
+        fresh_phantoms: bool = False,
     ):
         _check_split(split)
         if length < 1:
@@ -214,30 +219,41 @@ class CardiacPhantomDataset(Dataset):
         self.phantom_kwargs = dict(
             image_size=image_size, ndim=ndim, sequences=self.sequences, **(phantom_kwargs or {})
         )
+        self.fresh = bool(fresh_phantoms) and split == "train"
+        self.cases = [] if self.fresh else [self._case(self._seed(i)) for i in range(length)]
 
     def __len__(self) -> int:
         return self.length
+
+    def _seed(self, index: int) -> tuple[int, ...]:
+        return (self.seed, _SPLIT_CODE[self.split], index)
+
+    def _case(self, case_seed: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Images ``(N, *S)``, labels ``(*S)`` and rho ``(K, *S)`` of one phantom."""
+        phantom = cardiac_phantom(seed=list(case_seed), **self.phantom_kwargs)
+        self.grid = Grid.from_shape(phantom.labels.shape, phantom.spacing)
+        rho = distance_rho(phantom.labels[None], self.tau, phantom.spacing)[0]
+        return phantom.images, phantom.labels, rho
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} groups")
         n = len(self.sequences)
+        case_seed = self._seed(index)
         if self.split == "train":
             rng = _training_rng(self.seed, index)
-            case_seed = tuple(int(v) for v in rng.integers(0, 2**31 - 1, size=2))
             combination = self.misalignment.random_combination(n, rng)
+            if self.fresh:
+                case_seed = tuple(int(v) for v in rng.integers(0, 2**31 - 1, size=2))
         else:
-            case_seed = (self.seed, _SPLIT_CODE[self.split], index)
             combos = self.misalignment.fixed_combinations(n)
             combination = combos[index % len(combos)]
-        phantom = cardiac_phantom(seed=list(case_seed), **self.phantom_kwargs)
-        grid = Grid.from_shape(phantom.labels.shape, phantom.spacing)
-        rho = distance_rho(phantom.labels[None], self.tau, phantom.spacing)
+        images, labels, rho = self._case(case_seed) if self.fresh else self.cases[index]
         return misaligned_item(
-            phantom.images,
-            phantom.labels.expand(n, *phantom.labels.shape),
-            rho.expand(n, *rho.shape[1:]),
-            grid,
+            images,
+            labels.expand(n, *labels.shape),
+            rho.expand(n, *rho.shape),
+            self.grid,
             self.misalignment,
             combination,
             case_seed,

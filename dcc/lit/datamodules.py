@@ -8,13 +8,14 @@ Both yield the dict items of :mod:`dcc.data.datasets` (``images``, ``labels``, `
 ``CardiacPhantomDataModule(image_size=96, ndim=2, sequences=[C0, LGE, T2], spacing=None,
 num_train=256, num_val=20, num_test=40, batch_size=4, num_workers=0, seed=0, with_atlas=False,
 atlas_size=32, tau=1.0, ffd_spacings=[25, 35, 45, 60], ffd_magnitude=0.16, num_ffds=5,
-noise=0.04, bias=0.3)``
+noise=0.04, bias=0.3, fresh_phantoms=False)``
 
 * ``spacing``: in-plane voxel size in mm (a number or ``[x, y]``); ``None``: a 150 mm field of
   view (``150 / image_size``). In 3D the slices are 10 mm apart.
-* ``num_train``: training groups per epoch (fresh random phantoms and misalignments every
-  epoch); ``num_val`` / ``num_test``: fixed groups (seeds ``(seed, split, index)``), the FFD
-  levels in turn.
+* ``num_train``: training phantoms (seeds ``(seed, 0, index)``, drawn once at ``setup``), each
+  under a fresh FFD combination every epoch; ``fresh_phantoms=True`` draws new phantoms at every
+  access as well (unlimited anatomy, ~4x slower loading). ``num_val`` / ``num_test``: fixed
+  groups (seeds ``(seed, split, index)``, the FFD levels in turn).
 * ``with_atlas``: add the ``dcc_at`` atlas (majority vote of ``atlas_size`` phantom C0 labels)
   as the last member of every group, domain ``len(sequences)``.
 * ``tau``: slope of Eq. (38) per mm; ``ffd_*``: the misalignment
@@ -135,6 +136,7 @@ class CardiacPhantomDataModule(_GroupDataModule):
         num_ffds: int = 5,
         noise: float = 0.04,
         bias: float = 0.3,
+        fresh_phantoms: bool = False,
     ):
         super().__init__(batch_size, num_workers)
         self.save_hyperparameters()
@@ -148,6 +150,7 @@ class CardiacPhantomDataModule(_GroupDataModule):
         self.phantom_kwargs = {"fov": self.fov, "noise": noise, "bias": bias}
         s = self.fov / image_size
         self.spacing = [s, s] if ndim == 2 else [s, s, 10.0]
+        self.fresh_phantoms = bool(fresh_phantoms)
         self.atlas: Atlas | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -173,6 +176,7 @@ class CardiacPhantomDataModule(_GroupDataModule):
                     self.tau,
                     self.atlas,
                     self.phantom_kwargs,
+                    self.fresh_phantoms,
                 )
 
 
