@@ -35,12 +35,12 @@ import torch
 from dcc.nets import DCCNet
 
 VARIANTS = {
-    "C16 L4 2conv": [],
-    "C16 L4 2conv channels-last": ["--channels-last"],
-    "C16 L4 1conv": ["--block-convs", "1"],
-    "C16 L4 1conv D_r to 1/2": ["--block-convs", "1", "--reg-finest-level", "1"],
-    "C16 L4 1conv D_r to 1/2 channels-last": ["--block-convs", "1", "--reg-finest-level", "1",
-                                              "--channels-last"],
+    "2 convs/block, D_r to full res": ["--block-convs", "2", "--reg-finest-level", "0"],
+    "1 conv/block, D_r to full res": ["--reg-finest-level", "0"],
+    "1 conv/block, D_r to 1/2 (default)": [],
+    "default + channels-last": ["--channels-last"],
+    "default + torch.compile": ["--compile"],
+    "default with C=8": ["--channels", "8"],
 }
 
 
@@ -136,8 +136,8 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--channels", type=int, default=16)
     parser.add_argument("--levels", type=int, default=4)
-    parser.add_argument("--block-convs", type=int, default=2)
-    parser.add_argument("--reg-finest-level", type=int, default=0)
+    parser.add_argument("--block-convs", type=int, default=1)
+    parser.add_argument("--reg-finest-level", type=int, default=1)
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network")
     parser.add_argument("--net-only", action="store_true", help="surrogate loss, no DCCLoss")

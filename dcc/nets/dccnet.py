@@ -73,8 +73,8 @@ class DCCNet(nn.Module):
         channels: int = 16,
         levels: int = 4,
         dropout: float = 0.0,
-        block_convs: int = 2,
-        reg_finest_level: int = 0,
+        block_convs: int = 1,
+        reg_finest_level: int = 1,
     ):
         super().__init__()
         conv = conv_class(ndim)
