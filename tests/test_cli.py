@@ -325,7 +325,7 @@ def test_images_that_barely_overlap(tmp_path, capsys, good, offset, percent):
         (["--method", "xcoreg-gt"], "--method xcoreg-gt needs --labels"),
         # ranges that depend on the 32x32 images, checked after reading them
         (["--levels", "6"], "--levels 6 (stage ffd): the coarsest level would be 1x1 voxels"),
-        (["--levels", "6"], "use --levels <= 3 to keep at least 8 voxels per axis"),
+        (["--levels", "6"], "use --levels <= 3 to keep at least 8 voxels along the longest axes"),
         (["--ffd-spacing", "0.1"], "--ffd-spacing 0.1 mm: the control-point spacing must be at"),
         (["--ffd-spacing", "1e6"], "and at most the grid's extent (31 mm)"),
         (["--ffd-spacing", "8", "--ffd-levels", "4"], "(finest of 4 levels 1 mm)"),

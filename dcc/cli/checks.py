@@ -33,7 +33,7 @@ RANGES = {
     "threads": ("--threads", 1, 1024, False),
     "min_initial_overlap": ("--min-initial-overlap", 0.0, 1.0, False),
 }
-MIN_COARSE_VOXELS = 8  # per axis at the coarsest pyramid level (axes shorter than this: kept)
+MIN_COARSE_VOXELS = 8  # along the two longest axes at the coarsest pyramid level
 MIN_SAMPLES = 32  # expected coordinate samples per step at the coarsest level
 FFD_MIN_VOXELS = 2  # finest FFD control-point spacing, in voxels of the common grid
 
@@ -93,7 +93,7 @@ def check_with_images(config: XCoRegConfig, common: Grid) -> None:
             raise InputError(
                 f"--levels {stage.levels} (stage {stage.name}): the coarsest level would be "
                 f"{'x'.join(map(str, coarse.shape))} voxels (common grid {shape}); use --levels "
-                f"<= {most} to keep at least {MIN_COARSE_VOXELS} voxels per axis"
+                f"<= {most} to keep at least {MIN_COARSE_VOXELS} voxels along the longest axes"
             )
         expected = config.sample_rate * coarse.numel
         if expected < MIN_SAMPLES:
@@ -158,8 +158,6 @@ def _coarsest(grid: Grid, levels: int) -> Grid:
 
 
 def _big_enough(fine: Grid, coarse: Grid) -> bool:
-    return all(
-        c >= MIN_COARSE_VOXELS
-        for f, c in zip(fine.shape, coarse.shape, strict=True)
-        if f >= MIN_COARSE_VOXELS
-    )
+    """The two longest axes keep ``MIN_COARSE_VOXELS`` (thin slabs may shrink to one slice)."""
+    longest = sorted(zip(fine.shape, coarse.shape, strict=True), reverse=True)[:2]
+    return all(c >= min(f, MIN_COARSE_VOXELS) for f, c in longest)

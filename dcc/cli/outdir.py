@@ -9,6 +9,7 @@ temporary folder (and any parent folders it created) is removed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -119,9 +120,11 @@ class OutputFolder:
         old = None
         if out.exists():
             self._check_replaceable(out)
-            old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old.", dir=out.parent))
-            os.replace(out, old / "out")
-        os.replace(self.tmp, out)
+        with _signals_ignored():  # the two renames happen together or not at all
+            if out.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old.", dir=out.parent))
+                os.replace(out, old / "out")
+            os.replace(self.tmp, out)
         self._created = []
         if old is not None:
             _remove_listed(old / "out")
@@ -138,6 +141,20 @@ class OutputFolder:
 
 def _raise_terminated(signum, frame):
     raise Terminated
+
+
+@contextlib.contextmanager
+def _signals_ignored():
+    """Ctrl-C and SIGTERM are ignored inside the block (only the main thread can do this)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _files(folder: Path) -> set[str]:
