@@ -376,6 +376,16 @@ def test_out_holding_the_inputs(tmp_path, capsys, good):
     expect_error(
         tmp_path, capsys, [*good, "--labels", *good], "contains the input", out=inputs / "x" / ".."
     )
+    series = tmp_path / "series"  # a DICOM folder is an input: nothing may be written into it
+    series.mkdir()
+    (series / "IM0001").write_bytes(b"DICM")
+    expect_error(
+        tmp_path,
+        capsys,
+        [series, good[0]],
+        f"lies inside the input folder {series}",
+        out=series / "r",
+    )
 
 
 def test_out_with_foreign_files_or_not_a_folder(tmp_path, capsys, good):
