@@ -1,0 +1,47 @@
+"""Helpers of the #9 tests: tiny command-line overrides and running train.py/evaluate.py in a
+subprocess (one thread, a timeout, no W&B network)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# 32x32 phantoms, C = 4, L_R = 2, batches of 2 groups, no progress bar
+TINY_CLI = [
+    "data.image_size=32",
+    "data.num_train=4",
+    "data.num_val=2",
+    "data.num_test=2",
+    "data.batch_size=2",
+    "data.atlas_size=4",
+    "model.net.channels=4",
+    "model.net.levels=2",
+    "model.figure_every=0",
+    "threads=1",
+    "~callbacks.rich_progress_bar",
+    "+trainer.enable_progress_bar=false",
+    "+trainer.enable_model_summary=false",
+]
+
+
+def run_script(script: str, args: list[str], tmp_path: Path, timeout: float = 240,
+               env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python SCRIPT ARGS`` from the repository root with one thread per process; W&B files
+    under ``tmp_path``."""
+    environ = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "WANDB_DIR": str(tmp_path),
+        "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"),
+        "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
+        "PYTHONWARNINGS": "ignore",
+        **(env or {}),
+    }
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        cwd=ROOT, env=environ, capture_output=True, text=True, timeout=timeout,
+    )
