@@ -69,6 +69,17 @@ class XCoRegConfig:
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
+    # Robustness (none of this is in Algorithm 1; see XCoReg for the evidence):
+    # EM steps on the initial alignment before the first registration step, from `inits` random
+    # Gamma^[0] (Eq. 22); the one with the highest log-likelihood (Eq. 23) is kept.
+    em_warmup: int = 10
+    inits: int = 3
+    # A stage is rejected when the overlap region falls below `min_overlap` of its size at the
+    # stage start, or when X (Eq. 8, Gamma re-estimated on the whole overlap) ends lower than it
+    # started; it is then restarted from its start with the step size halved, at most
+    # `restarts` times, and left at its start (no change) if every try is rejected.
+    min_overlap: float = 0.7
+    restarts: int = 1
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -77,6 +88,10 @@ class XCoRegConfig:
             raise ValueError(f"num_classes (K) must be >= 2, got {self.num_classes}")
         if not 0 < self.sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
+        if not 0 <= self.min_overlap < 1:
+            raise ValueError(f"min_overlap must be in [0, 1), got {self.min_overlap}")
+        if self.restarts < 0 or self.inits < 1 or self.em_warmup < 0:
+            raise ValueError("restarts and em_warmup must be >= 0 and inits >= 1")
         if self.bins < 8:
             raise ValueError(f"bins (L) must be >= 8, got {self.bins}")
         self.stages = [s if isinstance(s, StageConfig) else StageConfig(**s) for s in self.stages]

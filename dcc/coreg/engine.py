@@ -5,7 +5,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+from scipy import ndimage
 from tqdm.auto import tqdm
 
 from dcc.coreg.config import StageConfig, XCoRegConfig
@@ -15,7 +17,9 @@ from dcc.spatial.grid import Grid
 from dcc.spatial.pyramid import image_pyramid
 from dcc.spatial.transforms import (
     Affine,
+    BSplineFFD,
     ComposedTransform,
+    LinearTransform,
     MultiLevelFFD,
     Rigid,
     SpatialTransform,
@@ -25,6 +29,10 @@ from dcc.spatial.transforms import (
 
 class RegistrationError(RuntimeError):
     """The optimisation cannot go on (e.g. the warped images no longer overlap)."""
+
+
+class _OverlapLost(RuntimeError):
+    """The overlap region fell below ``min_overlap`` of its size at the stage start."""
 
 
 VALID = 0.999  # a warped validity mask above this means "inside the image's field of view"
@@ -69,6 +77,9 @@ class CoRegResult:
     x_metric: float
     log_likelihood: float
     seconds: float
+    # What the safeguards did (JSON-able): Gamma initialisation, and per stage the tries with
+    # their step size, smallest overlap fraction, X before/after and the decision.
+    diagnostics: dict = field(default_factory=dict)
 
     @property
     def posterior(self) -> torch.Tensor:
@@ -84,6 +95,21 @@ class XCoReg:
     ``(N, *grid.shape)``); ``valid`` ``(N, *grid.shape)`` marks each image's field of view
     (default: everywhere) and ``labels`` integer maps ``(N, *grid.shape)`` give the ground-truth
     appearance model of X-Reg-GT (Eq. 48), required for ``method="xcoreg-gt"``.
+
+    Beyond Algorithm 1, three safeguards keep a registration from making a group worse
+    (settings in :class:`XCoRegConfig`, outcome in ``result.diagnostics``):
+
+    * Gamma^[0] is not used raw: ``em_warmup`` EM steps (Eqs. 20, 12, 14) on the initial
+      alignment from ``inits`` random draws of Eq. (22), keeping the highest log-likelihood
+      (Eq. 23). With a random Gamma the first Adam steps follow noise.
+    * Overlap guard: a stage stops as soon as the overlap region Omega^phi (Eq. 14) falls below
+      ``min_overlap`` of its size at the stage start (MI rewards cutting away what it cannot
+      explain).
+    * Objective check: X with Gamma re-estimated on the whole overlap must not be lower after a
+      stage than before it. A rejected stage restarts from its start with half the step size,
+      at most ``restarts`` times, and is left at its start if no try is accepted.
+
+    In unbiased mode Eq. (37) holds for the composed phi (all stages), not for each stage alone.
     """
 
     def __init__(self, config: XCoRegConfig):
@@ -105,27 +131,43 @@ class XCoReg:
         torch.manual_seed(cfg.seed)
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
         valid = torch.ones_like(images) if valid is None else valid.float()
+        valid = valid * ~padding_mask(images)  # zero-filled bands are outside the field of view
         images, valid = images.float().to(device), valid.to(device)
         transform = transform or ComposedTransform(n, grid.ndim)
         transform.to(device)
         start = time.perf_counter()
         common = None
         reports = []
+        diagnostics: dict = {"stages": []}
         total = sum(s.iterations for s in cfg.stages)
         with tqdm(total=total, disable=not cfg.progress, desc="X-CoReg", leave=False) as bar:
             for stage_cfg in cfg.stages:
                 bins = stage_cfg.bins or cfg.bins
                 stacked = torch.stack([XF.normalize_intensities(images, bins, valid), valid], 1)
                 log_f_gt = self._label_appearance(stacked, labels, bins)
-                stage = transform.append(self._make_stage(stage_cfg, n, grid).to(device))
-                report, common = self._run_stage(
-                    stage_cfg, stage, transform, stacked, grid, bins, common, log_f_gt, bar
+                if common is None:
+                    common, diagnostics["gamma_init"] = self._initial_common(
+                        transform, stacked, grid, bins, log_f_gt
+                    )
+                report, common, record = self._run_stage(
+                    stage_cfg, transform, stacked, grid, bins, common, log_f_gt, bar
                 )
                 reports.append(report)
+                diagnostics["stages"].append(record)
         x_value, loglik, common = self._final_state(
             transform, stacked, grid, bins, common, log_f_gt
         )
-        return CoRegResult(transform, common, reports, x_value, loglik, time.perf_counter() - start)
+        if cfg.reference is None:
+            diagnostics["mean_displacement_mm"] = mean_displacement(transform, grid)
+        return CoRegResult(
+            transform,
+            common,
+            reports,
+            x_value,
+            loglik,
+            time.perf_counter() - start,
+            diagnostics,
+        )
 
     # ------------------------------------------------------------------ set-up
     def _check_inputs(self, images, grid, valid, labels):
@@ -175,12 +217,97 @@ class XCoReg:
     def _num_classes(self, log_f_gt):
         return self.config.num_classes if log_f_gt is None else log_f_gt.shape[-1]
 
+    @torch.no_grad()
+    def _initial_common(self, transform, images, grid, bins, log_f_gt):
+        """Gamma^[0] (Eq. 22), then ``em_warmup`` EM steps on the initial alignment; of
+        ``inits`` random draws the one with the highest log-likelihood (Eq. 23) is kept."""
+        cfg = self.config
+        _, values, overlap = self._warp(transform, images, grid)
+        idx = overlap.nonzero().squeeze(1)
+        if idx.numel() == 0:
+            raise RegistrationError("the images do not overlap at the start")
+        draws = cfg.inits if cfg.em_warmup > 0 and log_f_gt is None else 1
+        best, scores = None, []
+        for _ in range(draws):
+            common = self._common_space(None, grid, log_f_gt, images.device)
+            loglik = float("nan")
+            for _ in range(cfg.em_warmup):
+                common, loglik = self._update_common(common, values, overlap, idx, bins, log_f_gt)
+            scores.append(loglik / idx.numel())
+            if best is None or scores[-1] > max(scores[:-1]):
+                best = common
+        return best, {"draws": draws, "em_steps": cfg.em_warmup, "log_likelihood": scores}
+
     # ------------------------------------------------------------------ algorithm 1
-    def _run_stage(self, cfg, stage, transform, stacked, grid, bins, common, log_f_gt, bar):
+    def _run_stage(self, cfg, transform, stacked, grid, bins, common, log_f_gt, bar):
+        """One stage with the overlap guard, the objective check and restarts (see class doc)."""
+        top = self.config
         t0 = time.perf_counter()
-        report = StageReport(cfg.name, 0)
+        n = stacked.shape[0]
+        placeholder = transform.append(self._make_stage(cfg, n, grid).to(stacked.device))
+        before = self._assess(transform, stacked, grid, bins, common, log_f_gt)
+        record = {"name": cfg.name, "x_before": before["x"], "tries": [], "accepted": False}
+        lr = cfg.lr
+        for attempt in range(top.restarts + 1):
+            stage = placeholder if attempt == 0 else self._make_stage(cfg, n, grid)
+            transform.stages[-1] = stage.to(stacked.device)
+            report = StageReport(cfg.name, 0)
+            trial = {"lr": lr, "min_overlap_fraction": 1.0}
+            try:
+                end_common = self._schedule(
+                    cfg,
+                    lr,
+                    stage,
+                    transform,
+                    stacked,
+                    grid,
+                    bins,
+                    common,
+                    log_f_gt,
+                    bar,
+                    report,
+                    trial,
+                )
+                after = self._assess(transform, stacked, grid, bins, end_common, log_f_gt)
+                trial["x_after"] = after["x"]
+                trial["overlap_fraction"] = after["overlap"] / before["overlap"]
+                accepted = after["x"] >= before["x"]
+                trial["outcome"] = "accepted" if accepted else "objective decreased"
+            except _OverlapLost as lost:
+                accepted, trial["outcome"] = False, str(lost)
+            record["tries"].append(trial)
+            if accepted:
+                record["accepted"] = True
+                common = after["common"]
+                break
+            lr *= 0.5
+        else:  # no try accepted: the stage does nothing
+            transform.stages[-1] = self._make_stage(cfg, n, grid).to(stacked.device)
+            common = before["common"]
+        record["restarts"] = len(record["tries"]) - 1
+        report.seconds = time.perf_counter() - t0
+        return report, common, record
+
+    def _schedule(
+        self,
+        cfg,
+        lr,
+        stage,
+        transform,
+        images,
+        grid,
+        bins,
+        common,
+        log_f_gt,
+        bar,
+        report,
+        trial,
+    ):
+        """Resolution levels (and FFD levels) of one try of a stage; fills ``report``."""
         sublevels = max(cfg.levels, cfg.ffd_levels if cfg.name == "ffd" else 1)
-        pyramid = image_pyramid(stacked, grid, cfg.levels)
+        pyramid = image_pyramid(images, grid, cfg.levels)
+        with torch.no_grad():  # overlap at the stage start, per level (the guard's reference)
+            start = [self._warp(transform, x, g)[2].float().mean().item() for x, g in pyramid]
         per_level = [
             cfg.iterations // sublevels + (i < cfg.iterations % sublevels) for i in range(sublevels)
         ]
@@ -188,8 +315,8 @@ class XCoReg:
             level_images, level_grid = pyramid[min(sub, cfg.levels - 1)]
             if sub > 0 and isinstance(stage, MultiLevelFFD) and len(stage.levels) < cfg.ffd_levels:
                 stage.add_level()
-            common = self._common_space(common, level_grid, log_f_gt, stacked.device)
-            optimizer = torch.optim.Adam(stage.parameter_groups(cfg.lr))
+            common = self._common_space(common, level_grid, log_f_gt, images.device)
+            optimizer = torch.optim.Adam(stage.parameter_groups(lr))
             steps, x_value, common = self._optimize(
                 per_level[sub],
                 stage,
@@ -201,14 +328,15 @@ class XCoReg:
                 common,
                 log_f_gt,
                 bar,
+                start[min(sub, cfg.levels - 1)],
+                trial,
             )
             report.iterations += steps
             report.levels.append(
                 {"grid": list(level_grid.shape), "iterations": steps, "x_metric": x_value}
             )
             report.x_metric = x_value
-        report.seconds = time.perf_counter() - t0
-        return report, common
+        return common
 
     def _common_space(self, common, grid, log_f_gt, device):
         if common is None:
@@ -246,6 +374,20 @@ class XCoReg:
         new = CommonSpace(common.grid, log_gamma, torch.log(pi.clamp_min(XF.EPS)))
         return new, log_evidence[overlap].sum().item()
 
+    @torch.no_grad()
+    def _assess(self, transform, images, grid, bins, common, log_f_gt):
+        """X (Eq. 8) on the whole overlap at full resolution after ``em_warmup`` EM steps from
+        ``common``, and the overlap size (voxels)."""
+        common = self._common_space(common, grid, log_f_gt, images.device)
+        _, values, overlap = self._warp(transform, images, grid)
+        idx = overlap.nonzero().squeeze(1)
+        if idx.numel() == 0:
+            return {"x": float("-inf"), "overlap": 0, "common": common}
+        for _ in range(max(1, self.config.em_warmup)):
+            common, _ = self._update_common(common, values, overlap, idx, bins, log_f_gt)
+        x = XF.x_metric(values[:, idx], common.log_gamma[idx].exp(), bins).item()
+        return {"x": x, "overlap": idx.numel(), "common": common}
+
     def _draw_sample(self, overlap):
         """The coordinate sample Omega_S: each overlapping voxel with probability ``rate``."""
         rate = self.config.sample_rate
@@ -255,7 +397,19 @@ class XCoReg:
         return ((u < rate) & overlap).nonzero().squeeze(1)
 
     def _optimize(
-        self, iterations, stage, transform, optimizer, images, grid, bins, common, log_f_gt, bar
+        self,
+        iterations,
+        stage,
+        transform,
+        optimizer,
+        images,
+        grid,
+        bins,
+        common,
+        log_f_gt,
+        bar,
+        start_fraction,
+        trial,
     ):
         cfg = self.config
         losses: list[float] = []
@@ -263,6 +417,12 @@ class XCoReg:
         intensities = images[:, :1]
         for step in range(1, iterations + 1):
             normalized, values, overlap = self._warp(transform, images, grid)
+            # overlap as a fraction of the level grid, relative to the stage start's
+            ratio = overlap.sum().item() / grid.numel / start_fraction
+            trial["min_overlap_fraction"] = min(trial["min_overlap_fraction"], round(ratio, 4))
+            if ratio < cfg.min_overlap:
+                bar.update(iterations - step + 1)
+                raise _OverlapLost(f"overlap fell to {ratio:.2f} of its size at the stage start")
             idx = self._draw_sample(overlap)
             if idx.numel() == 0:
                 raise RegistrationError("the images no longer overlap; lower the step size (--lr)")
@@ -274,7 +434,7 @@ class XCoReg:
             loss.backward()
             optimizer.step()  # Eq. (16) with Adam
             if cfg.reference is None:
-                stage.zero_mean_()  # Eq. (37)
+                project_unbiased(transform, grid.center)  # Eq. (37) on the composed phi
             else:
                 stage.reset_(cfg.reference)
             x_value = x.item()
@@ -304,3 +464,103 @@ class XCoReg:
         common, loglik = self._update_common(common, values, overlap, idx, bins, log_f_gt)
         x = XF.x_metric(values[:, idx], common.log_gamma[idx].exp(), bins).item()
         return x, loglik, common
+
+
+def padding_mask(images: torch.Tensor) -> torch.Tensor:
+    """``True`` where an image ``(N, *shape)`` is exactly zero and connected to its border.
+
+    Scanners and resampling fill an image beyond its acquired field of view with zeros. Those
+    voxels are not observations of the anatomy (not in Omega_j), and the edges of the filled
+    region would be a strong spurious feature for the X-metric: on MyoPS Case3002 (C0/LGE/T2
+    already aligned, each with its own oblique field-of-view polygon) rigid registration shifted
+    T2 by 10 mm to line the polygons up.
+    """
+    out = []
+    for image in images.cpu().numpy():
+        zero = image == 0
+        components, _ = ndimage.label(zero)
+        border = np.zeros_like(zero)
+        for axis in range(zero.ndim):
+            for end in (0, -1):
+                border[(slice(None),) * axis + (end,)] = True
+        touching = np.unique(components[border & zero])
+        out.append(np.isin(components, touching[touching > 0]))
+    return torch.from_numpy(np.stack(out)).to(images.device)
+
+
+# ---------------------------------------------------------------------- Eq. (37)
+def _outer_linear(stages) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, b)`` with S_1 o ... o S_k (x) = A_j x + b_j for linear stages."""
+    a, b = None, None
+    for stage in stages:
+        sa, sb = stage.linear()
+        if a is None:
+            a, b = sa, sb
+        else:
+            b = b + (a @ sb.unsqueeze(-1)).squeeze(-1)
+            a = a @ sa
+    return a, b
+
+
+@torch.no_grad()
+def project_unbiased(transform: ComposedTransform, center) -> None:
+    """Eq. (37) on the composed phi_j = P_j o S_j, for the newest (innermost) stage S_j.
+
+    S_j is first made zero-mean on its own. If the outer stages P_j are linear
+    (P_j(y) = A_j y + b_j), S_j is then corrected so that (1/N) sum_j phi_j(x) = x:
+
+    * FFD: the coefficients c_j of the first level get
+      c_j <- c_j - A_j^T (sum_k A_k A_k^T)^-1 N (mean_k A_k c_k - r), r(x) = x - mean_k P_k(x)
+      taken at the knots (cubic B-splines reproduce the affine r exactly), and finer levels the
+      same with r = 0; exact on the domain.
+    * linear S_j: its offsets get the same correction at ``center`` (e.g. the grid centre); the
+      linear part of a mean of rotations is not a rotation, so elsewhere it is first-order.
+
+    With a non-linear P_j (an FFD before another stage) only the per-stage projection is done.
+    """
+    stage = transform.stages[-1]
+    stage.zero_mean_()
+    outer = list(transform.stages[:-1])
+    if not outer or not all(isinstance(s, LinearTransform) for s in outer):
+        return
+    a, b = _outer_linear(outer)
+    n, d = a.shape[0], a.shape[-1]
+    gram_inv = torch.linalg.inv((a @ a.transpose(1, 2)).sum(0))  # (d, d)
+    eye = torch.eye(d, dtype=a.dtype, device=a.device)
+
+    def correct(shift: torch.Tensor) -> torch.Tensor:
+        """Per-image corrections ``(N, d, ...)`` for mean residuals ``shift`` ``(d, ...)``."""
+        lam = torch.einsum("de,e...->d...", gram_inv * n, shift)
+        return torch.einsum("jed,e...->jd...", a, lam)
+
+    if isinstance(stage, MultiLevelFFD):
+        for i, level in enumerate(stage.levels):
+            c = level.coefficients  # (N, d, *knots)
+            mean_ac = torch.einsum("jde,je...->d...", a, c) / n
+            target = _knot_residual(level, a, b, eye) if i == 0 else torch.zeros_like(mean_ac)
+            c -= correct(mean_ac - target)
+    elif isinstance(stage, LinearTransform):
+        centre = torch.as_tensor(center, dtype=a.dtype, device=a.device)
+        mapped = transform(centre.unsqueeze(0))[:, 0]  # (N, d)
+        stage.offset -= correct(mapped.mean(0) - centre)
+
+
+def _knot_residual(level: BSplineFFD, a, b, eye) -> torch.Tensor:
+    """r(x) = x - mean_k (A_k x + b_k) at the knots of ``level``, ``(d, *knots)``."""
+    shape = tuple(reversed(level.knots))
+    axes = [torch.arange(k, dtype=a.dtype, device=a.device) for k in shape]
+    index = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).flip(-1)  # (x, y, z)
+    spacing = torch.as_tensor(level.spacing, dtype=a.dtype, device=a.device)
+    rot = torch.as_tensor(level.domain.direction_matrix, dtype=a.dtype, device=a.device)
+    origin = torch.as_tensor(level.knot_origin(), dtype=a.dtype, device=a.device)
+    knots = origin + (index * spacing) @ rot.T  # (*knots, d)
+    residual = knots @ (eye - a.mean(0)).T - b.mean(0)
+    return residual.movedim(-1, 0)
+
+
+@torch.no_grad()
+def mean_displacement(transform: SpatialTransform, grid: Grid) -> dict:
+    """Largest and average |(1/N) sum_j phi_j(x) - x| over the lattice, in mm (Eq. 37 check)."""
+    points = grid.points(device=next(transform.parameters()).device)
+    drift = (transform.lattice(grid).mean(0) - points).norm(dim=-1)
+    return {"max": drift.max().item(), "mean": drift.mean().item()}
