@@ -242,17 +242,23 @@ def _numbers(text: str) -> list[float]:
 
 def _check_nifti(path: Path) -> None:
     """A NIfTI file must hold all its voxels (ITK zero-fills a short file) and, if floating
-    point, no NaN/inf (ITK's NIfTI reader silently turns them into 0)."""
+    point, no NaN/inf (ITK's NIfTI reader silently turns them into 0). Floating-point data are
+    read whole (a short gzip stream raises ``EOFError``); integer ones only counted."""
     name = path.name.lower()
     if not name.endswith((".nii", ".nii.gz")):
         return
     compressed = name.endswith(".gz")
     try:
         image = nib.load(path)
-        header = image.header
-        voxels = int(np.prod(header.get_data_shape(), dtype=np.int64))
-        expected = int(image.dataobj.offset) + voxels * header.get_data_dtype().itemsize
-        found = _gzip_length(path) if compressed else path.stat().st_size
+        dtype = image.get_data_dtype()
+        voxels = int(np.prod(image.shape, dtype=np.int64))
+        expected = int(image.dataobj.offset) + voxels * dtype.itemsize
+        floating = dtype.kind in "fc"
+        if not compressed:
+            found = path.stat().st_size
+        else:  # floating point: read whole below, where a short stream raises EOFError
+            found = expected if floating else _gzip_length(path)
+        finite = found < expected or not floating or np.isfinite(np.asanyarray(image.dataobj)).all()
     except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as e:
         reason = "its compressed data end early" if isinstance(e, EOFError) else _short_reason(e)
         raise InputError(f"{path}: file is truncated or damaged ({reason})") from None
@@ -262,7 +268,7 @@ def _check_nifti(path: Path) -> None:
             f"{path}: file is truncated (holds {found} of {expected} bytes{unpacked}); "
             "copy or download it again"
         )
-    if image.get_data_dtype().kind in "fc" and not np.isfinite(np.asanyarray(image.dataobj)).all():
+    if not finite:
         raise InputError(f"{path}: image contains NaN or infinite voxels")
 
 
