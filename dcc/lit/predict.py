@@ -1,0 +1,263 @@
+"""Predict mode: register and segment a user's own group of image files with a trained DCC
+checkpoint (``python evaluate.py mode=predict ckpt_path=C predict.inputs=[a,b,c] predict.out=D``).
+
+The checkpoint alone rebuilds the model (its hyper-parameters: network, sequences, classes,
+spacing, strategy); no training config or data root is needed. Each file is read on its own
+grid and resampled onto one common grid, as ``dcc-register`` does (the first image's field of
+view, at the checkpoint's training spacing by default); the network predicts one displacement
+field and one segmentation per image, the EM of the DCC loss gives the common-space posterior
+(Eq. 53), and the results go to ``predict.out`` through the writer that ``dcc-register`` uses
+(:mod:`dcc.evaluation.outputs`), with the same safety rules for the output folder.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from dcc.cli.checks import check_device, check_overlap
+from dcc.cli.outdir import OutputFolder, Terminated
+from dcc.data.io import InputError, read_image, read_labels, resample_to_grid
+from dcc.evaluation.outputs import (
+    displacement_to_points,
+    unique_names,
+    write_group,
+    write_report,
+)
+from dcc.lit.module import DCCModule
+from dcc.spatial.fields import folding_count
+from dcc.spatial.grid import Grid
+
+__all__ = ["load_checkpoint", "model_grid", "predict_group", "run_prediction", "main"]
+
+PROG = "evaluate.py mode=predict"
+GRIDS = ("model", "image")
+
+
+def load_checkpoint(path: str | None, device: str = "cpu") -> DCCModule:
+    """The DCC model of a checkpoint, in eval mode; :class:`InputError` naming the file when it
+    is missing, cannot be read, or is not a DCC checkpoint."""
+    if not path:
+        raise InputError("ckpt_path: give the checkpoint to predict with (ckpt_path=PATH)")
+    if not Path(path).is_file():
+        raise InputError(f"ckpt_path {path}: checkpoint file not found")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle, zip and torch errors alike: not a readable checkpoint
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"ckpt_path {path}: cannot read the checkpoint ({reason})") from None
+    if not isinstance(checkpoint, Mapping) or not {"state_dict", "hyper_parameters"} <= set(
+        checkpoint
+    ):
+        raise InputError(
+            f"ckpt_path {path}: not a DCC checkpoint (no state_dict and hyper_parameters); "
+            "use a checkpoint written by train.py (checkpoints/*.ckpt)"
+        )
+    hparams = dict(checkpoint["hyper_parameters"])
+    try:
+        model = DCCModule(**hparams)
+        model.load_state_dict(checkpoint["state_dict"])
+    except (TypeError, ValueError, RuntimeError, KeyError) as error:
+        reason = str(error).strip().splitlines()[0]
+        raise InputError(f"ckpt_path {path}: not a DCC model checkpoint ({reason})") from None
+    return model.to(device).eval()
+
+
+def model_grid(first: Grid, spacing: Sequence[float] | None) -> Grid:
+    """The common grid: the field of view of ``first`` (its origin, direction and extent) at
+    the model's ``spacing`` (mm, ``(x, y[, z])``); ``first`` itself without a spacing."""
+    if spacing is None:
+        return first
+    if len(spacing) != first.ndim:
+        raise InputError(
+            f"the checkpoint's spacing {list(spacing)} has {len(spacing)} axes, the images "
+            f"{first.ndim}"
+        )
+    size = [max(2, int(round(e / s)) + 1) for e, s in zip(first.extent, spacing, strict=True)]
+    return Grid(tuple(reversed(size)), tuple(spacing), first.origin, first.direction)
+
+
+def _domains(model: DCCModule, sequences: Sequence[str] | None, paths: Sequence[str]) -> list[int]:
+    """Domain index of every input: its named sequence, or the checkpoint's order."""
+    known = model.sequences
+    if sequences is None:
+        if len(paths) > len(known):
+            raise InputError(
+                f"predict.inputs: {len(paths)} images but the checkpoint knows {len(known)} "
+                f"sequences {known}; name the sequence of each image with predict.sequences=[...]"
+            )
+        return list(range(len(paths)))
+    sequences = list(sequences)
+    if len(sequences) != len(paths):
+        raise InputError(
+            f"predict.sequences: got {len(sequences)} names for {len(paths)} images (need one each)"
+        )
+    unknown = [s for s in sequences if s not in known]
+    if unknown:
+        raise InputError(
+            f"predict.sequences: {unknown} not among the sequences the checkpoint was trained "
+            f"for, {known}"
+        )
+    return [known.index(s) for s in sequences]
+
+
+def _read_group(model: DCCModule, paths, label_paths, grid_mode: str):
+    """Originals on their own grids, labels, the common grid, resampled images and masks."""
+    if len(paths) < 2:
+        raise InputError(f"predict.inputs: need a group of at least 2 images, got {len(paths)}")
+    if label_paths is not None and len(label_paths) != len(paths):
+        raise InputError(
+            f"predict.labels: got {len(label_paths)} label maps for {len(paths)} images "
+            "(need one each, or none)"
+        )
+    if grid_mode not in GRIDS:
+        raise InputError(f"predict.grid {grid_mode}: use one of {', '.join(GRIDS)}")
+    ndim = model.net.ndim
+    originals = [read_image(p) for p in paths]
+    for path, (_, grid) in zip(paths, originals, strict=True):
+        if grid.ndim != ndim:
+            raise InputError(
+                f"{path}: image is {grid.ndim}D but the checkpoint is a {ndim}D model (trained "
+                f"on {ndim}D images)"
+            )
+    labels = None
+    if label_paths is not None:
+        labels = [
+            read_labels(lp, like=g) for lp, (_, g) in zip(label_paths, originals, strict=True)
+        ]
+        for lp, lab in zip(label_paths, labels, strict=True):
+            if lab.min() < 0 or lab.max() >= model.num_classes:
+                raise InputError(
+                    f"{lp}: label values {sorted(lab.unique().tolist())} outside the "
+                    f"checkpoint's classes 0..{model.num_classes - 1} ({model.class_names})"
+                )
+    spacing = model.hparams.get("spacing")
+    first = originals[0][1]
+    common = model_grid(first, spacing if grid_mode == "model" else None)
+    images, valid = zip(*(resample_to_grid(x, g, common) for x, g in originals), strict=True)
+    labels_before = None
+    if labels is not None:
+        labels_before = torch.stack([
+            resample_to_grid(lab, g, common, mode="nearest")[0]
+            for lab, (_, g) in zip(labels, originals, strict=True)
+        ])
+    return originals, labels, common, torch.stack(images), torch.stack(valid), labels_before
+
+
+@torch.no_grad()
+def predict_group(model: DCCModule, images: torch.Tensor, domains: Sequence[int]) -> dict:
+    """Displacements ``(N, ndim, *S)`` (voxel units), segmentation probabilities ``(N, K, *S)``
+    (rho-hat) and the common-space posterior ``(K, *S)`` of one group ``(N, *S)``, as in the
+    test step: no label is used, the labelled members' rho is their rho-hat (Eq. 53)."""
+    device = next(model.parameters()).device
+    x = images[None].to(device)
+    d = torch.as_tensor(list(domains), device=device)[None]
+    out = model(x, d)
+    seg_probs = out.seg_logits.float().softmax(dim=2)
+    loss = model.loss(x, out.displacement, seg_probs, seg_probs, model.labelled_domain[d])
+    return {
+        "displacement": out.displacement[0].float().cpu(),
+        "seg_probs": seg_probs[0].cpu(),
+        "posterior": loss.posterior[0].float().cpu(),
+        "x_metric": float(loss.x_metric),
+    }
+
+
+def run_prediction(cfg: Mapping[str, Any]) -> dict:
+    """Predict on ``cfg.predict`` with ``cfg.ckpt_path``; returns the report written to
+    ``report.json``. Every check (files, sequences, dimensionality, ``predict.out``) happens
+    before the output folder is touched; results appear there only after success."""
+    cfg = OmegaConf.create(cfg) if not isinstance(cfg, DictConfig) else cfg
+    p = cfg["predict"]
+    paths = [str(x) for x in (p.get("inputs") or [])]
+    label_paths = None if p.get("labels") is None else [str(x) for x in p["labels"]]
+    if not p.get("out"):
+        raise InputError("predict.out: give a new output folder (predict.out=DIR)")
+    device = str(p.get("device") or "cpu")
+    check_device(device)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    model = load_checkpoint(OmegaConf.select(cfg, "ckpt_path", throw_on_missing=False), device)
+    domains = _domains(model, p.get("sequences"), paths)
+    try:
+        output = OutputFolder(
+            p["out"], [*paths, *(label_paths or [])], bool(p.get("overwrite")), PROG
+        )
+    except InputError as error:  # dcc-register's option names -> this mode's config keys
+        text = str(error).replace("--out ", "predict.out=")
+        raise InputError(text.replace("--overwrite", "predict.overwrite=true")) from None
+    originals, labels, common, images, valid, labels_before = _read_group(
+        model, paths, label_paths, str(p.get("grid", "model"))
+    )
+    overlap = check_overlap(valid, paths, 0, float(p.get("min_initial_overlap", 0.25)))
+    start = time.perf_counter()
+    result = predict_group(model, images, domains)
+    seconds = time.perf_counter() - start
+    names = unique_names(paths)
+    points = displacement_to_points(result["displacement"], common)
+    with output as tmp:
+        dice = write_group(
+            tmp, names, common, points, originals, result["posterior"], images,
+            labels=labels, labels_before=labels_before,
+        )
+        folding = folding_count(result["displacement"][None])[0]
+        report = {
+            "tool": PROG,
+            "checkpoint": str(Path(cfg["ckpt_path"]).resolve()),
+            "images": paths,
+            "names": names,
+            "labels": label_paths,
+            "sequences": [model.sequences[j] for j in domains],
+            "common_grid": common.to_dict(),
+            "model": {
+                "strategy": model.hparams.get("strategy"),
+                "sequences": model.sequences,
+                "class_names": model.class_names,
+                "spacing": model.hparams.get("spacing"),
+                "net": model.hparams.get("net"),
+            },
+            "initial_overlap": overlap,
+            "x_metric": result["x_metric"],
+            "folding_voxels": folding.tolist(),
+            "inference_s": round(seconds, 4),
+            "device": device,
+            "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            **dice,
+        }
+        write_report(tmp, report)
+        output.commit()
+    return report
+
+
+def main(cfg: Mapping[str, Any]) -> dict:
+    """``evaluate.py mode=predict``: one clear line and exit status 2 on bad input."""
+    try:
+        report = run_prediction(cfg)
+    except (InputError, ValueError) as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; nothing written", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Terminated:
+        print(f"{PROG}: terminated; nothing written", file=sys.stderr)
+        raise SystemExit(143) from None
+    out = cfg["predict"]["out"]
+    line = (
+        f"{PROG}: {len(report['names'])} images ({', '.join(report['sequences'])}) registered "
+        f"and segmented in {report['inference_s']:.2f} s; wrote {out}"
+    )
+    print(line)
+    if "dice_after" in report:
+        before, after = report["dice_before"]["mean"], report["dice_after"]["mean"]
+        if not (math.isnan(before) or math.isnan(after)):
+            print(f"{PROG}: mean Dice of the labels {before:.3f} -> {after:.3f}")
+    return report
