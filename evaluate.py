@@ -1,4 +1,6 @@
-"""Test a checkpoint: ``python evaluate.py ckpt_path=PATH [overrides]`` (conf/evaluate.yaml)."""
+"""Test a checkpoint: ``python evaluate.py ckpt_path=PATH [overrides]`` (conf/evaluate.yaml);
+register and segment your own files: ``python evaluate.py mode=predict ckpt_path=PATH
+predict.inputs=[...] predict.out=DIR`` (conf/predict/default.yaml)."""
 
 import os
 from pathlib import Path
@@ -11,6 +13,11 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate.yaml")
 def main(cfg: DictConfig) -> None:
+    if cfg.get("mode", "test") == "predict":
+        from dcc.lit.predict import main as predict
+
+        predict(cfg)
+        return
     from dcc.lit.train import format_summary, run_evaluation
 
     print(format_summary(run_evaluation(cfg), "test"))

@@ -92,7 +92,9 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     model = DCCModule.load_from_checkpoint(path, map_location="cpu")
     datamodule = hydra.utils.instantiate(cfg.data, with_atlas=model.atlas)
     trainer: pl.Trainer = hydra.utils.instantiate(
-        cfg.trainer, logger=instantiate_list(cfg.get("logger")) or False
+        cfg.trainer,
+        callbacks=instantiate_list(cfg.get("callbacks")),
+        logger=instantiate_list(cfg.get("logger")) or False,
     )
     trainer.test(model, datamodule=datamodule)
     return {
@@ -130,6 +132,9 @@ def format_summary(result: Mapping[str, Any], stage: str = "test") -> str:
         lines.append(f"best checkpoint: {result['best_ckpt']}")
     if result.get("last_ckpt"):
         lines.append(f"last checkpoint: {result['last_ckpt']}")
+    table = os.path.join(result["output_dir"], "metrics", f"{stage}_summary.md")
+    if os.path.isfile(table):
+        lines.append(f"metrics table: {table} (per group: {stage}_groups.csv)")
     figures = os.path.join(result["output_dir"], "figures")
     if os.path.isdir(figures):
         lines.append(f"figures: {figures}")
