@@ -39,7 +39,6 @@ VARIANTS = {
     "1 conv/block, D_r to full res": ["--reg-finest-level", "0"],
     "1 conv/block, D_r to 1/2 (default)": [],
     "default + channels-last": ["--channels-last"],
-    "default + torch.compile": ["--compile"],
     "default with C=8": ["--channels", "8"],
 }
 
@@ -139,7 +138,8 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--block-convs", type=int, default=1)
     parser.add_argument("--reg-finest-level", type=int, default=1)
     parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the network")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the network (slow to compile on a busy CPU)")
     parser.add_argument("--net-only", action="store_true", help="surrogate loss, no DCCLoss")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=15)

@@ -38,13 +38,15 @@ class DCCNet(nn.Module):
       encoded independently: level ``l = 1..levels`` has ``channels·2**(l-1)`` feature maps at
       ``1/2**(l-1)`` resolution (max pooling between levels); the last level is the bottleneck.
       The convolutions are shared by all sequences; every batch norm of the encoder and the
-      bottleneck is domain-specific (DSBN), picked per image by its domain index.
+      bottleneck is domain-specific (DSBN), picked per image by its domain index (the flat
+      batch of ``B·N`` images is grouped by domain once, each domain's images go through the
+      native batch norm of their domain, and the features are put back in order per level).
     * ``D_s`` is a U-Net decoder with additive (residual) skip connections from the encoder:
       a 1×1 projection of the coarser decoder features, upsampled, plus the encoder features of
       the level, then a residual block; a 1×1 head gives ``K`` logits per image.
-    * At every level the ``N`` images' features are fused by their mean and variance across
-      the group followed by a residual block (:meth:`fuse`): invariant to the order of the
-      images and defined for any ``N`` (the variance of a group of one is zero).
+    * At every level used by ``D_r`` the ``N`` images' features are fused by their mean and
+      variance across the group followed by a residual block (:meth:`fuse`): invariant to the
+      order of the images and defined for any ``N`` (the variance of a group of one is zero).
     * ``D_r`` runs per image from the bottleneck up to level ``reg_finest_level + 1``: at each
       level it adds the image's own encoder features, a 1×1 projection of the fused group
       features, and the upsampled coarser ``D_r`` features, then applies a residual block, so
@@ -60,9 +62,10 @@ class DCCNet(nn.Module):
         channels: ``C``, feature maps at the first level.
         levels: ``L_R``, levels including the bottleneck.
         dropout: channel dropout after every residual block in training mode (0 = none).
-        block_convs: convolutions per residual block.
-        reg_finest_level: 0-based level at which ``D_r`` stops (0 = full resolution; 1 = half
-            resolution, the field being upsampled ×2 at the end).
+        block_convs: convolutions per residual block (default 1: 2 gives the classic two-conv
+            block at about twice the cost; see ``bench/bench_dcc_speed.py``).
+        reg_finest_level: 0-based level at which ``D_r`` stops (0 = full resolution; default 1
+            = half resolution, the smooth field being upsampled ×2 bilinearly at the end).
     """
 
     def __init__(
