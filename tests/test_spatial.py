@@ -386,7 +386,7 @@ def test_multilevel_ffd_add_level():
         rtol=0,
     )
     torch.testing.assert_close(
-        ml.regularization(), sum(SF.bending_energy(lv.coefficients, lv.spacing) for lv in ml.levels)
+        ml.regularization(), sum(SF.bending_energy(lv.coefficients) for lv in ml.levels)
     )
 
 
@@ -519,57 +519,89 @@ def test_bending_energy_zero_for_affine_coefficients(name):
     b = torch.randn(2, d, generator=gen, dtype=torch.float64)
     coeffs = torch.einsum("nab,...b->n...a", a, knots) + b.view(2, *[1] * d, d)
     coeffs = coeffs.movedim(-1, 1)  # (N, d, *lattice)
-    energy = SF.bending_energy(coeffs, ffd.spacing, reduction="none")
+    energy = SF.bending_energy(coeffs, reduction="none")
     assert energy.shape == (2,)
     assert energy.abs().max() < 1e-12
     random = torch.randn(coeffs.shape, generator=gen, dtype=torch.float64)
-    assert (SF.bending_energy(random, ffd.spacing, reduction="none") > 0).all()
+    assert (SF.bending_energy(random, reduction="none") > 0).all()
 
 
 def test_bending_energy_analytic_values():
-    """beta_3 splines reproduce quadratics: coefficients q*i^2 give d2u/dx2 = 2q/s^2 exactly,
-    and q*i_x*i_y gives d2u/dxdy = q/(s_x s_y) (counted twice)."""
-    sx, sy, q = 2.0, 3.0, 0.7
+    """Quadratic meshes: coefficients q*i^2 (i the control-point index) have d2c/di2 = 2q, and
+    q*i_x*i_y has d2c/di_x di_y = q (counted twice); R is the mean over the d components, in
+    control-point index units whatever the control spacing (the paper's lambda, issue 6.2)."""
+    q = 0.7
     iy, ix = torch.meshgrid(torch.arange(7.0), torch.arange(8.0), indexing="ij")
     coeffs = torch.zeros(1, 2, 7, 8, dtype=torch.float64)
     coeffs[0, 0] = q * ix.double() ** 2
-    e = SF.bending_energy(coeffs, (sx, sy))
-    torch.testing.assert_close(e, torch.tensor((2 * q / sx**2) ** 2, dtype=torch.float64))
+    torch.testing.assert_close(SF.bending_energy(coeffs), torch.tensor((2 * q) ** 2 / 2).double())
     coeffs = torch.zeros(1, 2, 7, 8, dtype=torch.float64)
     coeffs[0, 1] = q * (ix * iy).double()
-    e = SF.bending_energy(coeffs, (sx, sy))
-    torch.testing.assert_close(e, torch.tensor(2 * (q / (sx * sy)) ** 2, dtype=torch.float64))
+    torch.testing.assert_close(SF.bending_energy(coeffs), torch.tensor(2 * q**2 / 2).double())
+    # 3D, both kinds in two of three components: (4 q^2 + 2 q^2) / 3
+    iz, iy, ix = torch.meshgrid(*[torch.arange(5.0, dtype=torch.float64)] * 3, indexing="ij")
+    coeffs = torch.stack([q * iz**2, torch.zeros_like(iz), q * ix * iy]).unsqueeze(0)
+    torch.testing.assert_close(SF.bending_energy(coeffs), torch.tensor(2 * q**2).double())
+    # a lattice with no interior point (fewer than 5 knots) carries no bending energy
+    assert SF.bending_energy(torch.randn(2, 2, 4, 9)).item() == 0
 
 
 @pytest.mark.parametrize("d", [2, 3])
-def test_bending_energy_scaling_reduction_and_gradient(d):
+def test_bending_energy_matches_numpy_finite_differences(d):
+    """The authors' discretisation written out with numpy: central differences of central
+    differences of the control mesh, interior points, mean over components and points."""
+    coeffs = torch.randn(3, d, *([7, 6, 8][:d]), generator=_gen(2), dtype=torch.float64)
+    c = coeffs.numpy()
+    axes = list(range(2, 2 + d))
+    inner = (slice(None), slice(None), *[slice(2, -2)] * d)
+    expected = np.zeros(3)
+    for a in axes:
+        for b in axes:
+            second = np.gradient(np.gradient(c, axis=a), axis=b)[inner]
+            expected += (second**2).reshape(3, -1).mean(1)  # (a, b) and (b, a): 2x mixed terms
+    torch.testing.assert_close(
+        SF.bending_energy(coeffs, reduction="none"), torch.from_numpy(expected)
+    )
+
+
+def test_bspline_regularization_does_not_depend_on_spacing():
+    """The same control coefficients give the same R at any control or voxel spacing."""
+    fine = Grid.from_shape((32, 32), spacing=0.75)
+    coarse = Grid.from_shape((32, 32), spacing=2.0)
+    a = random_ffd(2, fine, 6.0, 1.0, seed=3)
+    b = BSplineFFD(2, coarse, 16.0)
+    assert a.knots == b.knots
+    with torch.no_grad():
+        b.coefficients.copy_(a.coefficients)
+    torch.testing.assert_close(a.regularization(), b.regularization())
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_bending_energy_reduction_and_gradient(d):
     shape = (3, d, *([6] * d))
     coeffs = torch.randn(shape, generator=_gen(1), dtype=torch.float64, requires_grad=True)
-    base = SF.bending_energy(coeffs, (1.0,) * d, reduction="none")
-    for s in (0.5, 2.0, 3.0):
-        scaled = SF.bending_energy(coeffs, (s,) * d, reduction="none")
-        torch.testing.assert_close(scaled, base / s**4)
-    total = SF.bending_energy(coeffs, (1.0,) * d, reduction="sum")
-    mean = SF.bending_energy(coeffs, (1.0,) * d, reduction="mean")
+    base = SF.bending_energy(coeffs, reduction="none")
+    assert base.shape == (3,)
+    # linear in each member's energy: scaling a member's coefficients by s scales it by s^2
+    scaled = coeffs.detach().clone()
+    scaled[1] *= 3.0
+    torch.testing.assert_close(
+        SF.bending_energy(scaled, reduction="none"), base.detach() * torch.tensor([1, 9, 1.0])
+    )
+    total = SF.bending_energy(coeffs, reduction="sum")
     torch.testing.assert_close(total, base.sum())
-    torch.testing.assert_close(mean, base.mean())
-    torch.testing.assert_close(SF.bending_energy(coeffs, (1.0,) * d), total)  # default: sum
+    torch.testing.assert_close(SF.bending_energy(coeffs, reduction="mean"), base.mean())
+    torch.testing.assert_close(SF.bending_energy(coeffs), total)  # default: sum
     with pytest.raises(ValueError):
-        SF.bending_energy(coeffs, (1.0,) * d, reduction="max")
+        SF.bending_energy(coeffs, reduction="max")
     total.backward()
     assert torch.isfinite(coeffs.grad).all() and coeffs.grad.abs().sum() > 0
-    assert torch.autograd.gradcheck(
-        lambda c: SF.bending_energy(c, tuple(1.0 + 0.5 * a for a in range(d))),
-        (coeffs,),
-        fast_mode=True,
-    )
+    assert torch.autograd.gradcheck(SF.bending_energy, (coeffs,), fast_mode=True)
 
 
 def test_bspline_regularization_is_bending_energy():
     ffd = random_ffd(2, OBLIQUE2D, 4.0, 1.0, seed=3)
-    torch.testing.assert_close(
-        ffd.regularization(), SF.bending_energy(ffd.coefficients, ffd.spacing)
-    )
+    torch.testing.assert_close(ffd.regularization(), SF.bending_energy(ffd.coefficients))
     assert Rigid(2, 2).regularization().item() == 0.0
 
 
@@ -787,3 +819,29 @@ def test_transforms_run_in_float32_under_autocast(kind):
     for a, b in zip(run(True), run(False), strict=True):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_paper_lambda_changes_the_smoothness_of_a_registration():
+    """Issue 6.2: with R in control-point index units the paper's lambda acts as in the paper.
+    A 32^2 pair (two contrasts of one image, known FFD misalignment) registered by X-CoReg:
+    lambda = 0.001 (BrainWeb) already smooths the result; lambda = 100 (DCC) nearly removes
+    the bending (in physical units both were ~1e-4 times weaker at 8 mm spacing)."""
+    from dcc.coreg import StageConfig, XCoReg, XCoRegConfig
+
+    grid = Grid.from_shape((32, 32), spacing=1.0)
+    image = blobs(grid, seed=1, count=8)
+    truth = random_ffd(2, grid, 8.0, 1.0, seed=2)
+    truth.zero_mean_()
+    images = warp_images(torch.stack([image, 2.0 - image]), grid, truth)
+    energy = {}
+    for lam in (0.0, 0.001, 100.0):
+        stage = StageConfig(name="ffd", iterations=30, lr=0.2, ffd_spacing=8.0)
+        config = XCoRegConfig(
+            stages=[stage], num_classes=3, bins=16, sample_rate=1.0, bending_weight=lam,
+            progress=False,
+        )  # fmt: skip
+        result = XCoReg(config).register(images, grid)
+        energy[lam] = result.transform.regularization().item()
+    assert energy[0.0] > 0.1
+    assert energy[0.001] < 0.7 * energy[0.0], energy
+    assert energy[100.0] < 0.01 * energy[0.0], energy

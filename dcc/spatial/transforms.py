@@ -321,7 +321,9 @@ class BSplineFFD(SpatialTransform):
         return self._axis_cache[key]
 
     def regularization(self) -> torch.Tensor:
-        return SF.bending_energy(self.coefficients, self.spacing)
+        """Bending energy summed over the group, in control-point index units (the paper's
+        convention for lambda; see :func:`dcc.spatial.functional.bending_energy`)."""
+        return SF.bending_energy(self.coefficients)
 
     @torch.no_grad()
     def zero_mean_(self):
