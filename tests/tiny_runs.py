@@ -45,3 +45,30 @@ def run_script(script: str, args: list[str], tmp_path: Path, timeout: float = 24
         [sys.executable, str(ROOT / script), *args],
         cwd=ROOT, env=environ, capture_output=True, text=True, timeout=timeout,
     )
+
+
+_CHECKPOINTS: dict[str, Path] = {}
+
+
+def tiny_checkpoint(tmp_path_factory, strategy: str = "dcc_all") -> Path:
+    """``last.ckpt`` of one tiny training epoch (made once per test session and strategy), with
+    the registration heads' weights randomised so that the predicted fields are not zero."""
+    if strategy not in _CHECKPOINTS:
+        import torch
+        from test_configs import compose_cfg
+
+        from dcc.lit.train import run_training
+
+        tmp = tmp_path_factory.mktemp(f"tiny_{strategy}")
+        cfg = compose_cfg(tmp, [*TINY_CLI, f"strategy={strategy}", "data.num_train=2",
+                                "trainer.max_epochs=1", "test=false"])
+        last = Path(run_training(cfg)["last_ckpt"])
+        checkpoint = torch.load(last, weights_only=True)
+        generator = torch.Generator().manual_seed(0)
+        for key, value in checkpoint["state_dict"].items():
+            if ".reg_heads." in key and key.endswith("weight"):
+                value.copy_(0.5 * torch.randn(value.shape, generator=generator))
+        path = tmp / "tiny.ckpt"
+        torch.save(checkpoint, path)
+        _CHECKPOINTS[strategy] = path
+    return _CHECKPOINTS[strategy]
