@@ -279,3 +279,15 @@ def test_domain_batch_norm_functional_without_running_stats():
     ref = torch.cat([nn.functional.batch_norm(x[:2], None, None, training=True),
                      nn.functional.batch_norm(x[2:], None, None, training=True)])
     torch.testing.assert_close(y, ref)
+
+
+def test_channels_last_model_gives_the_same_output():
+    """Channels-last weights (faster CPU inference, see bench/bench_dcc_speed.py) change only
+    the memory layout."""
+    net = tiny_net().eval()
+    activate_heads(net)
+    images, domains = group()
+    expected = net(images, domains)
+    out = net.to(memory_format=torch.channels_last)(images, domains)
+    torch.testing.assert_close(out.seg_logits, expected.seg_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.displacement, expected.displacement, rtol=1e-4, atol=1e-4)
