@@ -69,6 +69,7 @@ def parse_args(argv=None):
         "--iterations", type=int, default=None, help="override the iterations of every preset stage"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bending-weight", type=float, default=None, help="override lambda")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument(
         "--quick", action="store_true", help="smoke run: 2 cases, N = 3 and 10, 100 iterations"
@@ -84,7 +85,9 @@ def parse_args(argv=None):
 
 
 def make_config(args, method):
-    cfg = load_preset(args.preset, method=method, progress=False)
+    cfg = load_preset(
+        args.preset, method=method, progress=False, bending_weight=args.bending_weight
+    )
     if args.iterations:
         for stage in cfg.stages:
             stage.iterations = args.iterations
@@ -113,6 +116,9 @@ def run_case(args, phantom, n, case, method):
         "seconds": result.seconds,
         "seconds_per_iteration": result.seconds / max(iterations, 1),
         "x_metric": result.x_metric,
+        "restarts": sum(s["restarts"] for s in result.diagnostics["stages"]),
+        "stages_rejected": sum(not s["accepted"] for s in result.diagnostics["stages"]),
+        "mean_displacement_mm": result.diagnostics.get("mean_displacement_mm"),
     }
     example = (images, warp_images(images, grid, result.transform), result.posterior, labels_after)
     return record, example

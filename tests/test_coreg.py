@@ -1,11 +1,15 @@
 """X-CoReg engine: recovery of known misalignments, constraints, determinism."""
 
+import json
+
 import pytest
 import torch
 
 from dcc.coreg import StageConfig, XCoReg, XCoRegConfig, load_preset
-from dcc.coreg.config import available_presets
-from dcc.data.misalign import misaligned_phantom
+from dcc.coreg.config import auto_config, available_presets
+from dcc.coreg.engine import padding_mask
+from dcc.data.misalign import misaligned_phantom, warp_images
+from dcc.evaluation.metrics import pairwise_dice
 
 
 @pytest.fixture(scope="module")
@@ -18,6 +22,7 @@ def run(group, iterations=60, **kw):
     stages = kw.pop(
         "stages", [StageConfig(name="ffd", iterations=iterations, lr=0.2, ffd_spacing=40.0)]
     )
+    kw.setdefault("mask_zero_fill", False)  # skull-stripped phantom, as the brain presets
     config = XCoRegConfig(
         stages=stages, progress=False, sample_rate=kw.pop("sample_rate", 0.5), tolerance=0, **kw
     )
@@ -126,3 +131,102 @@ def test_presets_load(name):
     assert config.seed == 3 and config.stages
     with pytest.raises(ValueError, match="unknown preset"):
         load_preset("no-such-preset")
+
+
+# ---------------------------------------------------------------------- robustness (issue 6)
+def test_composed_transform_is_zero_mean(ffd_group):
+    """Eq. (37) on the composed phi = rigid o FFD, not per stage: the mean displacement over
+    the group is below 1e-4 mm everywhere on the lattice."""
+    stages = [
+        StageConfig.named("rigid", iterations=15, levels=1),
+        StageConfig(name="ffd", iterations=10, lr=0.2, ffd_spacing=40.0),
+    ]
+    result = run(ffd_group, stages=stages, em_warmup=2, inits=1)
+    assert [s["accepted"] for s in result.diagnostics["stages"]] == [True, True]
+    rigid = result.transform.stages[0]
+    assert rigid.angles.abs().max() > 1e-3  # the rotations alone are not zero-mean exactly
+    points = ffd_group.grid.points()
+    with torch.no_grad():
+        drift = (result.transform.lattice(ffd_group.grid).mean(0) - points).norm(dim=-1)
+    assert drift.max() < 1e-4, drift.max()
+    assert result.diagnostics["mean_displacement_mm"]["max"] < 1e-4
+
+
+def test_aligned_group_stays_aligned():
+    """A group already in alignment (the phantom, no misalignment) is left in alignment."""
+    group = misaligned_phantom(dim=2, downsample=4, magnitude=0.0, spacing=40.0, seed=3)
+    assert group.warping_index() < 1e-6
+    result = run(group, iterations=40, em_warmup=5, inits=2)
+    labels = warp_images(group.labels, group.grid, result.transform, mode="nearest")
+    assert pairwise_dice(labels, [1, 2, 3])["mean"] >= 0.95
+    assert group.warping_index(result.transform) < 0.6  # a small fraction of a 4 mm voxel
+
+
+def test_larger_group_registers_without_collapse():
+    """N = 12 (four noisy realisations of T1/T2/PD): the X-metric stays positive and gWI falls
+    by more than half (at N ~ 50 an empty class used to swallow the posterior, X -> 0)."""
+    group = misaligned_phantom(
+        dim=2, realisations=4, downsample=4, magnitude=5.5, spacing=40.0, seed=5
+    )
+    result = run(group, iterations=80, sample_rate=0.3, em_warmup=5, inits=2)
+    assert result.x_metric > 0.5
+    assert group.warping_index(result.transform) < 0.5 * group.warping_index()
+
+
+def test_overlap_guard_restarts_then_keeps_the_start(ffd_group):
+    """Steps of 40 mm push the images out of each other's view: every try trips the overlap
+    guard, the step is halved between tries, and the stage is left at its start (no harm)."""
+    stages = [StageConfig.named("translation", iterations=20, lr=40.0)]
+    result = run(ffd_group, stages=stages, restarts=2, min_overlap=0.9, em_warmup=2, inits=1)
+    record = result.diagnostics["stages"][0]
+    assert record["restarts"] == 2 and not record["accepted"]
+    assert [t["lr"] for t in record["tries"]] == [40.0, 20.0, 10.0]
+    assert all("overlap fell" in t["outcome"] for t in record["tries"])
+    assert all(t["min_overlap_fraction"] < 0.9 for t in record["tries"])
+    assert torch.count_nonzero(result.transform.stages[0].offset) == 0
+    json.dumps(result.diagnostics)  # JSON-able for report.json
+
+
+def test_objective_check_rejects_a_worse_stage(ffd_group, monkeypatch):
+    """A stage that ends with a lower X than it started with is undone (here the optimiser is
+    made to ascend the loss, i.e. to descend X)."""
+    original = torch.optim.Adam
+
+    def ascent(params, **kw):
+        return original(params, maximize=True, **kw)
+
+    monkeypatch.setattr(torch.optim, "Adam", ascent)
+    stages = [StageConfig(name="ffd", iterations=15, lr=0.5, ffd_spacing=40.0)]
+    result = run(ffd_group, stages=stages, restarts=1, em_warmup=3, inits=1, min_overlap=0.0)
+    record = result.diagnostics["stages"][0]
+    assert not record["accepted"]
+    assert all(t["outcome"] == "objective decreased" for t in record["tries"])
+    assert all(t["x_after"] < t["x_start"] for t in record["tries"])
+    assert torch.count_nonzero(result.transform.stages[0].levels[0].coefficients) == 0
+
+
+def test_zero_filled_border_is_outside_the_field_of_view():
+    images = torch.rand(2, 12, 10) + 0.1
+    images[0, :, :3] = 0  # zero-filled band (beyond the field of view)
+    images[1, 4:6, 4:6] = 0  # zeros inside the image: kept
+    mask = padding_mask(images)
+    assert mask[0, :, :3].all() and not mask[0, :, 3:].any()
+    assert not mask[1].any()
+
+
+def test_auto_config_follows_the_data():
+    from dcc.spatial.grid import Grid
+
+    crop = auto_config(Grid.from_shape((224, 224), 0.75), seed=2)
+    preset = load_preset("cardiac2d")
+    assert [(s.name, s.levels, s.ffd_spacing) for s in crop.stages] == [
+        (s.name, s.levels, s.ffd_spacing) for s in preset.stages
+    ]
+    assert (crop.num_classes, crop.bins, crop.seed) == (preset.num_classes, preset.bins, 2)
+    full = auto_config(Grid.from_shape((511, 511), 0.75))
+    assert full.stages[0].levels == 4  # coarsest level still 63 voxels wide
+    small = auto_config(Grid.from_shape((60, 60), 1.0))
+    assert [s.name for s in small.stages] == ["rigid"] and small.stages[0].levels == 1
+    volume = auto_config(Grid.from_shape((40, 64, 64), 2.0))
+    assert [s.name for s in volume.stages] == ["translation", "rigid"]
+    assert volume.num_classes == load_preset("rire3d").num_classes

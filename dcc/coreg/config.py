@@ -7,6 +7,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from dcc.spatial.grid import Grid
+
 STAGES = ("translation", "rigid", "affine", "ffd")
 METHODS = ("xcoreg", "xcoreg-gt")
 # Paper defaults per stage (Sec. 4.1-4.2): Adam steps of 1 mm for translations and centres,
@@ -69,6 +71,10 @@ class XCoRegConfig:
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
+    # Zero-filled regions connected to an image's border (beyond the acquired field of view)
+    # count as outside the image (Omega_j). Off for skull-stripped images such as the brain
+    # phantom, whose zero background is part of the image as in the paper's BrainWeb set-up.
+    mask_zero_fill: bool = True
     # Robustness (none of this is in Algorithm 1; see XCoReg for the evidence):
     # EM steps on the initial alignment before the first registration step, from `inits` random
     # Gamma^[0] (Eq. 22); the one with the highest log-likelihood (Eq. 23) is kept.
@@ -118,3 +124,41 @@ def load_preset(name: str, **overrides) -> XCoRegConfig:
     values = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     values.update({k: v for k, v in overrides.items() if v is not None})
     return XCoRegConfig(**values)
+
+
+# Coarsest pyramid level of the automatic settings: at least this many voxels per axis.
+MIN_LEVEL_SIZE = 48
+
+
+def pyramid_levels(grid: Grid, min_size: int = MIN_LEVEL_SIZE, most: int = 4) -> int:
+    """Resolution levels whose coarsest level keeps at least ``min_size`` voxels along the two
+    longest axes (thin 3D slabs of a few thick slices do not limit it)."""
+    sizes = sorted(grid.size)[-2:]
+    levels = 1
+    while levels < most and min(sizes) // 2**levels >= min_size:
+        levels += 1
+    return levels
+
+
+def auto_config(grid: Grid, **overrides) -> XCoRegConfig:
+    """Settings picked from the data (dimension and size of ``grid``) when no preset is named.
+
+    * 2D (e.g. a multi-sequence cardiac slice): the ``cardiac2d`` preset, tuned on real MyoPS
+      groups: rigid over a pyramid, then one 50 mm FFD level, K = 6, L = 32. Its pyramid gets as
+      many levels as keep the coarsest one at least 48 voxels wide (3 for 224 voxels, 4 for a
+      511-voxel slice); the FFD is skipped for images narrower than two control spacings.
+    * 3D: the ``rire3d`` preset (translation, then rigid with an optimisable centre; K = 8), as
+      the paper's RIRE experiment (Sec. 4.2), with the pyramids shortened for small volumes.
+
+    ``overrides`` (non-None values) replace top-level settings, as for :func:`load_preset`.
+    """
+    config = load_preset("cardiac2d" if grid.ndim == 2 else "rire3d", **overrides)
+    levels = pyramid_levels(grid)
+    for stage in config.stages:
+        if stage.levels > 1:
+            stage.levels = levels if grid.ndim == 2 else min(stage.levels, levels)
+    if grid.ndim == 2 and min(grid.extent) < 2 * max(
+        (s.ffd_spacing for s in config.stages if s.name == "ffd"), default=0
+    ):
+        config.stages = [s for s in config.stages if s.name != "ffd"] or config.stages
+    return config

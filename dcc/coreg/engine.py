@@ -131,7 +131,8 @@ class XCoReg:
         torch.manual_seed(cfg.seed)
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
         valid = torch.ones_like(images) if valid is None else valid.float()
-        valid = valid * ~padding_mask(images)  # zero-filled bands are outside the field of view
+        if cfg.mask_zero_fill:  # zero-filled regions are outside the field of view
+            valid = valid * ~padding_mask(images)
         images, valid = images.float().to(device), valid.to(device)
         transform = transform or ComposedTransform(n, grid.ndim)
         transform.to(device)
@@ -269,9 +270,15 @@ class XCoReg:
                     trial,
                 )
                 after = self._assess(transform, stacked, grid, bins, end_common, log_f_gt)
+                # the start again, with Gamma re-estimated from the same end state: EM has had
+                # many more steps during the stage than before it, which favours "after"
+                transform.stages[-1] = self._make_stage(cfg, n, grid).to(stacked.device)
+                again = self._assess(transform, stacked, grid, bins, end_common, log_f_gt)
+                transform.stages[-1] = stage
+                trial["x_start"] = max(before["x"], again["x"])
                 trial["x_after"] = after["x"]
                 trial["overlap_fraction"] = after["overlap"] / before["overlap"]
-                accepted = after["x"] >= before["x"]
+                accepted = after["x"] >= trial["x_start"]
                 trial["outcome"] = "accepted" if accepted else "objective decreased"
             except _OverlapLost as lost:
                 accepted, trial["outcome"] = False, str(lost)
