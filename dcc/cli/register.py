@@ -17,7 +17,7 @@ import torch
 from dcc.cli.checks import check_device, check_options, check_overlap, check_with_images
 from dcc.cli.outdir import OutputFolder, Terminated
 from dcc.coreg import StageConfig, XCoReg, XCoRegConfig, load_preset
-from dcc.coreg.config import METHODS, STAGES, available_presets
+from dcc.coreg.config import METHODS, STAGES, auto_config, available_presets
 from dcc.coreg.engine import RegistrationError
 from dcc.data.io import InputError, read_image, read_labels, resample_to_grid, write_image
 from dcc.data.misalign import MisalignedGroup, misaligned_phantom
@@ -52,23 +52,71 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--labels", nargs="+", help="one label map per image, on its image's grid")
     p.add_argument(
-        "--preset", help=f"named settings shipped with dcc ({', '.join(available_presets())})"
+        "--preset",
+        help=f"named settings shipped with dcc ({', '.join(available_presets())}). Without one "
+        "the settings are picked from the data: a 2D group gets cardiac2d (rigid on a pyramid "
+        "of as many levels as keep 48 voxels, then a 50 mm FFD), a 3D group rire3d "
+        "(translation then rigid); the phantom demo uses brain2d / brain3d",
     )
-    p.add_argument("--stages", help=f"comma-separated stages from {', '.join(STAGES)}")
+    p.add_argument(
+        "--stages",
+        help=f"comma-separated stages from {', '.join(STAGES)} (default: the preset's; "
+        "2D: rigid,ffd; 3D: translation,rigid)",
+    )
     p.add_argument(
         "--method", choices=METHODS, help="xcoreg (default) or xcoreg-gt (needs --labels)"
     )
     p.add_argument(
-        "-K", "--classes", type=int, dest="num_classes", help="common anatomical labels K"
+        "-K",
+        "--classes",
+        type=int,
+        dest="num_classes",
+        help="K, the number of tissue classes of the common anatomy (default 6 in 2D, 8 in 3D, "
+        "4 for the brain phantom)",
     )
-    p.add_argument("--bins", type=int, help="intensity levels L")
-    p.add_argument("--sample-rate", type=float, help="fraction of the overlap sampled per step")
-    p.add_argument("--levels", type=int, help="resolution levels per stage")
-    p.add_argument("--iterations", type=int, help="iterations per stage")
-    p.add_argument("--lr", type=float, help="Adam step size for every stage")
-    p.add_argument("--ffd-spacing", type=float, help="initial FFD control spacing in mm")
-    p.add_argument("--ffd-levels", type=int, help="FFD levels, each halving the spacing")
-    p.add_argument("--lambda", type=float, dest="bending_weight", help="bending-energy weight")
+    p.add_argument(
+        "--bins",
+        type=int,
+        help="L, intensity levels of the histograms (default 32 in 2D, 64 in 3D and brain)",
+    )
+    p.add_argument(
+        "--sample-rate",
+        type=float,
+        help="fraction of the overlap region sampled at each step, Omega_S (default 0.1)",
+    )
+    p.add_argument(
+        "--levels",
+        type=int,
+        help="resolution levels (image pyramid) per stage (default: rigid 2D as many as keep "
+        "48 voxels per axis, FFD 1)",
+    )
+    p.add_argument(
+        "--iterations",
+        type=int,
+        help="T, Adam steps per stage (default: rigid 300, FFD 200, 3D translation 200 / rigid "
+        "400)",
+    )
+    p.add_argument(
+        "--lr",
+        type=float,
+        help="eta, Adam step size for every stage, in mm per step (rotations: 0.01 rad per mm) "
+        "(default: rigid 0.5, FFD 0.1; brain phantom FFD 0.3)",
+    )
+    p.add_argument(
+        "--ffd-spacing",
+        type=float,
+        help="control-point spacing of the first FFD level in mm (default 50; brain 20)",
+    )
+    p.add_argument(
+        "--ffd-levels", type=int, help="FFD levels, each halving the spacing (default 1)"
+    )
+    p.add_argument(
+        "--lambda",
+        type=float,
+        dest="bending_weight",
+        help="lambda, weight of the bending energy R of the FFD, in control-point index units "
+        "(default: the preset's, 0.001 as the paper's BrainWeb)",
+    )
     p.add_argument("--reference", type=int, help="index of the fixed image (group-to-reference)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--device", help="cpu (default), cuda, cuda:1, ...")
@@ -94,9 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def make_config(args: argparse.Namespace) -> XCoRegConfig:
-    """Preset (or the paper's defaults; ``brain2d`` for the 2D phantom demo) updated by the
-    options given on the command line."""
+def make_config(args: argparse.Namespace, grid: Grid | None = None) -> XCoRegConfig:
+    """Preset (``brain2d``/``brain3d`` for the phantom demo; without one, settings picked from
+    ``grid`` by :func:`auto_config`, or the paper's defaults) updated by the options given on the
+    command line."""
     top = {
         k: getattr(args, k)
         for k in (
@@ -111,12 +160,13 @@ def make_config(args: argparse.Namespace) -> XCoRegConfig:
         )
     }
     top["progress"] = not args.quiet and sys.stderr.isatty()
-    preset = args.preset or ("brain2d" if args.phantom == 2 else None)
-    config = (
-        load_preset(preset, **top)
-        if preset
-        else XCoRegConfig(**{k: v for k, v in top.items() if v is not None})
-    )
+    preset = args.preset or {2: "brain2d", 3: "brain3d"}.get(args.phantom)
+    if preset:
+        config = load_preset(preset, **top)
+    elif grid is not None:
+        config = auto_config(grid, **top)
+    else:
+        config = XCoRegConfig(**{k: v for k, v in top.items() if v is not None})
     stage_options = {
         "iterations": args.iterations,
         "levels": args.levels,
@@ -313,7 +363,10 @@ def _peak_memory_mb(device: str) -> float:
 
 def write_phantom_inputs(folder: Path, dim: int, seed: int) -> MisalignedGroup:
     """Write the misaligned phantom (3D at 2 mm) as NIfTI images and labels into ``folder``."""
-    group = misaligned_phantom(dim=dim, downsample=1 if dim == 2 else 2, seed=seed)
+    # the misalignment family of bench/bench_phantom.py (40 mm FFD, std 5.4 mm: gWI ~3 mm)
+    group = misaligned_phantom(
+        dim=dim, downsample=1 if dim == 2 else 2, magnitude=5.4, spacing=40.0, seed=seed
+    )
     for name, image, labels in zip(group.names, group.images, group.labels, strict=True):
         write_image(folder / f"{name}.nii.gz", image, group.grid)
         write_image(folder / f"{name}_labels.nii.gz", labels.to(torch.int32), group.grid)
@@ -355,6 +408,8 @@ def _register_into(tmp: Path, args: argparse.Namespace, config: XCoRegConfig) ->
     originals, labels, common, images, valid, warped_labels = load_group(
         paths, label_paths, config.reference
     )
+    if not args.preset and not args.phantom:  # settings picked from the data
+        config = make_config(args, common)
     check_with_images(config, common)
     extra["initial_overlap"] = check_overlap(
         valid, paths, config.reference or 0, args.min_initial_overlap
