@@ -226,6 +226,26 @@ class DCCModule(pl.LightningModule):
             )
 
     # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, stage: str) -> None:
+        """Check the data module's sequences against the model's and record its spacing in
+        the hyper-parameters (so the checkpoint carries it) when none was given."""
+        data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if data is None:
+            return
+        sequences = getattr(data, "sequences", None)
+        if sequences is not None and list(sequences) != self.sequences:
+            raise ValueError(
+                f"the data module's sequences {list(sequences)} differ from the model's "
+                f"{self.sequences} (domain j must be the same sequence in both)"
+            )
+        if getattr(data, "with_atlas", self.atlas) != self.atlas:
+            raise ValueError(
+                f"strategy {self.hparams.strategy.get('name')!r} needs "
+                f"with_atlas={self.atlas} in the data module"
+            )
+        if self.hparams.spacing is None and getattr(data, "spacing", None) is not None:
+            self.hparams.spacing = [float(s) for s in data.spacing]
+
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         """One step of the active phase: (E, D_s) for ``alternate_every`` steps, then D_r."""
         opt_seg, opt_reg = self.optimizers()

@@ -1,0 +1,146 @@
+"""The Hydra config tree (conf/): every group composes and its objects instantiate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import pytest
+import pytorch_lightning as pl
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from dcc.lit.module import DCCModule
+from dcc.lit.train import instantiate_list
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def compose_cfg(tmp_path: Path, overrides: list[str], name: str = "train.yaml") -> DictConfig:
+    """Compose like ``python train.py OVERRIDES`` with the run folder in ``tmp_path``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name=name, overrides=overrides, return_hydra_config=True)
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(ROOT)
+        cfg.paths.output_dir = str(tmp_path)
+        cfg.paths.work_dir = str(tmp_path)
+    return cfg
+
+
+def test_groups_exist():
+    for group, expected in {
+        "data": {"phantom"},
+        "model": {"dcc"},
+        "strategy": {"dgr", "dcc_at", "dcc_bs", "dcc_all"},
+        "trainer": {"default", "cpu", "gpu", "ddp"},
+        "logger": {"csv", "tensorboard", "wandb"},
+        "callbacks": {"default", "model_checkpoint", "rich_progress_bar", "lr_monitor"},
+        "experiment": {"phantom_dcc_all"},
+    }.items():
+        assert expected <= set(options(group)), group
+
+
+def test_default_train_config(tmp_path):
+    cfg = compose_cfg(tmp_path, [])
+    assert cfg.strategy.name == "dcc_all"
+    assert cfg.trainer.accelerator == "cpu"
+    assert list(cfg.logger) == ["csv"]
+    assert cfg.callbacks.model_checkpoint.monitor == "val/reg_dsc"
+    assert cfg.callbacks.model_checkpoint.mode == "max"
+    assert cfg.callbacks.model_checkpoint.save_last is True
+    assert cfg.model.optimizer_seg._partial_ and cfg.model.optimizer_reg._partial_
+
+
+def test_paper_settings_without_experiment(tmp_path):
+    """``~experiment``: the model group alone holds the paper's Sec. 4.4.1 settings."""
+    m = compose_cfg(tmp_path, ["~experiment"]).model
+    assert (m.net.channels, m.net.levels, m.loss.bins, m.loss.bending_weight) == (16, 4, 32, 100)
+    assert (m.loss.zeta, m.loss.eval_zeta, m.alternate_every) == (0.05, 0.01, 5)
+    assert (m.optimizer_seg.lr, m.optimizer_reg.lr) == (1e-3, 1e-4)
+
+
+@pytest.mark.parametrize("strategy", options("strategy"))
+def test_strategy_builds_model(tmp_path, strategy):
+    cfg = compose_cfg(tmp_path, [f"strategy={strategy}"])
+    model = hydra.utils.instantiate(cfg.model)
+    assert isinstance(model, DCCModule)
+    labelled = set(cfg.strategy.labelled_sequences)
+    expected = [s in labelled for s in cfg.data.sequences] + [True] * int(cfg.strategy.atlas)
+    assert model.labelled_domain.tolist() == expected
+    assert model.net.num_domains == len(cfg.data.sequences) + int(cfg.strategy.atlas)
+    assert cfg.data.with_atlas == cfg.strategy.atlas
+    assert model.hparams.strategy["name"] == strategy
+
+
+def test_unknown_labelled_sequence_is_named(tmp_path):
+    cfg = compose_cfg(tmp_path, ["strategy.labelled_sequences=[FLAIR]"])
+    with pytest.raises(Exception, match="FLAIR"):
+        hydra.utils.instantiate(cfg.model)
+
+
+@pytest.mark.parametrize("trainer", options("trainer"))
+def test_trainer_instantiates(tmp_path, trainer):
+    cfg = compose_cfg(tmp_path, [f"trainer={trainer}"])
+    if trainer == "gpu":
+        assert cfg.trainer.precision == "bf16-mixed"
+        if not torch.cuda.is_available():
+            pytest.skip("no GPU")
+    if trainer == "ddp":
+        assert cfg.trainer.strategy == "ddp" and cfg.trainer.devices == 2
+    t = hydra.utils.instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    assert isinstance(t, pl.Trainer)
+
+
+@pytest.mark.parametrize("logger", options("logger"))
+def test_logger_instantiates(tmp_path, logger, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    cfg = compose_cfg(tmp_path, [f"logger={logger}"])
+    loggers = instantiate_list(cfg.logger)
+    assert len(loggers) == 1 and isinstance(loggers[0], pl.loggers.Logger)
+    if logger == "wandb":  # offline unless WANDB_MODE=online: never a login prompt
+        assert cfg.logger.wandb.mode == "offline"
+        monkeypatch.setenv("WANDB_MODE", "online")
+        assert compose_cfg(tmp_path, ["logger=wandb"]).logger.wandb.mode == "online"
+
+
+@pytest.mark.parametrize("callbacks", options("callbacks"))
+def test_callbacks_instantiate(tmp_path, callbacks):
+    cfg = compose_cfg(tmp_path, [f"callbacks={callbacks}"])
+    made = instantiate_list(cfg.callbacks)
+    assert all(isinstance(c, pl.Callback) for c in made)
+    if callbacks == "default":
+        kinds = {type(c).__name__ for c in made}
+        assert {"ModelCheckpoint", "RichProgressBar", "LearningRateMonitor"} <= kinds
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_experiment_instantiates(tmp_path, experiment):
+    cfg = compose_cfg(tmp_path, [f"experiment={experiment}"])
+    model = hydra.utils.instantiate(cfg.model)
+    data = hydra.utils.instantiate(cfg.data)
+    assert isinstance(model, DCCModule) and isinstance(data, pl.LightningDataModule)
+    assert model.hparams.strategy["name"] == cfg.strategy.name
+
+
+def test_evaluate_config(tmp_path):
+    cfg = compose_cfg(tmp_path, ["ckpt_path=some.ckpt"], name="evaluate.yaml")
+    assert cfg.ckpt_path == "some.ckpt" and cfg.task_name == "evaluate"
+    assert isinstance(hydra.utils.instantiate(cfg.data), pl.LightningDataModule)
+
+
+def test_run_folder_under_outputs():
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train.yaml", return_hydra_config=True)
+    assert cfg.hydra.run.dir.startswith(f"{cfg.paths.root_dir}/outputs/train/runs/")
+    assert "outputs/train/multiruns/" in cfg.hydra.sweep.dir
