@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from dcc.data.misalign import misaligned_phantom
 from dcc.evaluation.figures import save_montage, save_overlay
 from dcc.evaluation.metrics import (
     dice,
@@ -16,8 +17,11 @@ from dcc.evaluation.metrics import (
     groupwise_registration_error,
     groupwise_warping_index,
     pairwise_dice,
+    registration_error,
+    warping_index,
 )
 from dcc.spatial.grid import Grid
+from dcc.spatial.transforms import Rigid, Translation
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -116,12 +120,84 @@ def test_gre_single_outlier_n3():
     assert groupwise_registration_error(mapped).item() == pytest.approx((2.0 + 1.0 + 1.0) / 3)
 
 
-def test_gre_equals_gwi_without_foreground():
-    x = _points(m=8)
-    mapped = x + torch.randn(4, 8, 3, dtype=torch.float64)
-    assert groupwise_registration_error(mapped).item() == pytest.approx(
-        groupwise_warping_index(mapped, x).item(), rel=1e-12
+# ---------------------------------------------------------------------------- from transforms
+OBLIQUE = (math.cos(0.4), -math.sin(0.4), math.sin(0.4), math.cos(0.4))
+
+
+def test_grid_vertices_are_the_outer_voxel_edges():
+    # x: 10 voxels of 2 mm, y: 8 voxels of 3 mm; centres of the corner voxels at x in {5, 23},
+    # y in {-4, 17}; the field of view reaches half a voxel further.
+    grid = Grid.from_shape((8, 10), spacing=(2.0, 3.0), origin=(5.0, -4.0))
+    expected = {(4.0, -5.5), (4.0, 18.5), (24.0, -5.5), (24.0, 18.5)}
+    assert {tuple(v) for v in grid.vertices().round(9).tolist()} == expected
+    assert {tuple(v) for v in grid.corners().round(9).tolist()} == {
+        (5.0, -4.0), (5.0, 17.0), (23.0, -4.0), (23.0, 17.0)
+    }  # fmt: skip
+
+
+def test_registration_error_of_known_rigid_errors_by_hand():
+    """gRE (Eqs. 51-52) from transforms and a grid, at the vertices of the field of view."""
+    grid = Grid.from_shape((8, 10), spacing=(2.0, 3.0), origin=(5.0, -4.0), direction=OBLIQUE)
+    # opposite shifts of a along x: every vertex is a from the group mean -> gRE = a
+    shifts = Translation(2, 2)
+    with torch.no_grad():
+        shifts.offset.copy_(torch.tensor([[1.5, 0.0], [-1.5, 0.0]]))
+    assert registration_error(shifts, grid) == pytest.approx(1.5, rel=1e-6)
+    # an estimate that undoes them up to a common shift leaves no error
+    undo = Translation(2, 2)
+    with torch.no_grad():
+        undo.offset.copy_(torch.tensor([[-1.5, 2.0], [1.5, 2.0]]))
+    assert registration_error(shifts, grid, undo) == pytest.approx(0.0, abs=1e-5)
+    # image 0 rotated by t about the centre, image 1 not: each vertex is sin(t/2) r from the
+    # mean, r = half the diagonal of the 20 x 24 mm field of view (not of the voxel centres)
+    t = 0.2
+    rotation = Rigid(2, 2, center=grid.center)
+    with torch.no_grad():
+        rotation.angles[0, 0] = t
+    expected = math.sin(t / 2) * math.hypot(10.0, 12.0)
+    assert registration_error(rotation, grid) == pytest.approx(expected, rel=1e-5)
+    assert expected - math.sin(t / 2) * math.hypot(9.0, 10.5) > 0.1  # centres would differ
+
+
+def test_registration_error_3d_rotation_about_z_by_hand():
+    grid = Grid.from_shape((4, 6, 5), spacing=(1.0, 2.0, 3.0), origin=(-7.0, 3.0, 11.0))
+    t = 0.15
+    rotation = Rigid(3, 3, center=grid.center)
+    with torch.no_grad():
+        rotation.angles[0] = torch.tensor([0.0, 0.0, t])  # about z: moves x and y only
+    # image 0 is 2/3 |R v - v| from the mean, images 1 and 2 1/3 of it; the field of view is
+    # 5 x 12 x 12 mm, so |R v - v| = 2 sin(t/2) hypot(2.5, 6) at every vertex
+    d = 2 * math.sin(t / 2) * math.hypot(2.5, 6.0)
+    expected = (2 / 3 * d + 1 / 3 * d + 1 / 3 * d) / 3
+    assert registration_error(rotation, grid) == pytest.approx(expected, rel=1e-5)
+
+
+def test_metrics_leave_the_estimate_where_it_is(monkeypatch):
+    """Issue 6.4: the evaluation moved the caller's transform to the CPU in place
+    (``Module.cpu()``); now it is applied where it lives and only points move."""
+    group = misaligned_phantom(dim=2, downsample=4, magnitude=3.0, seed=0)
+    estimate = Translation(group.images.shape[0], 2).double()
+    with torch.no_grad():
+        estimate.offset.normal_(generator=torch.Generator().manual_seed(1))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the estimate was moved or cast")
+
+    points = group.grid.points().reshape(-1, 2)
+    mapped = group.truth(estimate(points.double()).float())
+    mask = foreground_mask(mapped, group.grid, group.foreground)
+    expected = groupwise_warping_index(mapped, points, mask).item()
+    monkeypatch.setattr(estimate, "_apply", refuse)  # .cpu(), .to(), .cuda() all go through it
+    assert group.warping_index(estimate) == pytest.approx(expected, rel=1e-6)
+    assert warping_index(group.truth, group.grid, estimate, group.foreground) == pytest.approx(
+        expected, rel=1e-6
     )
+    vertices = torch.as_tensor(group.grid.vertices(), dtype=torch.float64)
+    expected_gre = groupwise_registration_error(group.truth(estimate(vertices).float())).item()
+    assert group.registration_error(estimate) == pytest.approx(expected_gre, rel=1e-6)
+    assert estimate.offset.dtype == torch.float64
+    # before registration (no estimate) gWI and gRE are those of the truth alone
+    assert group.warping_index() > 1.0 and group.registration_error() > 1.0
 
 
 # ---------------------------------------------------------------------------- foreground mask

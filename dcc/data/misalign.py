@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from dcc.data.phantom import brain_phantom
-from dcc.evaluation.metrics import foreground_mask, groupwise_warping_index
+from dcc.evaluation.metrics import registration_error, warping_index
 from dcc.spatial.functional import sample
 from dcc.spatial.grid import Grid
 from dcc.spatial.transforms import BSplineFFD, Rigid, SpatialTransform
@@ -63,13 +63,14 @@ class MisalignedGroup:
     truth: SpatialTransform
     foreground: torch.Tensor  # (*shape) labels of the aligned phantom
 
-    @torch.no_grad()
     def warping_index(self, estimate: SpatialTransform | None = None) -> float:
-        """gWI (Eq. 49) of truth_j o estimate_j over the phantom foreground, in mm."""
-        points = self.grid.points().reshape(-1, self.grid.ndim)
-        mapped = self.truth(points if estimate is None else estimate.cpu()(points))
-        mask = foreground_mask(mapped, self.grid, self.foreground)
-        return groupwise_warping_index(mapped, points, mask).item()
+        """gWI (Eq. 49) of truth_j o estimate_j over the phantom foreground, in mm (the
+        estimate stays on its device)."""
+        return warping_index(self.truth, self.grid, estimate, self.foreground)
+
+    def registration_error(self, estimate: SpatialTransform | None = None) -> float:
+        """gRE (Eq. 51) of truth_j o estimate_j at the vertices of the field of view, in mm."""
+        return registration_error(self.truth, self.grid, estimate)
 
 
 def misaligned_phantom(

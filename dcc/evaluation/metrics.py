@@ -13,10 +13,14 @@ import torch
 import torch.nn.functional as F
 
 from dcc.spatial.grid import Grid
+from dcc.spatial.transforms import SpatialTransform
 
 __all__ = [
     "groupwise_warping_index",
     "groupwise_registration_error",
+    "composed_points",
+    "warping_index",
+    "registration_error",
     "foreground_mask",
     "pairwise_dice",
     "dice",
@@ -78,6 +82,52 @@ def groupwise_registration_error(mapped_corners: torch.Tensor) -> torch.Tensor:
     gRE ``= (1/N) sum_j sqrt((1/C) sum_i ||e_bar_j(v_i)||^2)``.
     """
     return _groupwise_rms(mapped_corners)
+
+
+def _apply(transform: SpatialTransform, points: torch.Tensor) -> torch.Tensor:
+    """``transform(points)`` computed where (and in the precision in which) the transform lives,
+    returned like ``points``. The transform itself is never moved (``Module.cpu()`` / ``.to()``
+    act in place)."""
+    reference = next(iter(transform.parameters()), None)
+    if reference is None:
+        reference = next(iter(transform.buffers()), points)
+    mapped = transform(points.to(reference.device, reference.dtype))
+    return mapped.to(points.device, points.dtype)
+
+
+@torch.no_grad()
+def composed_points(
+    truth: SpatialTransform, points: torch.Tensor, estimate: SpatialTransform | None = None
+) -> torch.Tensor:
+    """``phi_dagger_j o phi_hat_j (x)`` ``(N, M, d)`` for common-space points ``(M, d)`` (on
+    the device of ``points``): ``truth`` are the known misalignments, ``estimate`` the
+    registration result (identity if ``None``); the transforms stay on their devices."""
+    return _apply(truth, points if estimate is None else _apply(estimate, points))
+
+
+def warping_index(
+    truth: SpatialTransform,
+    grid: Grid,
+    estimate: SpatialTransform | None = None,
+    foreground: torch.Tensor | None = None,
+) -> float:
+    """gWI in mm (Eqs. 49-50) of ``truth_j o estimate_j`` at the voxel centres of ``grid``,
+    restricted to the points mapped into ``foreground`` (labels of the aligned phantom on
+    ``grid``, see :func:`foreground_mask`); all voxels if ``None``."""
+    points = grid.points().reshape(-1, grid.ndim)
+    mapped = composed_points(truth, points, estimate)
+    mask = None if foreground is None else foreground_mask(mapped, grid, foreground.cpu())
+    return groupwise_warping_index(mapped, points, mask).item()
+
+
+def registration_error(
+    truth: SpatialTransform, grid: Grid, estimate: SpatialTransform | None = None
+) -> float:
+    """gRE in mm (Eqs. 51-52) of ``truth_j o estimate_j`` at the ``2**d`` vertices of the
+    field of view of ``grid`` (the outer voxel edges, :meth:`Grid.vertices`), as in the
+    paper's RIRE experiment (Sec. 4.2)."""
+    vertices = torch.as_tensor(grid.vertices(), dtype=torch.float32)
+    return groupwise_registration_error(composed_points(truth, vertices, estimate)).item()
 
 
 def foreground_mask(mapped: torch.Tensor, grid: Grid, labels: torch.Tensor) -> torch.Tensor:

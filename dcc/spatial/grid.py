@@ -151,9 +151,17 @@ class Grid:
 
     def corners(self) -> np.ndarray:
         """The ``2**d`` physical corner points (voxel centres), shape ``(2**d, d)``."""
+        return self._box([(0.0, n - 1.0) for n in self.size])
+
+    def vertices(self) -> np.ndarray:
+        """The ``2**d`` vertices of the field of view, ``(2**d, d)``: the outer voxel edges, half
+        a voxel beyond the corner voxel centres (the points of gRE, Eq. 51)."""
+        return self._box([(-0.5, n - 0.5) for n in self.size])
+
+    def _box(self, bounds: list[tuple[float, float]]) -> np.ndarray:
+        """Physical points of all combinations of the continuous index ``bounds`` per axis."""
         d = self.ndim
-        idx = np.array(np.meshgrid(*[[0, n - 1] for n in self.size], indexing="ij"))
-        idx = idx.reshape(d, -1).T
+        idx = np.array(np.meshgrid(*bounds, indexing="ij")).reshape(d, -1).T
         hom = np.concatenate([idx, np.ones((len(idx), 1))], axis=1)
         return (hom @ self.index_to_world_matrix().T)[:, :d]
 

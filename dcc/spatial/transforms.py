@@ -112,7 +112,8 @@ class Translation(LinearTransform):
         self.offset = nn.Parameter(torch.zeros(groups, ndim))
 
     def linear(self):
-        eye = torch.eye(self.ndim, device=self.offset.device).expand(self.groups, -1, -1)
+        eye = torch.eye(self.ndim, device=self.offset.device, dtype=self.offset.dtype)
+        eye = eye.expand(self.groups, -1, -1)
         return eye, self.offset
 
     @torch.no_grad()
