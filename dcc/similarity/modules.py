@@ -11,8 +11,10 @@ from dcc.similarity import functional as XF
 class XMetric(nn.Module):
     """The X-metric of Eq. (8): sum_j I(U_j o phi_j; Z) with Parzen pmfs (Eqs. 17-21).
 
-    ``forward(values, posterior)`` takes warped intensities ``(N, M)`` in bin units and the
-    posterior ``(M, K)`` or ``(N, M, K)`` at the same points.
+    ``forward(values, posterior)`` takes warped intensities ``(*B, N, M)`` in bin units and the
+    posterior ``(*B, M, K)`` or ``(*B, N, M, K)`` at the same points; it computes in float32
+    under autocast. ``reduction="sum"`` adds the mutual informations over the group and the
+    batch, ``"none"`` returns them, ``(*B, N)``.
     """
 
     def __init__(self, bins: int = 64, reduction: str = "sum", eps: float = XF.EPS):
