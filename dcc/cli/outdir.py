@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 from collections.abc import Iterable
@@ -22,10 +23,7 @@ from pathlib import Path
 from dcc.data.io import InputError
 
 MANIFEST = ".dcc-register-manifest.json"
-
-
-class Terminated(BaseException):
-    """SIGTERM arrived (raised in the main thread; not an ``Exception``, like Ctrl-C)."""
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class OutputFolder:
@@ -97,14 +95,31 @@ class OutputFolder:
         except OSError as e:
             self._remove_created()
             raise InputError(f"--out {self.out}: cannot write there ({e.strerror})") from None
-        self._previous = None
+        self._previous = {}
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, _raise_terminated)
+            self._previous = {s: signal.signal(s, self._abort) for s in SIGNALS}
         return self.tmp
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for s in self._previous:
+            signal.signal(s, signal.SIG_IGN)
+        self._remove_tmp()
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _abort(self, signum, frame) -> None:
+        """Ctrl-C or SIGTERM: remove what was written, say so in one line and exit with
+        128 + the signal number. Exiting here rather than raising also works where Python
+        would swallow an exception (e.g. in a callback during an import)."""
+        for s in SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+        self._remove_tmp()
+        word = "interrupted" if signum == signal.SIGINT else "terminated"
+        sys.stdout.flush()
+        print(f"{self.tool}: {word}; nothing written", file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+
+    def _remove_tmp(self) -> None:
         if self.tmp is not None and self.tmp.exists():
             shutil.rmtree(self.tmp, ignore_errors=True)
             self._remove_created()
@@ -139,17 +154,13 @@ class OutputFolder:
         self._created = []
 
 
-def _raise_terminated(signum, frame):
-    raise Terminated
-
-
 @contextlib.contextmanager
 def _signals_ignored():
     """Ctrl-C and SIGTERM are ignored inside the block (only the main thread can do this)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in SIGNALS}
     try:
         yield
     finally:

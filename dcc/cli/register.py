@@ -15,7 +15,7 @@ import SimpleITK as sitk
 import torch
 
 from dcc.cli.checks import check_device, check_options, check_overlap, check_with_images
-from dcc.cli.outdir import OutputFolder, Terminated
+from dcc.cli.outdir import OutputFolder
 from dcc.coreg import StageConfig, XCoReg, XCoRegConfig, load_preset
 from dcc.coreg.config import METHODS, STAGES, auto_config, available_presets
 from dcc.coreg.engine import RegistrationError
@@ -447,12 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, ValueError, RegistrationError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # while the output folder is open, it handles Ctrl-C itself
         print(f"{PROG}: interrupted; nothing written", file=sys.stderr)
         return 130
-    except Terminated:
-        print(f"{PROG}: terminated; nothing written", file=sys.stderr)
-        return 143
     stages = ", ".join(f"{s['name']} {s['iterations']} it" for s in report["stages"])
     print(
         f"{PROG}: {len(report['names'])} images registered ({stages}); "
