@@ -162,6 +162,7 @@ def run_case(case_dir: Path, index: int, work: Path, args, extra) -> dict:
         "registration_s": report["wall_time_s"],
         "seconds": seconds,
         "stages": report["stages"],
+        "diagnostics": report.get("diagnostics"),
         "settings": report["settings"],
         "montage": str(out / "montage.png"),
     }
@@ -256,6 +257,8 @@ def main(argv=None) -> int:
         for index, case_dir in tqdm(cases, desc="MyoPS", unit="case"):
             r = run_case(case_dir, index, work, args, extra)
             results.append(r)
+            partial = [{k: v for k, v in x.items() if k != "montage"} for x in results]
+            (out / f"{args.tag}.partial.json").write_text(json.dumps(partial, indent=2))
             tqdm.write(
                 f"{r['case']}: Dice {r['dice_before']:.3f} -> {r['dice_after']:.3f} "
                 + " ".join(

@@ -12,6 +12,7 @@ import SimpleITK as sitk
 import torch
 
 from dcc.coreg import StageConfig, XCoReg, load_preset
+from dcc.coreg.config import auto_config
 from dcc.data.cardiac import (
     MYOPS_SEQUENCES,
     data_root,
@@ -20,9 +21,10 @@ from dcc.data.cardiac import (
     merge_labels,
     myops_cases,
 )
-from dcc.data.io import InputError, resample_to_grid
+from dcc.data.io import InputError, read_image, resample_to_grid
 from dcc.data.misalign import random_rigid, warp_images
 from dcc.evaluation.metrics import pairwise_dice
+from dcc.spatial.grid import Grid
 
 ROOT = data_root()
 NEEDED = ("myops2020", "cmr_multiparam_sub2092")
@@ -153,3 +155,65 @@ def test_rigid_registration_recovers_known_misalignment():
     assert before < 0.7
     assert after > before + 0.12, (before, after)
     assert after > 0.78, (before, after)
+
+
+# ---------------------------------------------------------------------- aligned groups (issue 6)
+ALIGNED = "Case3002"  # C0/LGE/T2 on one grid with one label map: aligned by construction
+
+
+def _aligned_volumes(down: int):
+    """Case3002's C0/LGE/T2 volumes and label map, in-plane downsampled ``down`` times."""
+    case = ROOT / "myops2020" / ALIGNED
+    volumes = [read_image(case / f"{ALIGNED}_{s}.nii.gz") for s in MYOPS_SEQUENCES]
+    grid = volumes[0][1]
+    gd = sitk.GetArrayFromImage(sitk.ReadImage(str(case / f"{ALIGNED}_gd.nii.gz")))
+    labels = merge_labels(gd).expand(3, *grid.shape)
+    z, y, x = grid.shape
+    small = Grid(
+        (z, (y - 1) // down + 1, (x - 1) // down + 1),
+        (grid.extent[0] / ((x - 1) // down), grid.extent[1] / ((y - 1) // down), grid.spacing[2]),
+        grid.origin,
+        grid.direction,
+    )
+    images = torch.stack([resample_to_grid(v, g, small)[0] for v, g in volumes])
+    return images, resample_to_grid(labels, grid, small, mode="nearest")[0], small
+
+
+def _register_aligned(images, labels, grid, config):
+    result = XCoReg(config).register(images, grid)
+    after = warp_images(labels, grid, result.transform, mode="nearest")
+    return pairwise_dice(labels, [1, 2, 3])["mean"], pairwise_dice(after, [1, 2, 3])["mean"]
+
+
+DRIFT = (
+    "the X-metric itself prefers a shifted T2 on Case3002: with Gamma re-estimated on the whole "
+    "overlap, X rises monotonically as T2 moves 6 mm along y (K=4, L=32, 224 crop), and the "
+    "rigid stage ends 6-12 mm off with a higher X (0.99 -> 1.24 on the full slice)"
+)
+
+
+@pytest.mark.xfail(reason=DRIFT, strict=False)
+def test_aligned_slice_stays_aligned_rigid():
+    """The full 511 x 511 mid-ventricular slice (here at 3 mm) with the settings picked from the
+    data, rigid stage only (``--stages rigid``): pairwise Dice must stay >= 0.95."""
+    images, labels, grid = load_myops_slices(ROOT / "myops2020" / ALIGNED, crop=None)
+    small = grid.downsample(4)
+    images = resample_to_grid(images, grid, small)[0]
+    labels = resample_to_grid(labels, grid, small, mode="nearest")[0]
+    config = auto_config(small, progress=False)
+    config.stages = [s for s in config.stages if s.name == "rigid"]
+    config.stages[0].iterations = 90
+    before, after = _register_aligned(images, labels, small, config)
+    assert before == 1.0
+    assert after >= 0.95, after
+
+
+def test_aligned_volumes_stay_aligned_rigid():
+    """The 3D C0/LGE/T2 volumes (3 slices of 23 mm; in-plane 3 mm here), rigid stage only."""
+    images, labels, grid = _aligned_volumes(4)
+    config = auto_config(grid, progress=False)
+    config.stages = [s for s in config.stages if s.name == "rigid"]
+    config.stages[0].iterations = 60
+    before, after = _register_aligned(images, labels, grid, config)
+    assert before == 1.0
+    assert after >= 0.95, after
