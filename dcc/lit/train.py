@@ -10,7 +10,7 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from dcc.lit.module import DCCModule
 
@@ -40,6 +40,17 @@ def _setup(cfg: DictConfig) -> None:
         pl.seed_everything(int(cfg.seed), workers=True)
 
 
+def _log_config(trainer: pl.Trainer, cfg: DictConfig) -> None:
+    """The composed config (resolved, without Hydra's own settings) to every logger (W&B
+    config, TensorBoard hparams, CSV hparams.yaml)."""
+    config = {
+        key: OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+        for key, value in ((k, cfg[k]) for k in cfg if k != "hydra")
+    }
+    for logger in trainer.loggers:
+        logger.log_hyperparams(config)
+
+
 def _metrics(trainer: pl.Trainer) -> dict[str, float]:
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
@@ -60,6 +71,7 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         logger=instantiate_list(cfg.get("logger")) or False,
     )
     os.makedirs(trainer.default_root_dir, exist_ok=True)
+    _log_config(trainer, cfg)
     metrics: dict[str, float] = {}
     if cfg.get("train", True):
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
@@ -96,6 +108,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         callbacks=instantiate_list(cfg.get("callbacks")),
         logger=instantiate_list(cfg.get("logger")) or False,
     )
+    _log_config(trainer, cfg)
     trainer.test(model, datamodule=datamodule)
     return {
         "metrics": _metrics(trainer),
