@@ -93,7 +93,7 @@ def test_linear_stages_round_trip(tmp_path, group_files, capsys):
         seg = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "labels" / f"{name}.nii.gz")))
         assert np.issubdtype(seg.dtype, np.integer) and set(np.unique(seg)) <= {0, 1, 2, 3}
     posterior = sitk.ReadImage(str(out / "posterior.nii.gz"))
-    assert posterior.GetNumberOfComponentsPerPixel() == 4
+    assert posterior.GetNumberOfComponentsPerPixel() == report["settings"]["num_classes"]
     assert (out / "montage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -102,6 +102,8 @@ def test_ffd_displacement_field_reproduces_warp(tmp_path, group_files, capsys):
     code, out = register(
         tmp_path,
         *paths,
+        "--preset",
+        "brain2d",  # the group is the brain phantom
         "--stages",
         "ffd",
         "--iterations",
@@ -325,11 +327,25 @@ def test_images_that_barely_overlap(tmp_path, capsys, good, offset, percent):
         (["--preset", "nope"], "unknown preset 'nope'; available: brain2d"),
         (["--method", "xcoreg-gt"], "--method xcoreg-gt needs --labels"),
         # ranges that depend on the 32x32 images, checked after reading them
-        (["--levels", "6"], "--levels 6 (stage ffd): the coarsest level would be 1x1 voxels"),
-        (["--levels", "6"], "use --levels <= 3 to keep at least 8 voxels along the longest axes"),
-        (["--ffd-spacing", "0.1"], "--ffd-spacing 0.1 mm: the control-point spacing must be at"),
-        (["--ffd-spacing", "1e6"], "and at most the grid's extent (31 mm)"),
-        (["--ffd-spacing", "8", "--ffd-levels", "4"], "(finest of 4 levels 1 mm)"),
+        (
+            ["--stages", "ffd", "--levels", "6"],
+            "--levels 6 (stage ffd): the coarsest level would be 1x1 voxels",
+        ),
+        (
+            ["--stages", "ffd", "--levels", "6"],
+            "use --levels <= 3 to keep at least 8 voxels along the longest axes",
+        ),
+        (
+            ["--stages", "ffd", "--ffd-spacing", "0.1"],
+            "--ffd-spacing 0.1 mm: the control-point spacing must be at",
+        ),
+        (["--stages", "ffd", "--ffd-spacing", "1e6"], "and at most the grid's extent (31 mm)"),
+        (
+            ["--stages", "ffd", "--ffd-spacing", "8", "--ffd-levels", "4"],
+            "(finest of 4 levels 1 mm)",
+        ),
+        (["--ffd-spacing", "30", "--stages", "rigid"], "--ffd-spacing 30.0: the settings have no"),
+        (["--ffd-levels", "2", "--stages", "rigid"], "add one, e.g. --stages rigid,ffd"),
         (["--sample-rate", "0.001"], "--sample-rate 0.001: samples about 1.0 of the 1024 voxels"),
     ],
 )

@@ -80,9 +80,18 @@ def check_device(device: str) -> None:
         )
 
 
-def check_with_images(config: XCoRegConfig, common: Grid) -> None:
-    """Pyramid levels against the grid size, FFD spacing against voxel size and extent, sample
-    rate against the number of voxels, for every stage of ``config`` on the ``common`` grid."""
+def check_with_images(config: XCoRegConfig, common: Grid, args) -> None:
+    """FFD options need an FFD stage; pyramid levels against the grid size, FFD spacing against
+    voxel size and extent, sample rate against the number of voxels, for every stage of
+    ``config`` (final, possibly picked from the data) on the ``common`` grid."""
+    names = [stage.name for stage in config.stages]
+    for dest, flag in (("ffd_spacing", "--ffd-spacing"), ("ffd_levels", "--ffd-levels")):
+        value = getattr(args, dest, None)
+        if value is not None and "ffd" not in names:
+            raise InputError(
+                f"{flag} {value}: the settings have no ffd stage (stages: {','.join(names)}); "
+                f"add one, e.g. --stages {','.join(names)},ffd"
+            )
     shape = "x".join(map(str, common.shape))
     for stage in config.stages:
         coarse = _coarsest(common, stage.levels)

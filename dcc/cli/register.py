@@ -410,7 +410,7 @@ def _register_into(tmp: Path, args: argparse.Namespace, config: XCoRegConfig) ->
     )
     if not args.preset and not args.phantom:  # settings picked from the data
         config = make_config(args, common)
-    check_with_images(config, common)
+    check_with_images(config, common, args)
     extra["initial_overlap"] = check_overlap(
         valid, paths, config.reference or 0, args.min_initial_overlap
     )
