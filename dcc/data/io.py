@@ -260,7 +260,8 @@ def _check_nifti(path: Path) -> None:
             found = expected if floating else _gzip_length(path)
         finite = found < expected or not floating or np.isfinite(np.asanyarray(image.dataobj)).all()
     except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as e:
-        reason = "its compressed data end early" if isinstance(e, EOFError) else _short_reason(e)
+        early = isinstance(e, EOFError | nib.filebasedimages.ImageFileError) and compressed
+        reason = "its compressed data end early" if early else _short_reason(e)
         raise InputError(f"{path}: file is truncated or damaged ({reason})") from None
     if found < expected:
         unpacked = " after decompression" if compressed else ""
