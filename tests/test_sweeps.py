@@ -89,3 +89,23 @@ def test_slurm_launcher_composes(tmp_path):
                          "hydra.launcher.nodes=2", "hydra.launcher.tasks_per_node=2"])
     assert (cfg.trainer.num_nodes, cfg.hydra.launcher.nodes) == (2, 2)
     assert Path(CONF / "hydra" / "launcher" / "slurm.yaml").is_file()
+
+
+def test_wandb_logger_offline_without_network_or_login(tmp_path):
+    """``logger=wandb`` with WANDB_MODE unset: offline files, no login, no prompt (stdin is
+    closed), no network (an unreachable server), within the timeout."""
+    run = tmp_path / "run"
+    env = {"WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_API_KEY": None, "WANDB_MODE": None}
+    proc = run_script("train.py", [
+        "logger=wandb", f"hydra.run.dir={run}", *TINY_CLI, "data.num_train=2",
+        "trainer.max_epochs=1", "model.figure_every=1",
+    ], tmp_path, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    offline = list((run / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1
+    data = next(offline[0].glob("run-*.wandb")).read_bytes()
+    for key in (b"val/reg_dsc", b"test/seg_dsc/LGE", b"lr-Adam", b"optimizer_seg"):
+        assert key in data, key  # metrics, learning rates and the composed config
+    images = {p.name.split("_")[0] for p in (offline[0] / "files" / "media" / "images"
+                                                / "figures").glob("*.png")}
+    assert {"epoch", "test"} <= images  # the PNG overlays

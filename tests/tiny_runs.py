@@ -30,8 +30,8 @@ TINY_CLI = [
 
 def run_script(script: str, args: list[str], tmp_path: Path, timeout: float = 240,
                env: dict | None = None) -> subprocess.CompletedProcess:
-    """``python SCRIPT ARGS`` from the repository root with one thread per process; W&B files
-    under ``tmp_path``."""
+    """``python SCRIPT ARGS`` from the repository root with one thread per process, stdin
+    closed, W&B files under ``tmp_path``; ``env`` entries set to ``None`` are unset."""
     environ = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -41,9 +41,10 @@ def run_script(script: str, args: list[str], tmp_path: Path, timeout: float = 24
         "PYTHONWARNINGS": "ignore",
         **(env or {}),
     }
+    environ = {k: v for k, v in environ.items() if v is not None}
     return subprocess.run(
-        [sys.executable, str(ROOT / script), *args],
-        cwd=ROOT, env=environ, capture_output=True, text=True, timeout=timeout,
+        [sys.executable, str(ROOT / script), *args], cwd=ROOT, env=environ,
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
     )
 
 
