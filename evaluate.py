@@ -9,6 +9,7 @@ import hydra
 from omegaconf import DictConfig
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see train.py
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate.yaml")
