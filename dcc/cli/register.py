@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import re
-import resource
 import sys
 import time
 from pathlib import Path
 
-import SimpleITK as sitk
 import torch
 
 from dcc.cli.checks import check_device, check_options, check_overlap, check_with_images
@@ -21,9 +17,7 @@ from dcc.coreg.config import METHODS, STAGES, auto_config, available_presets
 from dcc.coreg.engine import RegistrationError
 from dcc.data.io import InputError, read_image, read_labels, resample_to_grid, write_image
 from dcc.data.misalign import MisalignedGroup, misaligned_phantom
-from dcc.evaluation.figures import save_montage
-from dcc.evaluation.metrics import pairwise_dice
-from dcc.spatial.functional import sample
+from dcc.evaluation.outputs import peak_memory_mb, unique_names, write_group, write_report
 from dcc.spatial.grid import Grid
 
 PROG = "dcc-register"
@@ -193,18 +187,6 @@ def _given(options: dict) -> dict:
     return {k: v for k, v in options.items() if v is not None}
 
 
-def image_name(path: str) -> str:
-    name = Path(path.rstrip("/")).name
-    return re.sub(r"(\.nii\.gz|\.nii|\.mha|\.mhd|\.nrrd|\.dcm)$", "", name, flags=re.I) or "image"
-
-
-def unique_names(paths: list[str]) -> list[str]:
-    names = [image_name(p) for p in paths]
-    if len(set(names)) < len(names):
-        names = [f"{i:02d}_{n}" for i, n in enumerate(names)]
-    return names
-
-
 def load_group(paths, label_paths, reference):
     """Read the images (and labels) and resample them onto the common grid."""
     if len(paths) < 2:
@@ -240,18 +222,6 @@ def load_group(paths, label_paths, reference):
     return originals, labels, common, torch.stack(images), torch.stack(valid), warped_labels
 
 
-@torch.no_grad()
-def warp_originals(transform, common: Grid, volumes, mode: str):
-    """Each original volume (on its own grid) sampled at phi_j(x) on the common grid."""
-    points = transform.lattice(common).cpu()
-    out = []
-    for j, (volume, grid) in enumerate(volumes):
-        normalized = grid.world_to_normalized(points[j : j + 1])
-        warped = sample(volume.float()[None, None], normalized, mode=mode)[0, 0]
-        out.append(warped.to(volume.dtype) if mode == "nearest" else warped)
-    return points, out
-
-
 def write_outputs(
     tmp: Path,
     args,
@@ -266,49 +236,24 @@ def write_outputs(
     seconds,
     extra: dict,
 ):
-    """Write every output into ``tmp``; ``extra`` entries are added to ``report.json`` (whose
+    """Write every output into ``tmp`` (the layout of :mod:`dcc.evaluation.outputs`, shared
+    with the DCC network's predict mode); ``extra`` entries are added to ``report.json`` (whose
     ``images``/``labels`` are the paths given in ``extra`` if any, else those on the command
     line)."""
     transform = result.transform.cpu()
-    points, warped = warp_originals(transform, common, originals, "bilinear")
-    for sub in ("warped", "transforms"):
-        (tmp / sub).mkdir()
-    for name, image in zip(names, warped, strict=True):
-        write_image(tmp / "warped" / f"{name}.nii.gz", image, common)
-    warped_labels = None
-    if labels is not None:
-        (tmp / "labels").mkdir()
-        _, warped_labels = warp_originals(
-            transform,
-            common,
-            [(lab, g) for lab, (_, g) in zip(labels, originals, strict=True)],
-            "nearest",
-        )
-        for name, lab in zip(names, warped_labels, strict=True):
-            write_image(tmp / "labels" / f"{name}.nii.gz", lab.to(torch.int32), common)
-    base = common.points()
-    linear = transform.linear_part()
-    for j, name in enumerate(names):
-        field = (points[j] - base).double()
-        write_image(
-            tmp / "transforms" / f"{name}_displacement.nii.gz", field, common, is_vector=True
-        )
-        if linear is not None:
-            affine = sitk.AffineTransform(common.ndim)
-            affine.SetMatrix(linear[0][j].double().flatten().tolist())
-            affine.SetTranslation(linear[1][j].double().tolist())
-            sitk.WriteTransform(affine, str(tmp / "transforms" / f"{name}.tfm"))
-    posterior = result.posterior.cpu()
-    write_image(tmp / "posterior.nii.gz", posterior.movedim(0, -1), common, is_vector=True)
-    write_image(tmp / "segmentation.nii.gz", posterior.argmax(0).to(torch.uint8), common)
-    save_montage(
-        tmp / "montage.png",
-        images,
-        torch.stack(warped),
-        posterior,
+    with torch.no_grad():
+        points = transform.lattice(common).cpu()
+    dice = write_group(
+        tmp,
         names,
+        common,
+        points,
+        originals,
+        result.posterior.cpu(),
+        images,
+        labels=labels,
         labels_before=warped_labels_before,
-        labels_after=None if warped_labels is None else torch.stack(warped_labels),
+        linear=transform.linear_part(),
     )
     report = {
         "images": [str(p) for p in args.images],
@@ -330,35 +275,15 @@ def write_outputs(
         "x_metric": result.x_metric,
         "log_likelihood": result.log_likelihood,
         "wall_time_s": round(seconds, 3),
-        "peak_memory_mb": round(_peak_memory_mb(config.device), 1),
+        "peak_memory_mb": round(peak_memory_mb(config.device), 1),
+        **dice,
     }
-    if warped_labels is not None:
-        report["dice_before"] = pairwise_dice(warped_labels_before)
-        report["dice_after"] = pairwise_dice(torch.stack(warped_labels))
     diagnostics = getattr(result, "diagnostics", None)  # engine diagnostics, if it gives any
     if diagnostics is not None:
         report["diagnostics"] = diagnostics
     report.update(extra)
-    (tmp / "report.json").write_text(json.dumps(report, indent=2, default=_json_default))
+    write_report(tmp, report)
     return report
-
-
-def _json_default(value):
-    """JSON for dataclasses, tensors, arrays, paths and numbers that ``json`` does not know."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    return float(value)
-
-
-def _peak_memory_mb(device: str) -> float:
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return rss_mb + torch.cuda.max_memory_allocated() / 2**20
-    return rss_mb
 
 
 def write_phantom_inputs(folder: Path, dim: int, seed: int) -> MisalignedGroup:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import resource
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,6 +40,7 @@ __all__ = [
     "sample_at_points",
     "write_group",
     "write_report",
+    "peak_memory_mb",
 ]
 
 Volume = tuple[torch.Tensor, Grid]
@@ -170,3 +172,11 @@ def _json_default(value):
     if isinstance(value, Path):
         return str(value)
     return float(value)
+
+
+def peak_memory_mb(device: str) -> float:
+    """Peak resident memory of this process (MiB), plus the peak CUDA allocation on a GPU."""
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return rss_mb + torch.cuda.max_memory_allocated() / 2**20
+    return rss_mb

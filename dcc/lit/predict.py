@@ -13,7 +13,6 @@ field and one segmentation per image, the EM of the DCC loss gives the common-sp
 from __future__ import annotations
 
 import math
-import resource
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -28,6 +27,7 @@ from dcc.cli.outdir import OutputFolder, Terminated
 from dcc.data.io import InputError, read_image, read_labels, resample_to_grid
 from dcc.evaluation.outputs import (
     displacement_to_points,
+    peak_memory_mb,
     unique_names,
     write_group,
     write_report,
@@ -229,7 +229,7 @@ def run_prediction(cfg: Mapping[str, Any]) -> dict:
             "folding_voxels": folding.tolist(),
             "inference_s": round(seconds, 4),
             "device": device,
-            "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_memory_mb": round(peak_memory_mb(device), 1),
             **dice,
         }
         write_report(tmp, report)
