@@ -135,6 +135,7 @@ class DCCModule(pl.LightningModule):
         self.class_names = list(class_names)
         self.num_classes = len(self.class_names)
         self.atlas = bool(strategy.get("atlas", False))
+        self.strategy_name = str(strategy.get("name", "custom"))
         num_domains = len(self.sequences) + int(self.atlas)
         # labelled_domain[d]: whether domain d belongs to J (the atlas domain always does)
         labelled_domain = [s in strategy.get("labelled_sequences", []) for s in self.sequences]
@@ -240,7 +241,7 @@ class DCCModule(pl.LightningModule):
             )
         if getattr(data, "with_atlas", self.atlas) != self.atlas:
             raise ValueError(
-                f"strategy {self.hparams.strategy.get('name')!r} needs "
+                f"strategy {self.strategy_name!r} needs "
                 f"with_atlas={self.atlas} in the data module"
             )
         if self.hparams.spacing is None and getattr(data, "spacing", None) is not None:
