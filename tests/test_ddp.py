@@ -9,11 +9,22 @@ from tiny_runs import TINY_CLI, run_script
 
 def test_ddp_two_cpu_processes(tmp_path):
     run = tmp_path / "run"
-    proc = run_script("train.py", [
-        "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "+trainer.max_steps=2",
-        "trainer.max_epochs=1", "test=false", f"hydra.run.dir={run}", *TINY_CLI,
-        "data.num_train=8",
-    ], tmp_path, timeout=300)
+    proc = run_script(
+        "train.py",
+        [
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "+trainer.max_steps=2",
+            "trainer.max_epochs=1",
+            "test=false",
+            f"hydra.run.dir={run}",
+            *TINY_CLI,
+            "data.num_train=8",
+        ],
+        tmp_path,
+        timeout=300,
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-3000:]
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in output  # the second process joined

@@ -18,15 +18,25 @@ def test_evaluate_command_writes_tables_and_overlays(tmp_path_factory, tmp_path)
     ckpt = tiny_checkpoint(tmp_path_factory)
     run = tmp_path / "run"
     cli = [o for o in TINY_CLI if o.startswith(("data.image_size", "threads"))]
-    proc = run_script("evaluate.py", [
-        f"ckpt_path={ckpt}", *cli, "data.num_test=3", "data.batch_size=2",
-        "callbacks.metrics_table.figures=2", f"hydra.run.dir={run}",
-    ], tmp_path)
+    proc = run_script(
+        "evaluate.py",
+        [
+            f"ckpt_path={ckpt}",
+            *cli,
+            "data.num_test=3",
+            "data.batch_size=2",
+            "callbacks.metrics_table.figures=2",
+            f"hydra.run.dir={run}",
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Reg DSC mean" in proc.stdout and "metrics table:" in proc.stdout
     metrics = run / "metrics"
     assert sorted(p.name for p in metrics.iterdir()) == [
-        "test_groups.csv", "test_summary.csv", "test_summary.md"
+        "test_groups.csv",
+        "test_summary.csv",
+        "test_summary.md",
     ]
     rows = list(csv.DictReader(open(metrics / "test_groups.csv")))
     assert [r["case"] for r in rows] == ["phantom-test-0", "phantom-test-1", "phantom-test-2"]

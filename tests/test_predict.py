@@ -48,6 +48,13 @@ def files(tmp_path_factory):
         write_image(labels[-1], lab.to(torch.int32), target)
     volume = folder / "volume.nii.gz"
     write_image(volume, torch.rand(4, 32, 32), Grid.from_shape((4, 32, 32), 2.0))
+    # 3-slice stacks (slice k = the 2D image) on a 3D grid, as short-axis volumes come
+    stack = Grid.from_shape((3, 32, 32), (*phantom.spacing, 10.0))
+    for name, image in zip(phantom.names, phantom.images, strict=True):
+        write_image(folder / f"{name}_stack.nii.gz", image.expand(3, -1, -1) + 0.01, stack)
+        write_image(
+            folder / f"{name}_stack_gt.nii.gz", phantom.labels.expand(3, -1, -1).int(), stack
+        )
     return images, labels, volume
 
 
@@ -73,11 +80,18 @@ def written(out: Path) -> set[str]:
 def test_predict_command_writes_the_register_layout(tmp_path, ckpt, files):
     images, labels, _ = files
     out = tmp_path / "out"
-    proc = run_script("evaluate.py", [
-        "mode=predict", f"ckpt_path={ckpt}", f"predict.inputs=[{','.join(images)}]",
-        f"predict.labels=[{','.join(labels)}]", f"predict.out={out}",
-        f"hydra.run.dir={tmp_path / 'run'}",
-    ], tmp_path)
+    proc = run_script(
+        "evaluate.py",
+        [
+            "mode=predict",
+            f"ckpt_path={ckpt}",
+            f"predict.inputs=[{','.join(images)}]",
+            f"predict.labels=[{','.join(labels)}]",
+            f"predict.out={out}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "3 images (C0, LGE, T2) registered and segmented" in proc.stdout
     assert "mean Dice of the labels" in proc.stdout
@@ -131,9 +145,10 @@ def test_fields_follow_itk_convention(tmp_path, ckpt, files):
         ones = np.pad(np.ones(np.array(moving.GetSize()[::-1]) - 2), 1)
         inner = sitk.GetImageFromArray(ones)
         inner.CopyInformation(moving)
-        inside = sitk.GetArrayFromImage(
-            sitk.Resample(inner, reference, transform, sitk.sitkLinear, 0.0)
-        ) > 1 - 1e-9
+        inside = (
+            sitk.GetArrayFromImage(sitk.Resample(inner, reference, transform, sitk.sitkLinear, 0.0))
+            > 1 - 1e-9
+        )
         assert inside.mean() > 0.5
         np.testing.assert_allclose(
             sitk.GetArrayFromImage(expected)[inside],
@@ -171,10 +186,17 @@ def test_missing_file_exits_2_with_one_line(tmp_path, ckpt, files):
     images, _, _ = files
     out = tmp_path / "out"
     missing = str(tmp_path / "nowhere.nii.gz")
-    proc = run_script("evaluate.py", [
-        "mode=predict", f"ckpt_path={ckpt}", f"predict.inputs=[{images[0]},{missing}]",
-        f"predict.out={out}", f"hydra.run.dir={tmp_path / 'run'}",
-    ], tmp_path)
+    proc = run_script(
+        "evaluate.py",
+        [
+            "mode=predict",
+            f"ckpt_path={ckpt}",
+            f"predict.inputs=[{images[0]},{missing}]",
+            f"predict.out={out}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"evaluate.py mode=predict: error: {missing}: file not found"
@@ -189,8 +211,13 @@ def test_bad_inputs(tmp_path, capsys, ckpt, files):
     _fails(capsys, cfg(ckpt, out, images[:1]), "at least 2 images")
     _fails(capsys, cfg(ckpt, out, images, labels=labels[:2]), "predict.labels", "2 label maps")
     _fails(capsys, cfg(ckpt, out, images + images[:1]), "4 images", "predict.sequences")
-    _fails(capsys, cfg(ckpt, out, images, sequences=["C0", "FLAIR", "T2"]),
-           "['FLAIR']", "trained for", "['C0', 'LGE', 'T2']")
+    _fails(
+        capsys,
+        cfg(ckpt, out, images, sequences=["C0", "FLAIR", "T2"]),
+        "['FLAIR']",
+        "trained for",
+        "['C0', 'LGE', 'T2']",
+    )
     _fails(capsys, cfg(ckpt, None, images), "predict.out")
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "mine.txt").write_text("user data")
@@ -212,8 +239,7 @@ def test_bad_checkpoints(tmp_path, capsys, ckpt, files):
     _fails(capsys, cfg(other, out, images), "other.ckpt", "not a DCC checkpoint")
     # a checkpoint of another configuration: its weights do not fit its stated network
     checkpoint = torch.load(ckpt, weights_only=True)
-    checkpoint["hyper_parameters"]["net"] = {**checkpoint["hyper_parameters"]["net"],
-                                             "channels": 8}
+    checkpoint["hyper_parameters"]["net"] = {**checkpoint["hyper_parameters"]["net"], "channels": 8}
     torch.save(checkpoint, other)
     _fails(capsys, cfg(other, out, images), "other.ckpt", "not a DCC model checkpoint")
     # trained for other sequences
@@ -221,5 +247,22 @@ def test_bad_checkpoints(tmp_path, capsys, ckpt, files):
     checkpoint["hyper_parameters"]["sequences"] = ["T1", "T2", "FLAIR"]
     checkpoint["hyper_parameters"]["strategy"]["labelled_sequences"] = ["T1"]
     torch.save(checkpoint, other)
-    _fails(capsys, cfg(other, out, images, sequences=list(NAMES)), "['C0', 'LGE']",
-           "['T1', 'T2', 'FLAIR']")
+    _fails(
+        capsys,
+        cfg(other, out, images, sequences=list(NAMES)),
+        "['C0', 'LGE']",
+        "['T1', 'T2', 'FLAIR']",
+    )
+
+
+def test_slice_of_3d_stacks_with_a_2d_model(tmp_path, capsys, ckpt, files):
+    folder = Path(files[2]).parent
+    stacks = [str(folder / f"{n}_stack.nii.gz") for n in NAMES]
+    labels = [str(folder / f"{n}_stack_gt.nii.gz") for n in NAMES]
+    report = run_prediction(cfg(ckpt, tmp_path / "a", stacks, labels=labels, slice=1))
+    assert report["names"] == [f"{n}_stack" for n in NAMES]
+    assert len(report["common_grid"]["shape"]) == 2
+    assert report["dice_before"]["mean"] == 1.0  # the stacks' labels are aligned
+    assert written(tmp_path / "a") == layout(report["names"], labels=True)
+    _fails(capsys, cfg(ckpt, tmp_path / "b", stacks, slice=3), "predict.slice 3", "3 slices")
+    _fails(capsys, cfg(ckpt, tmp_path / "b", stacks), "3D", "predict.slice=K")

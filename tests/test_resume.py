@@ -24,9 +24,7 @@ def train(folder: Path, *overrides: str) -> dict:
 def test_resume_reaches_the_uninterrupted_result(tmp_path):
     full = train(tmp_path / "full", "trainer.max_epochs=2")
     half = train(tmp_path / "half", "trainer.max_epochs=1")
-    resumed = train(
-        tmp_path / "resumed", "trainer.max_epochs=2", f"ckpt_path={half['last_ckpt']}"
-    )
+    resumed = train(tmp_path / "resumed", "trainer.max_epochs=2", f"ckpt_path={half['last_ckpt']}")
     first = torch.load(half["last_ckpt"], weights_only=True)
     a = torch.load(full["last_ckpt"], weights_only=True)
     b = torch.load(resumed["last_ckpt"], weights_only=True)
@@ -52,8 +50,9 @@ def test_without_saved_random_state_the_data_differ(tmp_path):
     full = train(tmp_path / "full", "trainer.max_epochs=2")
     half = train(tmp_path / "half", "trainer.max_epochs=1")
     checkpoint = torch.load(half["last_ckpt"], weights_only=True)
-    checkpoint["callbacks"] = {k: v for k, v in checkpoint["callbacks"].items()
-                               if "RandomState" not in k}
+    checkpoint["callbacks"] = {
+        k: v for k, v in checkpoint["callbacks"].items() if "RandomState" not in k
+    }
     stripped = tmp_path / "stripped.ckpt"
     torch.save(checkpoint, stripped)
     resumed = train(tmp_path / "resumed", "trainer.max_epochs=2", f"ckpt_path={stripped}")

@@ -26,9 +26,14 @@ def test_optuna_sweep_two_trials(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     sweep = tmp_path / "sweep"
     args = [
-        "-m", "hparams_search=dcc_optuna", "hydra.sweeper.n_trials=2",
-        "hydra.sweeper.sampler.n_startup_trials=1", f"hydra.sweep.dir={sweep}",
-        *TINY_CLI, "data.num_train=2", "trainer.max_epochs=1",
+        "-m",
+        "hparams_search=dcc_optuna",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.sampler.n_startup_trials=1",
+        f"hydra.sweep.dir={sweep}",
+        *TINY_CLI,
+        "data.num_train=2",
+        "trainer.max_epochs=1",
     ]
     proc = run_script("train.py", args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -36,7 +41,9 @@ def test_optuna_sweep_two_trials(tmp_path):
     assert results["name"] == "optuna"
     assert 0.0 <= results["best_value"] <= 1.0  # a Reg DSC
     assert set(results["best_params"]) == {
-        "model.optimizer_seg.lr", "model.optimizer_reg.lr", "model.loss.bending_weight",
+        "model.optimizer_seg.lr",
+        "model.optimizer_reg.lr",
+        "model.loss.bending_weight",
         "model.alternate_every",
     }
     # two trials, each a training run with its own folder, checkpoint and composed config
@@ -76,8 +83,9 @@ def test_wandb_sweep_file_matches_the_training_config():
 
 def test_slurm_launcher_composes(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    cfg = compose_train(["hydra/launcher=slurm", "hydra.launcher.partition=gpu",
-                         f"hydra.sweep.dir={tmp_path}"])
+    cfg = compose_train(
+        ["hydra/launcher=slurm", "hydra.launcher.partition=gpu", f"hydra.sweep.dir={tmp_path}"]
+    )
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     assert (launcher.partition, launcher.nodes, launcher.tasks_per_node) == ("gpu", 1, 1)
@@ -85,8 +93,15 @@ def test_slurm_launcher_composes(tmp_path):
     built = hydra.utils.instantiate(launcher)
     assert built.params["partition"] == "gpu" and built.params["timeout_min"] == 240
     # the multi-node DDP settings documented in the file compose
-    cfg = compose_train(["hydra/launcher=slurm", "trainer=ddp", "trainer.num_nodes=2",
-                         "hydra.launcher.nodes=2", "hydra.launcher.tasks_per_node=2"])
+    cfg = compose_train(
+        [
+            "hydra/launcher=slurm",
+            "trainer=ddp",
+            "trainer.num_nodes=2",
+            "hydra.launcher.nodes=2",
+            "hydra.launcher.tasks_per_node=2",
+        ]
+    )
     assert (cfg.trainer.num_nodes, cfg.hydra.launcher.nodes) == (2, 2)
     assert Path(CONF / "hydra" / "launcher" / "slurm.yaml").is_file()
 
@@ -96,16 +111,28 @@ def test_wandb_logger_offline_without_network_or_login(tmp_path):
     closed), no network (an unreachable server), within the timeout."""
     run = tmp_path / "run"
     env = {"WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_API_KEY": None, "WANDB_MODE": None}
-    proc = run_script("train.py", [
-        "logger=wandb", f"hydra.run.dir={run}", *TINY_CLI, "data.num_train=2",
-        "trainer.max_epochs=1", "model.figure_every=1",
-    ], tmp_path, timeout=240, env=env)
+    proc = run_script(
+        "train.py",
+        [
+            "logger=wandb",
+            f"hydra.run.dir={run}",
+            *TINY_CLI,
+            "data.num_train=2",
+            "trainer.max_epochs=1",
+            "model.figure_every=1",
+        ],
+        tmp_path,
+        timeout=240,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     offline = list((run / "wandb").glob("offline-run-*"))
     assert len(offline) == 1
     data = next(offline[0].glob("run-*.wandb")).read_bytes()
     for key in (b"val/reg_dsc", b"test/seg_dsc/LGE", b"lr-Adam", b"optimizer_seg"):
         assert key in data, key  # metrics, learning rates and the composed config
-    images = {p.name.split("_")[0] for p in (offline[0] / "files" / "media" / "images"
-                                                / "figures").glob("*.png")}
+    images = {
+        p.name.split("_")[0]
+        for p in (offline[0] / "files" / "media" / "images" / "figures").glob("*.png")
+    }
     assert {"epoch", "test"} <= images  # the PNG overlays

@@ -28,8 +28,9 @@ TINY_CLI = [
 ]
 
 
-def run_script(script: str, args: list[str], tmp_path: Path, timeout: float = 240,
-               env: dict | None = None) -> subprocess.CompletedProcess:
+def run_script(
+    script: str, args: list[str], tmp_path: Path, timeout: float = 240, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """``python SCRIPT ARGS`` from the repository root with one thread per process, stdin
     closed, W&B files under ``tmp_path``; ``env`` entries set to ``None`` are unset."""
     environ = {
@@ -43,8 +44,13 @@ def run_script(script: str, args: list[str], tmp_path: Path, timeout: float = 24
     }
     environ = {k: v for k, v in environ.items() if v is not None}
     return subprocess.run(
-        [sys.executable, str(ROOT / script), *args], cwd=ROOT, env=environ,
-        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
+        [sys.executable, str(ROOT / script), *args],
+        cwd=ROOT,
+        env=environ,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -61,8 +67,16 @@ def tiny_checkpoint(tmp_path_factory, strategy: str = "dcc_all") -> Path:
         from dcc.lit.train import run_training
 
         tmp = tmp_path_factory.mktemp(f"tiny_{strategy}")
-        cfg = compose_cfg(tmp, [*TINY_CLI, f"strategy={strategy}", "data.num_train=2",
-                                "trainer.max_epochs=1", "test=false"])
+        cfg = compose_cfg(
+            tmp,
+            [
+                *TINY_CLI,
+                f"strategy={strategy}",
+                "data.num_train=2",
+                "trainer.max_epochs=1",
+                "test=false",
+            ],
+        )
         last = Path(run_training(cfg)["last_ckpt"])
         checkpoint = torch.load(last, weights_only=True)
         generator = torch.Generator().manual_seed(0)

@@ -50,8 +50,12 @@ def group_rows(
     rows = []
     for b in range(labels.shape[0]):
         m = group_metrics(
-            labels[b], warped[b], result.loss.posterior[b].detach(), displacement[b],
-            members[b], module.num_classes,
+            labels[b],
+            warped[b],
+            result.loss.posterior[b].detach(),
+            displacement[b],
+            members[b],
+            module.num_classes,
         )
         row: Row = {"case": str(cases[b])}
         for key, name in (("reg", "reg_dsc"), ("unreg", "unreg_dsc")):
@@ -151,8 +155,13 @@ class MetricsTable(pl.Callback):
 
     @torch.no_grad()
     def on_test_batch_end(
-        self, trainer: pl.Trainer, pl_module: DCCModule, outputs: Any, batch: Mapping[str, Any],
-        batch_idx: int, dataloader_idx: int = 0,
+        self,
+        trainer: pl.Trainer,
+        pl_module: DCCModule,
+        outputs: Any,
+        batch: Mapping[str, Any],
+        batch_idx: int,
+        dataloader_idx: int = 0,
     ) -> None:
         start = time.perf_counter()
         result = pl_module.step(batch)

@@ -23,8 +23,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dcc.cli.checks import check_device, check_overlap
-from dcc.cli.outdir import OutputFolder, Terminated
-from dcc.data.io import InputError, read_image, read_labels, resample_to_grid
+from dcc.cli.outdir import OutputFolder
+from dcc.data.io import InputError, read_image, read_labels, resample_to_grid, slice_grid
 from dcc.evaluation.outputs import (
     displacement_to_points,
     peak_memory_mb,
@@ -109,8 +109,18 @@ def _domains(model: DCCModule, sequences: Sequence[str] | None, paths: Sequence[
     return [known.index(s) for s in sequences]
 
 
-def _read_group(model: DCCModule, paths, label_paths, grid_mode: str):
-    """Originals on their own grids, labels, the common grid, resampled images and masks."""
+def _slice(path: str, volume: torch.Tensor, grid: Grid, index: int) -> tuple:
+    """Short-axis slice ``index`` (along ITK's z) of a 3D volume, with its 2D grid."""
+    if not 0 <= index < grid.shape[0]:
+        raise InputError(
+            f"predict.slice {index}: {path} has {grid.shape[0]} slices (0..{grid.shape[0] - 1})"
+        )
+    return volume[index], slice_grid(grid, 2, index)
+
+
+def _read_group(model: DCCModule, paths, label_paths, grid_mode: str, index: int | None = None):
+    """Originals on their own grids (slice ``index`` of 3D stacks for a 2D model), labels, the
+    common grid, resampled images and masks."""
     if len(paths) < 2:
         raise InputError(f"predict.inputs: need a group of at least 2 images, got {len(paths)}")
     if label_paths is not None and len(label_paths) != len(paths):
@@ -122,16 +132,25 @@ def _read_group(model: DCCModule, paths, label_paths, grid_mode: str):
         raise InputError(f"predict.grid {grid_mode}: use one of {', '.join(GRIDS)}")
     ndim = model.net.ndim
     originals = [read_image(p) for p in paths]
+    stacks = [g for _, g in originals]  # the files' own grids (labels must lie on them)
+    if index is not None and ndim == 2:
+        originals = [
+            _slice(p, x, g, index) if g.ndim == 3 else (x, g)
+            for p, (x, g) in zip(paths, originals, strict=True)
+        ]
     for path, (_, grid) in zip(paths, originals, strict=True):
         if grid.ndim != ndim:
+            hint = "; pick a slice with predict.slice=K" if grid.ndim == 3 else ""
             raise InputError(
                 f"{path}: image is {grid.ndim}D but the checkpoint is a {ndim}D model (trained "
-                f"on {ndim}D images)"
+                f"on {ndim}D images){hint}"
             )
     labels = None
     if label_paths is not None:
+        labels = [read_labels(lp, like=g) for lp, g in zip(label_paths, stacks, strict=True)]
         labels = [
-            read_labels(lp, like=g) for lp, (_, g) in zip(label_paths, originals, strict=True)
+            _slice(lp, lab, g, index)[0] if g.ndim == 3 and ndim == 2 else lab
+            for lp, lab, g in zip(label_paths, labels, stacks, strict=True)
         ]
         for lp, lab in zip(label_paths, labels, strict=True):
             if lab.min() < 0 or lab.max() >= model.num_classes:
@@ -145,10 +164,12 @@ def _read_group(model: DCCModule, paths, label_paths, grid_mode: str):
     images, valid = zip(*(resample_to_grid(x, g, common) for x, g in originals), strict=True)
     labels_before = None
     if labels is not None:
-        labels_before = torch.stack([
-            resample_to_grid(lab, g, common, mode="nearest")[0]
-            for lab, (_, g) in zip(labels, originals, strict=True)
-        ])
+        labels_before = torch.stack(
+            [
+                resample_to_grid(lab, g, common, mode="nearest")[0]
+                for lab, (_, g) in zip(labels, originals, strict=True)
+            ]
+        )
     return originals, labels, common, torch.stack(images), torch.stack(valid), labels_before
 
 
@@ -195,7 +216,7 @@ def run_prediction(cfg: Mapping[str, Any]) -> dict:
         text = str(error).replace("--out ", "predict.out=")
         raise InputError(text.replace("--overwrite", "predict.overwrite=true")) from None
     originals, labels, common, images, valid, labels_before = _read_group(
-        model, paths, label_paths, str(p.get("grid", "model"))
+        model, paths, label_paths, str(p.get("grid", "model")), p.get("slice")
     )
     overlap = check_overlap(valid, paths, 0, float(p.get("min_initial_overlap", 0.25)))
     start = time.perf_counter()
@@ -205,8 +226,15 @@ def run_prediction(cfg: Mapping[str, Any]) -> dict:
     points = displacement_to_points(result["displacement"], common)
     with output as tmp:
         dice = write_group(
-            tmp, names, common, points, originals, result["posterior"], images,
-            labels=labels, labels_before=labels_before,
+            tmp,
+            names,
+            common,
+            points,
+            originals,
+            result["posterior"],
+            images,
+            labels=labels,
+            labels_before=labels_before,
         )
         folding = folding_count(result["displacement"][None])[0]
         report = {
@@ -244,12 +272,9 @@ def main(cfg: Mapping[str, Any]) -> dict:
     except (InputError, ValueError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # while the output folder is open, it handles Ctrl-C itself
         print(f"{PROG}: interrupted; nothing written", file=sys.stderr)
         raise SystemExit(130) from None
-    except Terminated:
-        print(f"{PROG}: terminated; nothing written", file=sys.stderr)
-        raise SystemExit(143) from None
     out = cfg["predict"]["out"]
     line = (
         f"{PROG}: {len(report['names'])} images ({', '.join(report['sequences'])}) registered "
