@@ -96,7 +96,8 @@ def test_trainer_instantiates(tmp_path, trainer):
         if not torch.cuda.is_available():
             pytest.skip("no GPU")
     if trainer == "ddp":
-        assert cfg.trainer.strategy == "ddp" and cfg.trainer.devices == 2
+        # ddp_find_unused_parameters_true: the alternation leaves half the parameters idle
+        assert cfg.trainer.strategy.startswith("ddp") and cfg.trainer.devices == 2
     t = hydra.utils.instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
     assert isinstance(t, pl.Trainer)
 
