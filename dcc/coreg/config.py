@@ -34,12 +34,15 @@ class StageConfig:
     matrix_scale: float = 0.01  # affine: matrix step = lr * matrix_scale
     ffd_spacing: float = 20.0  # control-point spacing of the initial FFD level, mm
     ffd_levels: int = 1  # FFD levels, each halving the spacing (coarse to fine)
+    # independent tries of the stage from its start (fresh coordinate samples); the accepted
+    # one with the highest X (Gamma re-estimated on the whole overlap) is kept
+    tries: int = 1
 
     def __post_init__(self):
         if self.name not in STAGES:
             raise ValueError(f"unknown stage '{self.name}'; choose from {', '.join(STAGES)}")
-        if self.iterations < 1 or self.levels < 1 or self.ffd_levels < 1:
-            raise ValueError(f"stage '{self.name}': iterations and levels must be >= 1")
+        if self.iterations < 1 or self.levels < 1 or self.ffd_levels < 1 or self.tries < 1:
+            raise ValueError(f"stage '{self.name}': iterations, levels and tries must be >= 1")
         if self.lr <= 0 or self.ffd_spacing <= 0:
             raise ValueError(f"stage '{self.name}': lr and ffd_spacing must be positive")
 

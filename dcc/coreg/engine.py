@@ -241,17 +241,18 @@ class XCoReg:
 
     # ------------------------------------------------------------------ algorithm 1
     def _run_stage(self, cfg, transform, stacked, grid, bins, common, log_f_gt, bar):
-        """One stage with the overlap guard, the objective check and restarts (see class doc)."""
+        """One stage with the overlap guard, the objective check, restarts and ``cfg.tries``
+        independent tries ranked by X (see class doc)."""
         top = self.config
         t0 = time.perf_counter()
         n = stacked.shape[0]
-        placeholder = transform.append(self._make_stage(cfg, n, grid).to(stacked.device))
+        transform.append(self._make_stage(cfg, n, grid).to(stacked.device))
         before = self._assess(transform, stacked, grid, bins, common, log_f_gt)
         record = {"name": cfg.name, "x_before": before["x"], "tries": [], "accepted": False}
-        lr = cfg.lr
-        for attempt in range(top.restarts + 1):
-            stage = placeholder if attempt == 0 else self._make_stage(cfg, n, grid)
-            transform.stages[-1] = stage.to(stacked.device)
+        lr, restarts, best = cfg.lr, 0, None
+        while True:
+            stage = self._make_stage(cfg, n, grid).to(stacked.device)
+            transform.stages[-1] = stage
             report = StageReport(cfg.name, 0)
             trial = {"lr": lr, "min_overlap_fraction": 1.0}
             try:
@@ -274,7 +275,6 @@ class XCoReg:
                 # many more steps during the stage than before it, which favours "after"
                 transform.stages[-1] = self._make_stage(cfg, n, grid).to(stacked.device)
                 again = self._assess(transform, stacked, grid, bins, end_common, log_f_gt)
-                transform.stages[-1] = stage
                 trial["x_start"] = max(before["x"], again["x"])
                 trial["x_after"] = after["x"]
                 trial["overlap_fraction"] = after["overlap"] / before["overlap"]
@@ -283,15 +283,23 @@ class XCoReg:
             except _OverlapLost as lost:
                 accepted, trial["outcome"] = False, str(lost)
             record["tries"].append(trial)
+            if accepted and (best is None or after["x"] > best[0]):
+                best = (after["x"], stage, after["common"], report)
             if accepted:
-                record["accepted"] = True
-                common = after["common"]
+                if sum(t["outcome"] == "accepted" for t in record["tries"]) >= cfg.tries:
+                    break
+            elif restarts < top.restarts:
+                restarts, lr = restarts + 1, lr * 0.5
+            else:
                 break
-            lr *= 0.5
-        else:  # no try accepted: the stage does nothing
+        if best is None:  # no try accepted: the stage does nothing
             transform.stages[-1] = self._make_stage(cfg, n, grid).to(stacked.device)
             common = before["common"]
-        record["restarts"] = len(record["tries"]) - 1
+        else:
+            record["accepted"] = True
+            _, transform.stages[-1], common, report = best
+            record["chosen_x"] = best[0]
+        record["restarts"] = restarts
         report.seconds = time.perf_counter() - t0
         return report, common, record
 
