@@ -6,6 +6,7 @@ import csv
 import math
 
 import pytest
+import yaml
 from tiny_runs import TINY_CLI, run_script, tiny_checkpoint
 
 from dcc.lit.evaluation import summarise, write_tables
@@ -17,7 +18,7 @@ SEQUENCES = ("C0", "LGE", "T2")
 def test_evaluate_command_writes_tables_and_overlays(tmp_path_factory, tmp_path):
     ckpt = tiny_checkpoint(tmp_path_factory)
     run = tmp_path / "run"
-    cli = [o for o in TINY_CLI if o.startswith(("data.image_size", "threads"))]
+    cli = [o for o in TINY_CLI if o.startswith("threads")]
     proc = run_script(
         "evaluate.py",
         [
@@ -66,6 +67,10 @@ def test_evaluate_command_writes_tables_and_overlays(tmp_path_factory, tmp_path)
         assert f"{tag}_montage.png" in figures and f"{tag}_grid.png" in figures
     assert "test_002_montage.png" not in figures
     assert (run / ".hydra" / "config.yaml").is_file()  # the composed config in the run folder
+    # test data made like the checkpoint's (32x32, not the data group's default 96x96), except
+    # what the command line gives (data.num_test=3)
+    hparams = yaml.safe_load((run / "csv" / "version_0" / "hparams.yaml").read_text())
+    assert (hparams["data"]["image_size"], hparams["data"]["num_test"]) == (32, 3)
 
 
 def test_summary_leaves_out_nan(tmp_path):

@@ -10,7 +10,8 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dcc.lit.module import DCCModule
 
@@ -91,17 +92,38 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
+def _data_from_checkpoint(cfg: DictConfig, path: str) -> None:
+    """Test on data made like the checkpoint's (image size, spacing, misalignment, ...): its
+    saved data-module settings replace the data group's defaults, except the keys given on the
+    command line (``data.num_test=...``) and unless another data group is chosen
+    (``data=myops``)."""
+    saved = torch.load(path, map_location="cpu", weights_only=True).get(
+        "datamodule_hyper_parameters"
+    )
+    given = set()
+    if HydraConfig.initialized():
+        given = {o.split("=")[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
+    if not saved or "data" in given:
+        return
+    with open_dict(cfg):
+        for key, value in saved.items():
+            if key in cfg.data and key != "with_atlas" and f"data.{key}" not in given:
+                cfg.data[key] = value
+
+
 def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     """Test the checkpoint ``cfg.ckpt_path`` on the test split of ``cfg.data``.
 
     The model is rebuilt from the checkpoint alone; the data module follows the checkpoint's
-    sequences and strategy (an atlas member for ``dcc_at``). Returns like :func:`run_training`.
+    sequences and strategy (an atlas member for ``dcc_at``) and its saved data settings
+    (:func:`_data_from_checkpoint`). Returns like :func:`run_training`.
     """
     _setup(cfg)
     path = cfg.get("ckpt_path")
     if not path or not os.path.isfile(path):
         raise ValueError(f"ckpt_path: no checkpoint file at {path!r}")
     model = DCCModule.load_from_checkpoint(path, map_location="cpu")
+    _data_from_checkpoint(cfg, path)
     datamodule = hydra.utils.instantiate(cfg.data, with_atlas=model.atlas)
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer,
