@@ -57,7 +57,9 @@ def parse_args(argv=None):
         help="'all', the number of patients (first N), or case names (Case3002,Case3010)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the misalignments")
-    p.add_argument("--preset", default="cardiac2d", help="dcc-register preset")
+    p.add_argument(
+        "--preset", default="cardiac2d", help="dcc-register preset ('none': picked from the data)"
+    )
     p.add_argument("--out", default="bench/results", help="folder for JSON, PNG and montage")
     p.add_argument("--quick", action="store_true", help="3 cases (unless --cases is given)")
     p.add_argument(
@@ -139,7 +141,9 @@ def run_case(case_dir: Path, index: int, work: Path, args, extra) -> dict:
         write_image(label_paths[-1], lab.to(torch.int32), grid)
     out = folder / "out"
     argv = [*paths, "--labels", *label_paths, "--out", str(out), "--overwrite", "--quiet"]
-    argv += ["--stages", "rigid,ffd", "--preset", args.preset, *extra]
+    argv += ["--stages", "rigid,ffd", *extra]
+    if args.preset != "none":  # "none": dcc-register picks the settings from the data
+        argv += ["--preset", args.preset]
     start = time.perf_counter()
     log = io.StringIO()
     with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):

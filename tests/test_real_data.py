@@ -209,7 +209,11 @@ def test_aligned_slice_stays_aligned_rigid():
 
 
 def test_aligned_volumes_stay_aligned_rigid():
-    """The 3D C0/LGE/T2 volumes (3 slices of 23 mm; in-plane 3 mm here), rigid stage only."""
+    """The 3D C0/LGE/T2 volumes (3 slices of 23 mm; in-plane 3 mm here), rigid stage only.
+
+    Tilting a 3-slice slab empties the overlap region, so the overlap guard rejects the rigid
+    tries and the group is left as it was (before the guard: rotations of 12-18 deg, Dice 0.36).
+    """
     images, labels, grid = _aligned_volumes(4)
     config = auto_config(grid, progress=False)
     config.stages = [s for s in config.stages if s.name == "rigid"]
