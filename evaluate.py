@@ -3,6 +3,7 @@ register and segment your own files: ``python evaluate.py mode=predict ckpt_path
 predict.inputs=[...] predict.out=DIR`` (conf/predict/default.yaml)."""
 
 import os
+import sys
 from pathlib import Path
 
 import hydra
@@ -14,7 +15,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see train.py
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate.yaml")
 def main(cfg: DictConfig) -> None:
-    if cfg.get("mode", "test") == "predict":
+    if cfg.get("mode") not in ("test", "predict"):
+        print(
+            f"evaluate.py: error: mode={cfg.get('mode')}: use mode=test or mode=predict",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    if cfg.mode == "predict":
         from dcc.lit.predict import main as predict
 
         predict(cfg)
