@@ -476,7 +476,8 @@ def test_sigterm_in_a_real_process(tmp_path, good):
     command = [sys.executable, "-m", "dcc.cli.register", *good, "--iterations", "50000"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
-        [*command, "--out", str(out), "--threads", "1"], stderr=subprocess.PIPE, env=env, text=True
+        [*command, "--out", str(out), "--threads", "1"], stderr=subprocess.PIPE, env=env,
+        text=True, encoding="utf-8", errors="replace"
     )
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob(".result.*")) and time.monotonic() < deadline:
