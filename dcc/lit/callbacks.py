@@ -7,6 +7,8 @@
   groups (the phantom's misalignments, the shuffling). This callback saves them in the
   checkpoint and puts them back when training resumes (again after a sanity check, which
   draws from them too).
+* :class:`TrainingTime` logs the minutes spent training (validation excluded) at every
+  validation, so learning curves can be drawn against time (``val/train_minutes``).
 * :class:`LogFigures` sends the PNG overlays that the model writes to ``<run>/figures`` to the
   loggers that show images (W&B, TensorBoard); CSV logs keep the files only.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from typing import Any
 
 import numpy as np
@@ -22,7 +25,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 
-__all__ = ["RandomState", "LogFigures"]
+__all__ = ["RandomState", "LogFigures", "TrainingTime"]
 
 
 class RandomState(pl.Callback):
@@ -117,3 +120,28 @@ class LogFigures(pl.Callback):
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._log(trainer)
+
+
+class TrainingTime(pl.Callback):
+    """Log ``val/train_minutes``: wall minutes of training since the fit started, without the
+    time spent in validation (and sanity checks), at the end of every validation epoch. A run
+    resumed from a checkpoint counts from the resume."""
+
+    def __init__(self) -> None:
+        self._start: float | None = None
+        self._validating = 0.0
+        self._val_start: float | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start, self._validating = time.perf_counter(), 0.0
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._val_start = time.perf_counter()
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._start is None or self._val_start is None or trainer.sanity_checking:
+            return
+        now = time.perf_counter()
+        minutes = (self._val_start - self._start - self._validating) / 60.0
+        self._validating += now - self._val_start
+        pl_module.log("val/train_minutes", minutes, on_epoch=True, sync_dist=False)
