@@ -193,3 +193,13 @@ def test_myops_datamodule(tmp_path):
     assert any(tmp_path.glob("myops_*.pt"))
     for p, q in zip(cached.slices, again.slices, strict=True):
         assert torch.equal(p.images, q.images) and torch.equal(p.labels, q.labels)
+    # a validation subset: 2 of the 8 groups of every slice, one per half of the bank; test intact
+    sub = MyoPSDataModule(split_file=split, image_size=48, spacing=3.0, num_ffds=2,
+                          val_groups_per_slice=2)
+    sub.setup("fit")
+    names = [sub.datasets["val"][i]["case"] for i in range(len(sub.datasets["val"]))]
+    assert len(names) == 2 * len(val.slices)
+    assert names[:2] == [val[0]["case"], val[4]["case"]]
+    assert len(sub.datasets["test"]) == len(dm.datasets["test"])
+    with pytest.raises(ValueError, match="val_groups_per_slice"):
+        MyoPSDataModule(val_groups_per_slice=21)

@@ -25,7 +25,8 @@ noise=0.04, bias=0.3, fresh_phantoms=False)``
 
 ``MyoPSDataModule(root=None, split_file=None, image_size=128, spacing=1.25, margin=15.0,
 sequences=[C0, LGE, T2], batch_size=4, num_workers=0, seed=0, with_atlas=False, tau=1.0,
-ffd_spacings=[25, 35, 45, 60], ffd_magnitude=0.19, num_ffds=5, cache_dir=None)``
+ffd_spacings=[25, 35, 45, 60], ffd_magnitude=0.19, num_ffds=5, cache_dir=None,
+val_groups_per_slice=None)``
 
 * ``root``: the folder holding ``myops2020/`` (``None``: ``$DCC_DATA_ROOT`` or
   ``../shared/data``, :func:`dcc.data.cardiac.data_root`); ``setup`` raises a clear
@@ -41,6 +42,9 @@ ffd_spacings=[25, 35, 45, 60], ffd_magnitude=0.19, num_ffds=5, cache_dir=None)``
 against the paper's "None" row of Table 5 (72.2 +- 10.1 on MS-CMR): the phantom at 0.16 gives
 0.73 +- 0.11 (200 test groups, 96 px), MyoPS at 0.19 gives 0.73 +- 0.11 (380 validation and 640
 test groups of data/splits/myops.json; 0.16 would give 0.76).
+* ``val_groups_per_slice``: validate on this many of the slice's fixed groups (spread over
+  the FFD mesh spacings; ``None``: all ``4 x num_ffds``). Validation picks the best checkpoint
+  and draws learning curves; fewer groups make it cheaper. The test split always keeps all.
 * ``with_atlas``: the atlas of the training C0 labels (majority vote after aligning centres)
   joins every group as the last member, domain 3. ``cache_dir``: keep the decoded,
   preprocessed slices on disk between runs (they are always kept in memory).
@@ -53,7 +57,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from dcc.data.augment import DEFAULT_SPACINGS, RandomFFDMisalignment
 from dcc.data.cardiac import MYOPS_SEQUENCES, data_root
@@ -205,9 +209,17 @@ class MyoPSDataModule(_GroupDataModule):
         ffd_magnitude: float = 0.19,
         num_ffds: int = 5,
         cache_dir: str | os.PathLike | None = None,
+        val_groups_per_slice: int | None = None,
     ):
         super().__init__(batch_size, num_workers)
         self.save_hyperparameters()
+        per_slice = len(ffd_spacings) * num_ffds
+        if val_groups_per_slice is not None and not 1 <= val_groups_per_slice <= per_slice:
+            raise ValueError(
+                f"MyoPSDataModule: val_groups_per_slice must be in 1..{per_slice} (the fixed "
+                f"groups per slice), got {val_groups_per_slice}"
+            )
+        self.val_groups_per_slice = val_groups_per_slice
         if list(sequences) != list(MYOPS_SEQUENCES):
             raise ValueError(
                 f"MyoPSDataModule: sequences must be {list(MYOPS_SEQUENCES)} (the MyoPS files), "
@@ -256,4 +268,12 @@ class MyoPSDataModule(_GroupDataModule):
         for split in ("val", "test"):
             self.datasets[split] = MyoPSSliceDataset(
                 splits[split], split, atlas=self.atlas, **kwargs
+            )
+        if self.val_groups_per_slice is not None:
+            val = self.datasets["val"]
+            per_slice = len(val.combinations)
+            picks = [round(i * per_slice / self.val_groups_per_slice)
+                     for i in range(self.val_groups_per_slice)]
+            self.datasets["val"] = Subset(
+                val, [s * per_slice + p for s in range(len(val) // per_slice) for p in picks]
             )
