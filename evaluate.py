@@ -21,6 +21,13 @@ def main(cfg: DictConfig) -> None:
             file=sys.stderr,
         )
         sys.exit(2)
+    from dcc.coreg.refine import check_iterations
+
+    try:
+        check_iterations(cfg.get("refine_iterations", 0))
+    except ValueError as error:
+        print(f"evaluate.py: error: {error}", file=sys.stderr)
+        sys.exit(2)
     if cfg.mode == "predict":
         from dcc.lit.predict import main as predict
 

@@ -22,6 +22,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from dcc.coreg.refine import refine_batch
 from dcc.evaluation.figures import save_montage
 from dcc.evaluation.metrics import dice, pairwise_dice
 from dcc.losses import DCCLoss, DCCLossOutput
@@ -146,6 +147,9 @@ class DCCModule(pl.LightningModule):
         self.net = DCCNet(num_classes=self.num_classes, num_domains=num_domains, **dict(net or {}))
         # clips rho/rho-hat with its ``zeta`` in training, ``eval_zeta`` at validation/test
         self.loss = DCCLoss(num_classes=self.num_classes, **dict(loss or {}))
+        # X-CoReg FFD steps refining the fields at validation/test (dcc.coreg.refine; set by
+        # ``evaluate.py refine_iterations=N``, not a hyper-parameter of the model)
+        self.refine_iterations = 0
 
     # ------------------------------------------------------------------ forward
     def forward(self, images: torch.Tensor, domains: torch.Tensor) -> DCCOutput:
@@ -162,9 +166,16 @@ class DCCModule(pl.LightningModule):
         In training, members of J use rho from their labels (Eqs. 39-40). At validation and test
         the sequences' labels are not used: every sequence member uses the network's rho-hat
         (Eq. 53), only an atlas keeps its own rho (the loss clips with its ``eval_zeta``).
+        With ``refine_iterations`` > 0, outside training the network's fields are refined by
+        X-CoReg (:func:`dcc.coreg.refine.refine_batch`) before the loss and the metrics.
         """
         images, domains = batch["images"], batch["domains"]
         out = self.net(images, domains)  # validates shapes and domain indices
+        if self.refine_iterations and not self.training:  # network start, iterative finish
+            fields, _ = refine_batch(
+                images, out.displacement, self.refine_iterations, batch.get("spacing")
+            )
+            out = DCCOutput(out.seg_logits, fields)
         seg_probs = out.seg_logits.float().softmax(dim=2)
         labelled = self.labelled_domain[domains]
         rho = batch.get("rho")

@@ -8,6 +8,10 @@ view, at the checkpoint's training spacing by default); the network predicts one
 field and one segmentation per image, the EM of the DCC loss gives the common-space posterior
 (Eq. 53), and the results go to ``predict.out`` through the writer that ``dcc-register`` uses
 (:mod:`dcc.evaluation.outputs`), with the same safety rules for the output folder.
+
+``predict.refine_iterations=N`` (or ``refine_iterations=N``) refines the network's fields by N
+steps of X-CoReg's unbiased FFD stage started from them (:mod:`dcc.coreg.refine`): the
+network's start, the iterative method's finish.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dcc.cli.checks import check_device, check_overlap
 from dcc.cli.outdir import OutputFolder
+from dcc.coreg.refine import check_iterations, refine_group
 from dcc.data.io import InputError, read_image, read_labels, resample_to_grid, slice_grid
 from dcc.evaluation.outputs import (
     displacement_to_points,
@@ -76,6 +81,8 @@ def model_grid(first: Grid, spacing: Sequence[float] | None) -> Grid:
     the model's ``spacing`` (mm, ``(x, y[, z])``); ``first`` itself without a spacing."""
     if spacing is None:
         return first
+    if isinstance(spacing, int | float):  # one number for every axis (data.spacing of MyoPS)
+        spacing = [float(spacing)] * first.ndim
     if len(spacing) != first.ndim:
         raise InputError(
             f"the checkpoint's spacing {list(spacing)} has {len(spacing)} axes, the images "
@@ -174,21 +181,44 @@ def _read_group(model: DCCModule, paths, label_paths, grid_mode: str, index: int
 
 
 @torch.no_grad()
-def predict_group(model: DCCModule, images: torch.Tensor, domains: Sequence[int]) -> dict:
+def predict_group(
+    model: DCCModule,
+    images: torch.Tensor,
+    domains: Sequence[int],
+    refine_iterations: int = 0,
+    spacing: Sequence[float] | None = None,
+) -> dict:
     """Displacements ``(N, ndim, *S)`` (voxel units), segmentation probabilities ``(N, K, *S)``
     (rho-hat) and the common-space posterior ``(K, *S)`` of one group ``(N, *S)``, as in the
-    test step: no label is used, the labelled members' rho is their rho-hat (Eq. 53)."""
+    test step: no label is used, the labelled members' rho is their rho-hat (Eq. 53).
+
+    With ``refine_iterations`` N > 0 the network's fields are refined by N X-CoReg FFD steps
+    (:func:`dcc.coreg.refine.refine_group`; ``spacing`` the voxel size in mm, ``(x, y[, z])``)
+    and the posterior is that of the refined fields; ``refine`` then reports whether the
+    refinement was kept, X before/after and its seconds."""
     device = next(model.parameters()).device
     x = images[None].to(device)
     d = torch.as_tensor(list(domains), device=device)[None]
     out = model(x, d)
+    displacement, refine = out.displacement, None
+    if refine_iterations:
+        result = refine_group(x[0], displacement[0], refine_iterations, spacing)
+        displacement = result.displacement[None]
+        refine = {
+            "iterations": refine_iterations,
+            "accepted": result.accepted,
+            "x_before": result.x_before,
+            "x_after": result.x_after,
+            "seconds": round(result.seconds, 4),
+        }
     seg_probs = out.seg_logits.float().softmax(dim=2)
-    loss = model.loss(x, out.displacement, seg_probs, seg_probs, model.labelled_domain[d])
+    loss = model.loss(x, displacement, seg_probs, seg_probs, model.labelled_domain[d])
     return {
-        "displacement": out.displacement[0].float().cpu(),
+        "displacement": displacement[0].float().cpu(),
         "seg_probs": seg_probs[0].cpu(),
         "posterior": loss.posterior[0].float().cpu(),
         "x_metric": float(loss.x_metric),
+        "refine": refine,
     }
 
 
@@ -204,6 +234,7 @@ def run_prediction(cfg: Mapping[str, Any]) -> dict:
         raise InputError("predict.out: give a new output folder (predict.out=DIR)")
     device = str(p.get("device") or "cpu")
     check_device(device)
+    refine_iterations = check_iterations(p.get("refine_iterations", 0), "predict.refine_iterations")
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
     model = load_checkpoint(OmegaConf.select(cfg, "ckpt_path", throw_on_missing=False), device)
@@ -220,7 +251,7 @@ def run_prediction(cfg: Mapping[str, Any]) -> dict:
     )
     overlap = check_overlap(valid, paths, 0, float(p.get("min_initial_overlap", 0.25)))
     start = time.perf_counter()
-    result = predict_group(model, images, domains)
+    result = predict_group(model, images, domains, refine_iterations, common.spacing)
     seconds = time.perf_counter() - start
     names = unique_names(paths)
     points = displacement_to_points(result["displacement"], common)
@@ -254,6 +285,7 @@ def run_prediction(cfg: Mapping[str, Any]) -> dict:
             },
             "initial_overlap": overlap,
             "x_metric": result["x_metric"],
+            "refine": result["refine"],
             "folding_voxels": folding.tolist(),
             "inference_s": round(seconds, 4),
             "device": device,
@@ -281,6 +313,14 @@ def main(cfg: Mapping[str, Any]) -> dict:
         f"and segmented in {report['inference_s']:.2f} s; wrote {out}"
     )
     print(line)
+    refine = report.get("refine")
+    if refine:
+        kept = "kept" if refine["accepted"] else "left out: X did not improve"
+        print(
+            f"{PROG}: refined by {refine['iterations']} X-CoReg FFD steps in "
+            f"{refine['seconds']:.2f} s ({kept}; X {refine['x_before']:.4f} -> "
+            f"{refine['x_after']:.4f})"
+        )
     if "dice_after" in report:
         before, after = report["dice_before"]["mean"], report["dice_after"]["mean"]
         if not (math.isnan(before) or math.isnan(after)):

@@ -13,6 +13,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from dcc.coreg.refine import check_iterations
 from dcc.lit.module import DCCModule
 
 __all__ = ["instantiate_list", "run_training", "run_evaluation", "format_summary"]
@@ -116,13 +117,16 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
 
     The model is rebuilt from the checkpoint alone; the data module follows the checkpoint's
     sequences and strategy (an atlas member for ``dcc_at``) and its saved data settings
-    (:func:`_data_from_checkpoint`). Returns like :func:`run_training`.
+    (:func:`_data_from_checkpoint`). With ``cfg.refine_iterations`` = N > 0 the network's fields
+    are refined by N X-CoReg FFD steps before every test metric (:mod:`dcc.coreg.refine`).
+    Returns like :func:`run_training`.
     """
     _setup(cfg)
     path = cfg.get("ckpt_path")
     if not path or not os.path.isfile(path):
         raise ValueError(f"ckpt_path: no checkpoint file at {path!r}")
     model = DCCModule.load_from_checkpoint(path, map_location="cpu")
+    model.refine_iterations = check_iterations(cfg.get("refine_iterations", 0))
     _data_from_checkpoint(cfg, path)
     datamodule = hydra.utils.instantiate(cfg.data, with_atlas=model.atlas)
     trainer: pl.Trainer = hydra.utils.instantiate(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 
 import torch
+import torch.nn.functional as F
 
 from dcc.spatial.functional import reduce, sample
 
@@ -81,6 +82,30 @@ def inside_mask(displacement: torch.Tensor, tol: float = 1e-3) -> torch.Tensor:
     slack = torch.tensor([2.0 * tol / max(s - 1, 1) for s in size], device=points.device)
     inside = (points.abs() <= 1 + slack).all(-1)
     return inside.view(displacement.shape[:2] + displacement.shape[3:])
+
+
+def compose_displacements(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
+    """Displacement of phi_outer o phi_inner: u(x) = u_inner(x) + u_outer(x + u_inner(x)).
+
+    Both fields are ``(B, N, ndim, *S)`` in voxel units on the same lattice (module docstring);
+    ``inner`` acts first on common-space points (e.g. an FFD refinement), ``outer`` maps its
+    result on to the image (e.g. the network's field), so warping by the result equals warping
+    ``U_j o phi_outer`` by ``inner``. ``outer`` is interpolated linearly and extended beyond the
+    lattice by its border values (a displacement has no natural zero outside the field of view).
+    Differentiable in both fields.
+    """
+    _check_field(outer, "compose_displacements")
+    if outer.shape != inner.shape:
+        raise ValueError(
+            f"compose_displacements: fields must have the same shape, got {tuple(outer.shape)} "
+            f"and {tuple(inner.shape)}"
+        )
+    grid = sampling_grid(inner)
+    values = F.grid_sample(
+        outer.flatten(0, 1).to(grid.dtype), grid, mode="bilinear", padding_mode="border",
+        align_corners=True,
+    )
+    return inner + values.view(outer.shape).to(inner.dtype)
 
 
 def zero_mean(displacement: torch.Tensor, dim: int = 1) -> torch.Tensor:
