@@ -267,14 +267,36 @@ def mean_std(xs: Sequence[float]) -> tuple[float, float, int]:
     return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0, len(xs)
 
 
+def unregistered_rows(runs: Mapping[str, Run]) -> dict[str, dict[str, float]]:
+    """The unregistered Dice columns of every test group any run tested (case -> column)."""
+    out: dict[str, dict[str, float]] = {}
+    for run in runs.values():
+        for case, row in run.rows.items():
+            out.setdefault(case, {k: v for k, v in row.items() if k.startswith("unreg_dsc")})
+    return out
+
+
+def inconsistent_groups(runs: Mapping[str, Run], tol: float = 1e-4) -> list[str]:
+    """Test groups whose unregistered Dice differs between runs: the runs were tested on
+    different data (image size, spacing, misalignment), so their Reg DSC do not compare."""
+    first: dict[str, float] = {}
+    bad = []
+    for run in runs.values():
+        for case, row in run.rows.items():
+            value = first.setdefault(case, row["unreg_dsc"])
+            if abs(value - row["unreg_dsc"]) > tol and case not in bad:
+                bad.append(case)
+    return bad
+
+
 def summary_rows(runs: Mapping[str, Run], xcoreg: Mapping[str, Any] | None) -> list[dict]:
     """One row per method: None (the unregistered groups), each strategy, X-CoReg; Dice in %."""
     out = []
-    first = next(iter(runs.values()), None)
-    if first is not None:
-        none = {"method": "None", "strategy": "none", "groups": len(first.rows)}
+    unregistered = unregistered_rows(runs)
+    if unregistered:
+        none = {"method": "None", "strategy": "none", "groups": len(unregistered)}
         for metric in ("reg_dsc", *(f"reg_dsc/{s}" for s in STRUCTURES)):
-            m, s, _ = mean_std(values(first.rows, "un" + metric))
+            m, s, _ = mean_std(values(unregistered, "un" + metric))
             none[f"{metric}_mean"], none[f"{metric}_std"] = 100 * m, 100 * s
         out.append(none)
     for strategy in STRATEGIES:
@@ -310,11 +332,15 @@ def summary_rows(runs: Mapping[str, Run], xcoreg: Mapping[str, Any] | None) -> l
     return out
 
 
-def per_group(runs: Mapping[str, Run], method: str) -> dict[str, float]:
-    """Per-group Reg DSC of a method (``none``: the unregistered Dice of the first run)."""
+def per_group(
+    runs: Mapping[str, Run], method: str, extra: Mapping[str, Mapping[str, float]] | None = None
+) -> dict[str, float]:
+    """Per-group Reg DSC of a method (``none``: the unregistered Dice of the first run; methods
+    of ``extra``: their ``{case: Reg DSC}``)."""
+    if extra and method in extra:
+        return dict(extra[method])
     if method == "none":
-        first = next(iter(runs.values()))
-        return {c: r["unreg_dsc"] for c, r in first.rows.items()}
+        return {c: r["unreg_dsc"] for c, r in unregistered_rows(runs).items()}
     return {c: r["reg_dsc"] for c, r in runs[method].rows.items()}
 
 
@@ -323,18 +349,23 @@ def patient(case: str) -> str:
     return case.split("-")[0]
 
 
-def paired_tests(runs: Mapping[str, Run], pairs=PAIRS) -> list[dict]:
+def paired_tests(
+    runs: Mapping[str, Run],
+    pairs: Sequence[tuple[str, str]] = PAIRS,
+    extra: Mapping[str, Mapping[str, float]] | None = None,
+) -> list[dict]:
     """``scipy.stats.ttest_rel`` on the per-group Reg DSC of the groups both methods tested,
     and (groups of one slice and one patient are not independent: 20 FFD combinations per
     slice) the same test on the per-patient means."""
     out = []
     for a, b in pairs:
         row: dict[str, Any] = {"a": NAMES[a], "b": NAMES[b]}
-        if not runs or any(m != "none" and m not in runs for m in (a, b)):
+        known = {"none", *runs, *(extra or {})}
+        if not runs or any(m not in known for m in (a, b)):
             row["missing"] = True
             out.append(row)
             continue
-        xa, xb = per_group(runs, a), per_group(runs, b)
+        xa, xb = per_group(runs, a, extra), per_group(runs, b, extra)
         common = [c for c in xa if c in xb and not (math.isnan(xa[c]) or math.isnan(xb[c]))]
         row["groups"] = len(common)
         diff = [xb[c] - xa[c] for c in common]
@@ -357,6 +388,11 @@ def _ttest(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
 
 
 # ---------------------------------------------------------------------------- X-CoReg rows
+REFINE_DSC = ("reg_dsc_mean", "reg_dsc", "mean_reg_dsc", "dice_after")
+REFINE_STD = ("reg_dsc_std", "std_reg_dsc", "reg_dsc_sd")
+REFINE_TIME = ("time_s_mean", "time_per_group_s", "time_s", "seconds_per_group", "seconds")
+
+
 def _number(row: Mapping[str, str], *names: str) -> float | None:
     for name in names:
         text = row.get(name)
@@ -371,7 +407,8 @@ def _number(row: Mapping[str, str], *names: str) -> float | None:
 def read_refine(path: Path) -> list[dict[str, Any]]:
     """Rows of ``results/mscmr_refine.csv`` (bench/bench_mscmr_refine.py: network, network +
     N refinement steps, X-CoReg alone): ``{"method", "reg_dsc_mean", "reg_dsc_std", "time_s",
-    "groups"}`` with Dice in %. Per-group files (a ``case`` column) are averaged by method."""
+    "groups"}`` with Dice in %. A per-group file (a ``case`` or ``group`` column) is averaged
+    per method and number of refinement steps."""
     with open(path, newline="") as f:
         raw = list(csv.DictReader(f))
     if not raw:
@@ -379,30 +416,37 @@ def read_refine(path: Path) -> list[dict[str, Any]]:
     key = next((k for k in ("method", "name", "setting", "variant") if k in raw[0]), None)
     if key is None:
         raise ValueError(f"{path}: no method column (method/name/setting/variant)")
-    reg = ("reg_dsc_mean", "reg_dsc", "mean_reg_dsc", "dice_after")
-    std = ("reg_dsc_std", "std_reg_dsc", "reg_dsc_sd")
-    seconds = ("time_s_mean", "time_per_group_s", "time_s", "seconds_per_group", "seconds")
+    steps = next((k for k in ("refine_iterations", "iterations", "steps") if k in raw[0]), None)
+    per_group = any(k in raw[0] for k in ("case", "group"))
     methods: dict[str, list[Mapping[str, str]]] = {}
-    for row in raw:
-        methods.setdefault(row[key], []).append(row)
+    for i, row in enumerate(raw):
+        label = row[key] + (f" ({row[steps]} steps)" if steps and row.get(steps) else "")
+        methods.setdefault(label if per_group else f"{i:06d}{label}", []).append(row)
     out = []
-    for method, rows in methods.items():
-        regs = [x for x in (_number(r, *reg) for r in rows) if x is not None]
-        times = [x for x in (_number(r, *seconds) for r in rows) if x is not None]
+    for label, rows in methods.items():
+        regs = [x for x in (_number(r, *REFINE_DSC) for r in rows) if x is not None]
+        times = [x for x in (_number(r, *REFINE_TIME) for r in rows) if x is not None]
         if not regs:
             continue
-        if len(rows) > 1:  # per group
+        cases = {}
+        if per_group:
             m, s, n = mean_std(regs)
+            column = "case" if "case" in rows[0] else "group"
+            cases = {r[column]: _number(r, *REFINE_DSC) for r in rows}
+            cases = {c: v / 100 if v > 1.5 else v for c, v in cases.items() if v is not None}
         else:
-            m, s, n = regs[0], _number(rows[0], *std), int(_number(rows[0], "groups", "n") or 0)
+            m, s = regs[0], _number(rows[0], *REFINE_STD)
+            n = int(_number(rows[0], "groups", "n") or 0)
+            label = label[6:]
         scale = 100.0 if m <= 1.5 else 1.0
         out.append(
             {
-                "method": method,
+                "method": label,
                 "reg_dsc_mean": scale * m,
                 "reg_dsc_std": None if s is None else scale * s,
                 "time_s": statistics.fmean(times) if times else None,
                 "groups": n or None,
+                "cases": cases,
             }
         )
     return out
@@ -600,6 +644,7 @@ def median_figure(
         return None
     from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
 
     order = [s for s in SEQUENCES if s in columns[0]["sequences"]]
     colours = _label_colours(len(STRUCTURES))
@@ -622,10 +667,12 @@ def median_figure(
             ax.set_yticks([])
     fig.suptitle(
         f"median test group {case} (by {NAMES[chosen[0]]} Reg DSC). Contours: warped C0 label "
-        "(None, DGR), posterior segmentation (DCC); colours myocardium, LV, RV",
+        "(None, DGR), posterior segmentation (DCC)",
         fontsize=7,
     )
-    fig.tight_layout()
+    handles = [Patch(color=c, label=n) for c, n in zip(colours, STRUCTURES, strict=True)]
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
     _save(fig, path)
     return {"case": case, "by": chosen[0], "path": path}
 
@@ -648,6 +695,10 @@ def _paper(row: Mapping[str, Any], metric: str) -> str:
 
 def _ms(seconds: float | None) -> str:
     return "—" if seconds is None or math.isnan(seconds) else f"{1000 * seconds:.1f}"
+
+
+def _t(value: float) -> str:
+    return "—" if value is None or math.isnan(value) else f"{value:.2f}"
 
 
 def _p(value: float) -> str:
@@ -707,6 +758,14 @@ def markdown(
             + f" | {paper_seg or '—'} | {_ms(row.get('time_s_mean'))} | "
             + f"{_ms(row.get('latency_s'))} |"
         )
+    bad = inconsistent_groups(runs)
+    if bad:
+        lines += [
+            "",
+            f"**Warning: {len(bad)} test groups (e.g. {bad[0]}) have different unregistered "
+            "Dice in different runs: the runs were not tested on the same data (image size, "
+            "spacing, misalignment); their numbers do not compare.**",
+        ]
     lines += [
         "",
         "Reg DSC per structure:",
@@ -738,8 +797,8 @@ def markdown(
             lines.append(f"| {t['a']} | {t['b']} | missing | | | | | | |")
             continue
         lines.append(
-            f"| {t['a']} | {t['b']} | {t['groups']} | {t['diff_mean']:+.1f} | {t['t']:.2f} | "
-            f"{_p(t['p'])} | {t['patients']} | {t['t_patients']:.2f} | {_p(t['p_patients'])} |"
+            f"| {t['a']} | {t['b']} | {t['groups']} | {t['diff_mean']:+.1f} | {_t(t['t'])} | "
+            f"{_p(t['p'])} | {t['patients']} | {_t(t['t_patients'])} | {_p(t['p_patients'])} |"
         )
     lines += ["", f"## Network start, iterative finish ({refine_path})", ""]
     if refine:
@@ -852,6 +911,9 @@ def main(argv=None) -> dict[str, Any]:
     runs, missing = load_runs(sources, args.reevaluate, args.threads, args.data)
     for strategy, why in missing.items():
         print(f"[table5] {NAMES[strategy]} missing: {why}", file=sys.stderr)
+    bad = inconsistent_groups(runs)
+    if bad:
+        print(f"[table5] warning: {len(bad)} test groups differ between runs", file=sys.stderr)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     figure = None
@@ -862,7 +924,10 @@ def main(argv=None) -> dict[str, Any]:
     refine_path = Path(args.refine)
     refine = read_refine(refine_path) if refine_path.is_file() else []
     rows = summary_rows(runs, xcoreg_row(refine))
-    tests = paired_tests(runs)
+    xcoreg = xcoreg_row(refine)
+    extra = {"xcoreg": xcoreg["cases"]} if xcoreg and xcoreg.get("cases") else {}
+    pairs = [*PAIRS, *([("xcoreg", "dcc_all")] if extra and "dcc_all" in runs else [])]
+    tests = paired_tests(runs, pairs, extra)
     command = "python bench/mscmr_table5.py " + " ".join(sys.argv[1:] if argv is None else argv)
     write_csv(out.with_name(out.name + ".csv"), rows)
     write_csv(out.with_name(out.name + "_ttests.csv"), tests)
