@@ -148,6 +148,36 @@ def test_joint_histogram_differentiable():
     )
 
 
+@pytest.mark.parametrize("per_image", [False, True])
+def test_joint_histogram_analytic_backward_equals_autograd(per_image):
+    """The analytic backward equals autograd through parzen_window and a scatter per point and
+    level (the direct form of Eq. 21), also for values on and beyond the clamp bounds."""
+    b, n, m, k, bins = 2, 3, 60, 4, 10
+    gen = _gen(11)
+    values = torch.rand(b, n, m, generator=gen, dtype=torch.float64) * (bins + 1) - 0.5
+    values[0, 0, :4] = torch.tensor([1.0, 3.0, bins - 2.0, bins - 1.0], dtype=torch.float64)
+    shape = (b, n, m, k) if per_image else (b, m, k)
+    logits = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    upstream = torch.randn(b, n, bins, k, generator=gen, dtype=torch.float64)
+
+    def direct(v, p):
+        index, weights = XF.parzen_window(v, bins)  # (B, N, M, 4)
+        post = p if per_image else p.unsqueeze(1).expand(b, n, m, k)
+        src = weights.unsqueeze(-1) * post.unsqueeze(-2)  # (B, N, M, 4, K)
+        hist = torch.zeros(b, n, bins, k, dtype=v.dtype)
+        return hist.scatter_add(2, index.flatten(2, 3).unsqueeze(-1).expand(-1, -1, -1, k),
+                                src.flatten(2, 3))
+
+    grads = []
+    for fn in (direct, lambda v, p: XF.joint_histogram(v, p, bins, normalize=False)):
+        v, p = values.clone().requires_grad_(), logits.softmax(-1).requires_grad_()
+        hist = fn(v, p)
+        grads.append((hist.detach(), *torch.autograd.grad((hist * upstream).sum(), (v, p))))
+    for expected, got in zip(*grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert grads[1][1][0, 0, 3] == 0  # beyond the clamp: no gradient
+
+
 def test_joint_histogram_rejects_bad_posterior():
     with pytest.raises(ValueError):
         XF.joint_histogram(torch.full((2, 10), 3.0), torch.ones(9, 2) / 2, 8)
@@ -725,6 +755,17 @@ def test_normalize_intensities_range_and_mask():
         XF.normalize_intensities(image, bins, torch.zeros_like(image))
     with pytest.raises(ValueError):
         XF.normalize_intensities(image, 3)
+
+
+def test_quantiles_equal_torch_quantile_bit_for_bit():
+    gen = _gen(12)
+    for n in (1, 2, 7, 1000, 25600):
+        for values in (torch.randn(n, generator=gen) * 100,
+                       torch.randint(0, 5, (n,), generator=gen).float()):
+            for percentiles in ((0.5, 99.5), (0.0, 100.0), (50.0, 50.0)):
+                q = torch.tensor([p / 100 for p in percentiles])
+                assert torch.equal(XF._quantiles(values, percentiles),
+                                   torch.quantile(values, q))
 
 
 def test_normalize_intensities_constant_image():
