@@ -223,7 +223,7 @@ class XCoReg:
         """Gamma^[0] (Eq. 22), then ``em_warmup`` EM steps on the initial alignment; of
         ``inits`` random draws the one with the highest log-likelihood (Eq. 23) is kept."""
         cfg = self.config
-        _, values, overlap = self._warp(transform, images, grid)
+        _, values, overlap = warp_group(transform, images, grid)
         idx = overlap.nonzero().squeeze(1)
         if idx.numel() == 0:
             raise RegistrationError("the images do not overlap at the start")
@@ -322,7 +322,7 @@ class XCoReg:
         sublevels = max(cfg.levels, cfg.ffd_levels if cfg.name == "ffd" else 1)
         pyramid = image_pyramid(images, grid, cfg.levels)
         with torch.no_grad():  # overlap at the stage start, per level (the guard's reference)
-            start = [self._warp(transform, x, g)[2].float().mean().item() for x, g in pyramid]
+            start = [warp_group(transform, x, g)[2].float().mean().item() for x, g in pyramid]
         per_level = [
             cfg.iterations // sublevels + (i < cfg.iterations % sublevels) for i in range(sublevels)
         ]
@@ -361,14 +361,6 @@ class XCoReg:
             return CommonSpace(grid, torch.log(gamma), log_pi)
         return common if common.grid == grid else common.resampled(grid)
 
-    def _warp(self, transform, images, grid):
-        """Points phi_j(x) on the lattice (with gradient) and the warped images (without)."""
-        points = transform.lattice(grid).reshape(images.shape[0], -1, grid.ndim)
-        normalized = grid.world_to_normalized(points)
-        with torch.no_grad():
-            warped = sample(images, normalized.detach())  # (N, 2, M)
-        return normalized, warped[:, 0], (warped[:, 1] > VALID).all(0)
-
     @torch.no_grad()
     def _update_common(self, common, values, overlap, sample_idx, bins, log_f_gt):
         """Eqs. (20), (12), (14): appearance model from gamma^[t] on the coordinate sample, then
@@ -394,7 +386,7 @@ class XCoReg:
         """X (Eq. 8) on the whole overlap at full resolution after ``em_warmup`` EM steps from
         ``common``, and the overlap size (voxels)."""
         common = self._common_space(common, grid, log_f_gt, images.device)
-        _, values, overlap = self._warp(transform, images, grid)
+        _, values, overlap = warp_group(transform, images, grid)
         idx = overlap.nonzero().squeeze(1)
         if idx.numel() == 0:
             return {"x": float("-inf"), "overlap": 0, "common": common}
@@ -402,14 +394,6 @@ class XCoReg:
             common, _ = self._update_common(common, values, overlap, idx, bins, log_f_gt)
         x = XF.x_metric(values[:, idx], common.log_gamma[idx].exp(), bins).item()
         return {"x": x, "overlap": idx.numel(), "common": common}
-
-    def _draw_sample(self, overlap):
-        """The coordinate sample Omega_S: each overlapping voxel with probability ``rate``."""
-        rate = self.config.sample_rate
-        if rate >= 1:
-            return overlap.nonzero().squeeze(1)
-        u = torch.rand(overlap.shape, generator=self.generator, device=overlap.device)
-        return ((u < rate) & overlap).nonzero().squeeze(1)
 
     def _optimize(
         self,
@@ -431,14 +415,14 @@ class XCoReg:
         x_value = float("nan")
         intensities = images[:, :1]
         for step in range(1, iterations + 1):
-            normalized, values, overlap = self._warp(transform, images, grid)
+            normalized, values, overlap = warp_group(transform, images, grid)
             # overlap as a fraction of the level grid, relative to the stage start's
             ratio = overlap.sum().item() / grid.numel / start_fraction
             trial["min_overlap_fraction"] = min(trial["min_overlap_fraction"], round(ratio, 4))
             if ratio < cfg.min_overlap:
                 bar.update(iterations - step + 1)
                 raise _OverlapLost(f"overlap fell to {ratio:.2f} of its size at the stage start")
-            idx = self._draw_sample(overlap)
+            idx = coordinate_sample(overlap, cfg.sample_rate, self.generator)
             if idx.numel() == 0:
                 raise RegistrationError("the images no longer overlap; lower the step size (--lr)")
             common, _ = self._update_common(common, values, overlap, idx, bins, log_f_gt)
@@ -474,11 +458,37 @@ class XCoReg:
     def _final_state(self, transform, images, grid, bins, common, log_f_gt):
         """One last common-space update at full resolution; X on all overlapping voxels."""
         common = common if common.grid == grid else common.resampled(grid)
-        _, values, overlap = self._warp(transform, images, grid)
+        _, values, overlap = warp_group(transform, images, grid)
         idx = overlap.nonzero().squeeze(1)
         common, loglik = self._update_common(common, values, overlap, idx, bins, log_f_gt)
         x = XF.x_metric(values[:, idx], common.log_gamma[idx].exp(), bins).item()
         return x, loglik, common
+
+
+def warp_group(transform: SpatialTransform, images: torch.Tensor, grid: Grid):
+    """Points phi_j(x) on the lattice of ``grid`` and the group ``images`` ``(N, 2, *S)``
+    (channel 0 the intensities, channel 1 the field-of-view mask) warped there.
+
+    Returns the points in ``grid_sample`` coordinates ``(N, M, d)`` (with gradient), the warped
+    intensities ``(N, M)`` (without) and the overlap region Omega^phi (Eq. 14) ``(M,)``, where
+    every image is inside its field of view.
+    """
+    points = transform.lattice(grid).reshape(images.shape[0], -1, grid.ndim)
+    normalized = grid.world_to_normalized(points)
+    with torch.no_grad():
+        warped = sample(images, normalized.detach())  # (N, 2, M)
+    return normalized, warped[:, 0], (warped[:, 1] > VALID).all(0)
+
+
+def coordinate_sample(
+    overlap: torch.Tensor, rate: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """The coordinate sample Omega_S: indices of the overlapping voxels, each kept with
+    probability ``rate`` (all of them for ``rate >= 1``)."""
+    if rate >= 1:
+        return overlap.nonzero().squeeze(1)
+    u = torch.rand(overlap.shape, generator=generator, device=overlap.device)
+    return ((u < rate) & overlap).nonzero().squeeze(1)
 
 
 def padding_mask(images: torch.Tensor) -> torch.Tensor:
