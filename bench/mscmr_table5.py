@@ -18,7 +18,7 @@ Each strategy is a run folder (its best checkpoint in ``checkpoints/`` and, afte
 ``metrics/test_groups.csv`` of :class:`dcc.lit.evaluation.MetricsTable`) or a checkpoint file.
 A run without a test table (or a checkpoint, or ``--reevaluate``) is tested here with
 :func:`dcc.lit.train.run_evaluation` on data made like its checkpoint's (into
-``<run>/table5_eval/``). Missing strategies are reported as missing.
+``<run>/table5_eval/``, or ``--eval-dir``). Missing strategies are reported as missing.
 
     python bench/mscmr_table5.py                        # /work/runs/mscmr_<strategy>
     python bench/mscmr_table5.py --runs outputs/runs --out results/mscmr_table5
@@ -148,6 +148,28 @@ def read_groups(path: Path) -> dict[str, dict[str, float]]:
     return rows
 
 
+def data_settings(checkpoint: Path, data: Sequence[str] = ()) -> dict[str, Any]:
+    """The data-module settings a checkpoint was trained with (``datamodule_hyper_parameters``),
+    with a moved data root or a missing cache folder dropped and ``data`` (``key=value``,
+    YAML values) applied; the test groups of the Table are made from these."""
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True).get(
+        "datamodule_hyper_parameters"
+    )
+    if not saved:
+        raise ValueError(f"{checkpoint}: no data-module settings saved; cannot rebuild its data")
+    saved = dict(saved)
+    if saved.get("root") and not Path(saved["root"]).is_dir():
+        saved["root"] = None  # moved data: $DCC_DATA_ROOT or ../shared/data
+    if saved.get("cache_dir") and not Path(saved["cache_dir"]).parent.is_dir():
+        saved["cache_dir"] = None
+    for item in data:
+        key, sep, value = item.partition("=")
+        if not sep or key not in saved:
+            raise SystemExit(f"--data {item}: use KEY=VALUE with KEY one of {sorted(saved)}")
+        saved[key] = yaml.safe_load(value)
+    return saved
+
+
 def evaluate(checkpoint: Path, out: Path, threads: int | None, data: Sequence[str]) -> Path:
     """Test ``checkpoint`` with :func:`dcc.lit.train.run_evaluation` (``evaluate.py``) on the
     test split of data made like its own (its saved data-module settings; ``data`` overrides
@@ -159,11 +181,7 @@ def evaluate(checkpoint: Path, out: Path, threads: int | None, data: Sequence[st
 
     from dcc.lit.train import run_evaluation
 
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=True).get(
-        "datamodule_hyper_parameters"
-    )
-    if not saved:
-        raise ValueError(f"{checkpoint}: no data-module settings saved; cannot rebuild its data")
+    saved = data_settings(checkpoint, data)
     overrides = [
         f"ckpt_path={checkpoint}",
         "data=myops",
@@ -182,15 +200,8 @@ def evaluate(checkpoint: Path, out: Path, threads: int | None, data: Sequence[st
         cfg.paths.output_dir = str(out)
         cfg.paths.work_dir = str(out)
         for key, value in saved.items():
-            if key in cfg.data and key != "with_atlas":
+            if key != "with_atlas":
                 cfg.data[key] = value
-        if saved.get("root") and not Path(saved["root"]).is_dir():
-            cfg.data.root = None  # moved data: $DCC_DATA_ROOT or ../shared/data
-        if saved.get("cache_dir") and not Path(saved["cache_dir"]).parent.is_dir():
-            cfg.data.cache_dir = None
-        for item in data:
-            key, _, value = item.partition("=")
-            cfg.data[key] = yaml.safe_load(value)
     run_evaluation(cfg)
     return out / "metrics" / "test_groups.csv"
 
@@ -233,9 +244,14 @@ def resolve(strategy: str, source: Path) -> Run | None:
 
 
 def load_runs(
-    sources: Mapping[str, Path], reevaluate: bool, threads: int | None, data: Sequence[str]
+    sources: Mapping[str, Path],
+    reevaluate: bool,
+    threads: int | None,
+    data: Sequence[str],
+    eval_dir: Path | None = None,
 ) -> tuple[dict[str, Run], dict[str, str]]:
-    """Runs with their test rows, and why each missing strategy is missing."""
+    """Runs with their test rows, and why each missing strategy is missing. Tests run here
+    write into ``<eval_dir>/<strategy>`` (default ``<run folder>/table5_eval``)."""
     runs, missing = {}, {}
     for strategy in STRATEGIES:
         source = sources.get(strategy)
@@ -247,7 +263,7 @@ def load_runs(
             if run.checkpoint is None:
                 missing[strategy] = f"{run.folder}: no checkpoint to test"
                 continue
-            out = run.folder / "table5_eval"
+            out = eval_dir / strategy if eval_dir is not None else run.folder / "table5_eval"
             print(f"[table5] testing {strategy}: {run.checkpoint} -> {out}", file=sys.stderr)
             run.table, run.evaluated_here = evaluate(run.checkpoint, out, threads, data), True
         run.rows = read_groups(run.table)
@@ -551,20 +567,13 @@ def median_case(runs: Mapping[str, Run]) -> tuple[str, str] | None:
     return None
 
 
-def _test_group(checkpoint: Path, model, case: str, cache: dict) -> dict:
+def _test_group(checkpoint: Path, model, case: str, cache: dict, data: Sequence[str]) -> dict:
     """The test group named ``case`` from data made like the checkpoint's (a batch of one)."""
     from torch.utils.data import default_collate
 
     from dcc.lit.datamodules import MyoPSDataModule
 
-    saved = dict(
-        torch.load(checkpoint, map_location="cpu", weights_only=True)["datamodule_hyper_parameters"]
-    )
-    saved["with_atlas"] = model.atlas
-    if saved.get("root") and not Path(saved["root"]).is_dir():
-        saved["root"] = None
-    if saved.get("cache_dir") and not Path(saved["cache_dir"]).parent.is_dir():
-        saved["cache_dir"] = None
+    saved = {**data_settings(checkpoint, data), "with_atlas": model.atlas}
     key = repr(sorted(saved.items()))
     if key not in cache:
         data = MyoPSDataModule(**saved)
@@ -584,7 +593,11 @@ def _test_group(checkpoint: Path, model, case: str, cache: dict) -> dict:
 
 @torch.no_grad()
 def median_figure(
-    runs: Mapping[str, Run], path: Path, repeats: int, threads: int | None
+    runs: Mapping[str, Run],
+    path: Path,
+    repeats: int,
+    threads: int | None,
+    data: Sequence[str] = (),
 ) -> dict[str, Any] | None:
     """The median group registered by every strategy (PNG like the paper's Fig. 10), and each
     model's time for one group (median of ``repeats`` forward passes + EM, batch of one)."""
@@ -604,7 +617,7 @@ def median_figure(
         if run is None or run.checkpoint is None or case not in run.rows:
             continue
         model = load_checkpoint(str(run.checkpoint))
-        batch = _test_group(run.checkpoint, model, case, cache)
+        batch = _test_group(run.checkpoint, model, case, cache, data)
         result = model.step(batch)
         times = []
         for _ in range(repeats):
@@ -892,6 +905,9 @@ def parse_args(argv=None):
         metavar="KEY=VALUE",
         help="data-module setting for tests run here (e.g. root=/data, num_workers=2)",
     )
+    p.add_argument(
+        "--eval-dir", default=None, help="tests run here go to DIR/<strategy> (default: the run)"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--repeats", type=int, default=20, help="timed passes of the median group")
     p.add_argument("--no-figure", action="store_true", help="skip the median-group PNG")
@@ -908,7 +924,8 @@ def main(argv=None) -> dict[str, Any]:
         if strategy not in STRATEGIES or not path:
             raise SystemExit(f"--run {item}: use STRATEGY=PATH with STRATEGY one of {STRATEGIES}")
         sources[strategy] = Path(path)
-    runs, missing = load_runs(sources, args.reevaluate, args.threads, args.data)
+    eval_dir = Path(args.eval_dir) if args.eval_dir else None
+    runs, missing = load_runs(sources, args.reevaluate, args.threads, args.data, eval_dir)
     for strategy, why in missing.items():
         print(f"[table5] {NAMES[strategy]} missing: {why}", file=sys.stderr)
     bad = inconsistent_groups(runs)
@@ -919,7 +936,7 @@ def main(argv=None) -> dict[str, Any]:
     figure = None
     if runs and not args.no_figure:
         figure = median_figure(
-            runs, out.with_name(out.name + "_median.png"), args.repeats, args.threads
+            runs, out.with_name(out.name + "_median.png"), args.repeats, args.threads, args.data
         )
     refine_path = Path(args.refine)
     refine = read_refine(refine_path) if refine_path.is_file() else []
