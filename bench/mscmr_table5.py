@@ -264,8 +264,17 @@ def load_runs(
                 missing[strategy] = f"{run.folder}: no checkpoint to test"
                 continue
             out = eval_dir / strategy if eval_dir is not None else run.folder / "table5_eval"
-            print(f"[table5] testing {strategy}: {run.checkpoint} -> {out}", file=sys.stderr)
-            run.table, run.evaluated_here = evaluate(run.checkpoint, out, threads, data), True
+            earlier = out / "metrics" / "test_groups.csv"
+            fresh = earlier.is_file() and earlier.stat().st_mtime > run.checkpoint.stat().st_mtime
+            if fresh and not reevaluate and not data:
+                print(
+                    f"[table5] {strategy}: earlier test of this script, {earlier}", file=sys.stderr
+                )
+                run.table = earlier
+            else:
+                print(f"[table5] testing {strategy}: {run.checkpoint} -> {out}", file=sys.stderr)
+                run.table = evaluate(run.checkpoint, out, threads, data)
+            run.evaluated_here = True
         run.rows = read_groups(run.table)
         runs[strategy] = run
     return runs, missing
@@ -853,8 +862,11 @@ def markdown(
     for strategy, b in budgets.items():
         run = runs[strategy]
         minutes, per_step = b.get("train_minutes"), b.get("seconds_per_step")
+        tested = f"{run.checkpoint}" + (
+            f" (tested here: {run.table})" if run.evaluated_here else ""
+        )
         lines.append(
-            f"| {NAMES[strategy]} | {run.checkpoint} | {b.get('steps', '—')} | "
+            f"| {NAMES[strategy]} | {tested} | {b.get('steps', '—')} | "
             f"{b.get('epochs', '—')} | {'—' if minutes is None else f'{minutes:.1f}'} | "
             f"{'—' if per_step is None else f'{per_step:.2f}'} | {b.get('max_time')} | "
             f"{b.get('max_epochs')} | {b.get('threads')} | {b.get('image_size')} | "
