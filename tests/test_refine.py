@@ -215,3 +215,15 @@ def test_evaluate_command_rejects_a_negative_count(tmp_path, ckpt):
     assert proc.stderr.strip().splitlines() == [
         "evaluate.py: error: refine_iterations must be >= 0 (0: the network alone), got -1"
     ]
+
+
+def test_one_option_for_both_modes(tmp_path):
+    """``refine_iterations=N`` sets the test mode's count and the predict mode's default;
+    ``predict.refine_iterations=N`` the predict mode's alone."""
+    from test_configs import compose_cfg
+
+    cfg = compose_cfg(tmp_path, ["ckpt_path=c.ckpt", "refine_iterations=7"], name="evaluate.yaml")
+    assert (cfg.refine_iterations, cfg.predict.refine_iterations) == (7, 7)
+    cfg = compose_cfg(tmp_path, ["ckpt_path=c.ckpt", "predict.refine_iterations=3"],
+                      name="evaluate.yaml")
+    assert (cfg.refine_iterations, cfg.predict.refine_iterations) == (0, 3)
