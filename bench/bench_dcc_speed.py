@@ -12,10 +12,19 @@ A training step is forward + loss + backward + Adam step, timed twice: with a su
 (mean squares of the outputs: the network alone) and, when ``dcc.losses.DCCLoss`` is
 importable, with the full DCC loss (Eqs. 41-47, every member labelled). Inference is a forward
 pass in eval/inference mode, per group. Times are the minimum and median wall-clock seconds over
-``--repeats`` after ``--warmup`` untimed calls, plus the minimum process CPU seconds (all threads:
-less sensitive to other people's jobs on a shared machine; on idle cores the wall time is about
-CPU / threads). Peak memory is the process's maximum resident set size (``getrusage``), torch's
-own import included; ``load`` is the 1-minute load average at the end.
+``--repeats`` after ``--warmup`` untimed calls, and the minimum and median process CPU seconds
+(all threads: less sensitive to other people's jobs on a shared machine; on idle cores the wall
+time is about CPU / threads). Peak memory is the process's maximum resident set size
+(``getrusage``), torch's own import included; ``load`` is the 1-minute load average at the start
+and at the end.
+
+``--compare REV`` measures the code at git revision ``REV`` ("before": its ``dcc`` package,
+extracted with ``git archive``, with this script) against the working tree ("after"), at 1
+thread (CPU seconds: the cost, little affected by other jobs) and at 2 threads (wall seconds
+with ``OMP_WAIT_POLICY=PASSIVE``: what a user waits for), each in its own process, and saves
+``results/dcc_speed.md`` and ``.json`` with the command, the hardware and the load::
+
+    python bench/bench_dcc_speed.py --compare ec1a941 --save results/dcc_speed
 """
 
 from __future__ import annotations
@@ -24,15 +33,20 @@ import argparse
 import inspect
 import json
 import os
+import platform
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from dcc.nets import DCCNet
+
+ROOT = Path(__file__).resolve().parents[1]
 
 VARIANTS = {
     "2 convs/block, D_r to full res": ["--block-convs", "2", "--reg-finest-level", "0"],
@@ -79,6 +93,7 @@ def _times(fn, warmup: int, repeats: int) -> tuple[list[float], list[float]]:
 
 
 def measure(args: argparse.Namespace) -> dict:
+    load_start = os.getloadavg()[0]
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     ndim = 2
@@ -116,14 +131,15 @@ def measure(args: argparse.Namespace) -> dict:
     for key, fn in runs.items():
         wall, cpu = _times(lambda fn=fn: train_step(fn), args.warmup, args.repeats)
         result |= {f"{key}_min": min(wall), f"{key}_med": statistics.median(wall),
-                   f"{key}_cpu": min(cpu)}
+                   f"{key}_cpu": min(cpu), f"{key}_cpu_med": statistics.median(cpu)}
     net.eval()
     wall, cpu = _times(infer, args.warmup, args.repeats)
     result |= {"infer_min": min(wall) / args.batch,
                "infer_med": statistics.median(wall) / args.batch,
-               "infer_cpu": min(cpu) / args.batch}
+               "infer_cpu": min(cpu) / args.batch,
+               "infer_cpu_med": statistics.median(cpu) / args.batch}
     result["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    result["loadavg"] = os.getloadavg()[0]
+    result["load_start"], result["loadavg"] = load_start, os.getloadavg()[0]
     return result
 
 
@@ -145,12 +161,137 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--json", action="store_true", help="print one JSON line (for --sweep)")
     parser.add_argument("--sweep", action="store_true", help="run every variant in VARIANTS")
+    parser.add_argument("--compare", metavar="REV",
+                        help="before (dcc at git revision REV) / after (working tree) table")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="--compare: alternate before/after this many times (best kept)")
+    parser.add_argument("--save", metavar="PREFIX",
+                        help="--compare: write PREFIX.md and PREFIX.json (e.g. results/dcc_speed)")
     return parser.parse_args(argv)
+
+
+def _strip(argv: list[str], options: set[str]) -> list[str]:
+    """``argv`` without the given options (``--opt value`` or ``--opt=value``)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in options:
+            skip = True
+        elif arg.split("=", 1)[0] not in options:
+            out.append(arg)
+    return out
+
+
+def _run_json(extra: list[str], env: dict | None = None) -> dict:
+    """This script with ``extra`` arguments in a fresh process; its JSON line."""
+    proc = subprocess.run([sys.executable, __file__, *extra, "--json"], capture_output=True,
+                          text=True, check=False, env=env, cwd=ROOT)
+    if proc.returncode:
+        raise RuntimeError(f"bench_dcc_speed {' '.join(extra)} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _hardware() -> str:
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        model = names[0] if names else model
+    return (f"{model}, {os.cpu_count()} logical CPUs; torch {torch.__version__} "
+            f"(MKL-DNN {torch.backends.mkldnn.is_available()}), Python {platform.python_version()}")
+
+
+def _fmt(r: dict, key: str, kind: str) -> str:
+    """``min / med`` of ``key`` (``kind`` ``cpu`` or ``wall``) in seconds."""
+    if f"{key}_min" not in r:
+        return "n/a"
+    if kind == "cpu":
+        return f"{r[f'{key}_cpu']:.3f} / {r.get(f'{key}_cpu_med', float('nan')):.3f}"
+    return f"{r[f'{key}_min']:.3f} / {r[f'{key}_med']:.3f}"
+
+
+def compare(args: argparse.Namespace, base: list[str]) -> None:
+    """Before (``dcc`` at ``args.compare``) / after (working tree), 1 thread and 2 threads."""
+    rev = subprocess.run(["git", "rev-parse", "--short", args.compare], capture_output=True,
+                         text=True, check=True, cwd=ROOT).stdout.strip()
+    runs: dict[tuple[str, int], dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = subprocess.run(["git", "archive", rev, "dcc"], capture_output=True,
+                                 check=True, cwd=ROOT).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        envs = {f"before ({rev})": {"PYTHONPATH": tmp}, "after (working tree)": {}}
+        for _ in range(args.rounds):
+            for threads in (1, 2):
+                for label, extra_env in envs.items():
+                    env = os.environ | {"OMP_NUM_THREADS": str(threads),
+                                        "OMP_WAIT_POLICY": "PASSIVE"} | extra_env
+                    r = _run_json([*base, "--threads", str(threads)], env)
+                    old = runs.get((label, threads))
+                    if old is not None:  # keep the best of the rounds, per figure
+                        r = {k: min(v, old[k]) if k.endswith(("_min", "_cpu")) else v
+                             for k, v in r.items()}
+                        r["load_start"] = max(r["load_start"], old["load_start"])
+                    runs[(label, threads)] = r
+                    print(f"{label}, {threads} thread(s): full step CPU {_fmt(r, 'step', 'cpu')}"
+                          f" s, wall {_fmt(r, 'step', 'wall')} s", flush=True)
+    command = "python bench/bench_dcc_speed.py " + " ".join(sys.argv[1:])
+    lines = [
+        "# DCC network speed (issue #8): before / after",
+        "",
+        f"Command: `{command}` (each configuration in its own process).",
+        f"Hardware: {_hardware()}.",
+        f"Group of {args.group} images {args.size}x{args.size}, batch {args.batch}, DCCNet "
+        f"C={args.channels}, L_R={args.levels} "
+        f"({next(iter(runs.values()))['params'] / 1e6:.2f} M parameters). Training step = "
+        "forward + loss + backward + Adam; *network* uses a surrogate loss (mean squares of the "
+        "outputs), *full* the DCC loss (every member labelled). Inference per group, eval mode, "
+        "`torch.inference_mode`. Times in seconds, `min / median` over the repeats; CPU = process "
+        "CPU time (all threads), wall = `perf_counter`; 2 threads with `OMP_WAIT_POLICY=PASSIVE`. "
+        "`load` = 1-minute load average at the start / end of the run (the machine is shared: "
+        "wall times above ~1 s of load per core are inflated, compare CPU times).",
+        "",
+        "| code | threads | network step CPU | full step CPU | inference CPU | network step wall "
+        "| full step wall | inference wall | peak RSS (MiB) | load |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (label, threads), r in sorted(runs.items(), key=lambda item: item[0][1]):
+        lines.append(
+            f"| {label} | {threads} | {_fmt(r, 'net', 'cpu')} | {_fmt(r, 'step', 'cpu')} | "
+            f"{_fmt(r, 'infer', 'cpu')} | {_fmt(r, 'net', 'wall')} | {_fmt(r, 'step', 'wall')} | "
+            f"{_fmt(r, 'infer', 'wall')} | {r['peak_mib']:.0f} | "
+            f"{r['load_start']:.1f} / {r['loadavg']:.1f} |"
+        )
+    labels = list(dict.fromkeys(label for label, _ in runs))
+    lines.append("")
+    for threads in (1, 2):
+        before, after = (runs[(label, threads)] for label in labels)
+        ratios = [f"{name} {before[f'{key}_cpu'] / after[f'{key}_cpu']:.2f}x CPU, "
+                  f"{before[f'{key}_min'] / after[f'{key}_min']:.2f}x wall"
+                  for name, key in (("network step", "net"), ("full step", "step"),
+                                    ("inference", "infer")) if f"{key}_min" in after]
+        lines.append(f"Speed-up (before / after, minima) at {threads} thread(s): "
+                     + "; ".join(ratios) + ".")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.save:
+        prefix = ROOT / args.save if not Path(args.save).is_absolute() else Path(args.save)
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        prefix.with_suffix(".md").write_text(text)
+        payload = {"command": command, "hardware": _hardware(), "revision_before": rev,
+                   "runs": [{"code": label, "threads": threads, **r}
+                            for (label, threads), r in runs.items()]}
+        prefix.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
 
 
 def main(argv=None) -> None:
     args = parse(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if args.compare:
+        compare(args, _strip(argv if argv is not None else sys.argv[1:],
+                             {"--compare", "--rounds", "--save", "--threads"}))
+        return
     if not args.sweep:
         result = measure(args)
         if args.json:

@@ -169,7 +169,8 @@ class DCCLoss(nn.Module):
         l1 = LF.registration_loss(
             warped_values, gamma, displacement, bins, self.bending_weight, overlap, "none", eps
         )
-        bending = fields.bending_energy_dense(displacement, reduction="none")
+        with torch.no_grad():  # logged only (L1 holds the differentiable R)
+            bending = fields.bending_energy_dense(displacement, reduction="none")
         l2 = LF.hybrid_cross_entropy(gamma, warped_probs, overlap, "none", eps)
         l3 = LF.segmentation_loss(
             values, seg_probs, labelled, labels, bins, "none", self.include_background, eps
