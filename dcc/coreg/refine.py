@@ -98,7 +98,7 @@ def refine_group(
         spacing: voxel size in mm, ``(x, y[, z])`` (1 mm when ``None``); the FFD's control
             spacing and step are in mm.
         settings: keyword arguments of :func:`refine_config` (``ffd_spacing``, ``lr``, top-level
-            X-CoReg settings).
+            X-CoReg settings); the engine runs on the fields' device unless ``device`` is given.
     """
     start = time.perf_counter()
     iterations = check_iterations(iterations)
@@ -116,7 +116,7 @@ def refine_group(
     if len(spacing) != ndim:
         raise ValueError(f"refine_group: spacing {spacing} needs {ndim} entries (x, y[, z])")
     grid = Grid.from_shape(shape, spacing)
-    config = refine_config(iterations, ndim, **settings)
+    config = refine_config(iterations, ndim, **{"device": str(net.device), **settings})
     # the engine needs gradients, also inside a test loop (inference mode, no_grad)
     with torch.inference_mode(False), torch.enable_grad():
         net = net.clone()
