@@ -18,6 +18,8 @@ Dice over myocardium/LV/RV of the warped labels of the sequences, as
     python bench/bench_mscmr_refine.py --ckpt C --stride 21   # 31 groups: every slice but one,
                                                               # the 20 combinations in turn
     python bench/bench_mscmr_refine.py --ckpt C --max-groups 4 --out /tmp/refine_try
+    python bench/bench_mscmr_refine.py --ckpt C --split val --stride 19 --refine-lr 0.2 \
+        --no-xcoreg --out /tmp/refine_val   # choose the refinement settings on validation
 
 Writes ``<out>.md`` (summary with the command, hardware and date) and ``<out>.csv`` (one row per
 group and method), after every group (an interrupted run keeps what it has), and prints the
@@ -43,7 +45,7 @@ from tqdm.auto import tqdm
 
 from dcc.coreg import XCoReg
 from dcc.coreg.config import auto_config
-from dcc.coreg.refine import refine_group
+from dcc.coreg.refine import FFD_SPACING, LR, refine_group
 from dcc.evaluation.metrics import pairwise_dice
 from dcc.lit.datamodules import MyoPSDataModule
 from dcc.lit.predict import load_checkpoint
@@ -66,6 +68,13 @@ def parse_args(argv=None):
     p.add_argument("--offset", type=int, default=0, help="index of the first group taken")
     p.add_argument("--max-groups", type=int, default=None, help="at most this many groups")
     p.add_argument("--no-xcoreg", action="store_true", help="skip X-CoReg alone")
+    p.add_argument("--split", choices=("test", "val"), default="test",
+                   help="test groups (the report), or validation groups to choose the "
+                   "refinement settings on")
+    p.add_argument("--refine-lr", type=float, default=LR, help="Adam step of the refining FFD, "
+                   f"mm (default {LR})")
+    p.add_argument("--refine-spacing", type=float, default=FFD_SPACING,
+                   help=f"control spacing of the refining FFD, mm (default {FFD_SPACING})")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", default=str(ROOT / "results" / "mscmr_refine"),
                    help="output path without extension (default: results/mscmr_refine)")
@@ -93,8 +102,8 @@ def test_groups(model, args):
     root = args.root or os.environ.get("DCC_DATA_ROOT") or settings.get("root")
     settings["root"] = root
     data = MyoPSDataModule(**settings)
-    data.setup("test")
-    dataset = data.datasets["test"]
+    data.setup("test" if args.split == "test" else "fit")
+    dataset = data.datasets[args.split]
     indices = list(range(args.offset, len(dataset), args.stride))[: args.max_groups]
     return dataset, indices, settings
 
@@ -117,8 +126,9 @@ def xcoreg_fields(images, grid: Grid, members) -> tuple[torch.Tensor, float]:
     return full, result.seconds
 
 
-def evaluate_group(model, item, steps, methods) -> list[tuple]:
-    """``(method, Reg DSC, seconds, refinement kept or "")`` of one test group."""
+def evaluate_group(model, item, steps, methods, **settings) -> list[tuple]:
+    """``(method, Reg DSC, seconds, refinement kept or "")`` of one group; ``settings`` go to
+    :func:`dcc.coreg.refine.refine_group`."""
     images, labels, domains = item["images"], item["labels"], item["domains"]
     members = ~model.is_atlas(domains)
     spacing = [float(s) for s in item["spacing"]]
@@ -129,7 +139,7 @@ def evaluate_group(model, item, steps, methods) -> list[tuple]:
         t_net = time.perf_counter() - start
     out.append(("network", reg_dice(labels, net, members), t_net, ""))
     for n in steps:
-        result = refine_group(images, net, n, spacing)
+        result = refine_group(images, net, n, spacing, **settings)
         dsc = reg_dice(labels, result.displacement, members)
         out.append((f"network + refine {n}", dsc, t_net + result.seconds, int(result.accepted)))
     if "X-CoReg" in methods:
@@ -180,12 +190,14 @@ def write(out: Path, rows, methods, args, settings, seconds):
     summary = summarise(rows, methods)
     xcoreg = next((s["time_s"] for s in summary if s["method"] == "X-CoReg"), math.nan)
     lines = [
-        "# MyoPS test groups: DCC network, network + X-CoReg refinement, X-CoReg alone",
+        f"# MyoPS {args.split} groups: DCC network, network + X-CoReg refinement, X-CoReg alone",
         "",
         f"Command: `{' '.join(shlex.quote(a) for a in ['python', *sys.argv])}`  ",
         f"Checkpoint: `{args.ckpt}` (strategy {settings.get('strategy', '?')})  ",
-        f"Data: MyoPS test split, {settings['image_size']}^2 voxels of {settings['spacing']} mm, "
-        f"groups {args.offset}::{args.stride} (max {args.max_groups}) of the 640  ",
+        f"Data: MyoPS {args.split} split, {settings['image_size']}^2 voxels of "
+        f"{settings['spacing']} mm, groups {args.offset}::{args.stride} (max {args.max_groups})  ",
+        f"Refinement: unbiased FFD, {args.refine_spacing} mm control spacing, Adam step "
+        f"{args.refine_lr} mm (dcc.coreg.refine)  ",
         f"Hardware: {hardware()}  ",
         f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
         f"{seconds / 60:.1f} min in all",
@@ -223,7 +235,10 @@ def main(argv=None) -> None:
     out, rows, start = Path(args.out), [], time.perf_counter()
     for index in tqdm(indices, desc="groups"):
         item = dataset[index]
-        for method, dsc, seconds, kept in evaluate_group(model, item, args.steps, methods):
+        settings = {"lr": args.refine_lr, "ffd_spacing": args.refine_spacing}
+        for method, dsc, seconds, kept in evaluate_group(
+            model, item, args.steps, methods, **settings
+        ):
             rows.append({"case": item["case"], "index": index, "method": method,
                          "reg_dsc": dsc, "time_s": seconds, "refine_kept": kept})
         text = write(out, rows, methods, args, settings, time.perf_counter() - start)
