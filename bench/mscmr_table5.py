@@ -36,6 +36,7 @@ import platform
 import re
 import statistics
 import sys
+import textwrap
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -206,20 +207,25 @@ def evaluate(checkpoint: Path, out: Path, threads: int | None, data: Sequence[st
     return out / "metrics" / "test_groups.csv"
 
 
-def evaluate_command(checkpoint: Path) -> str:
-    """``python evaluate.py data=myops ckpt_path=...`` with the checkpoint's data settings that
-    differ from conf/data/myops.yaml (evaluate.py keeps the data group's defaults once
-    ``data=myops`` is given)."""
+def evaluate_command(checkpoint: Path, data: Sequence[str] = ()) -> str:
+    """``python evaluate.py data=myops ckpt_path=...`` with the checkpoint's test-data settings
+    that differ from conf/data/myops.yaml (evaluate.py keeps the data group's defaults once
+    ``data=myops`` is given) and the ``data`` overrides of this script."""
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True).get(
         "datamodule_hyper_parameters", {}
     )
     defaults = _load_yaml(ROOT / "conf" / "data" / "myops.yaml") or {}
-    skip = ("root", "with_atlas", "cache_dir", "num_workers")
+    skip = ("root", "with_atlas", "cache_dir", "num_workers", "val_groups_per_slice")
+    given = [item.partition("=")[0] for item in data]
     extra = [
         f"data.{k}={json.dumps(v).replace(' ', '')}"
         for k, v in saved.items()
-        if k in defaults and k not in skip and defaults[k] != v and not _default_split(k, v)
+        if k in defaults
+        and k not in (*skip, *given)
+        and defaults[k] != v
+        and not _default_split(k, v)
     ]
+    extra += [f"data.{item}" for item in data]
     return " ".join(["python evaluate.py data=myops", f"ckpt_path={checkpoint}", *extra])
 
 
@@ -687,11 +693,11 @@ def median_figure(
         for ax in axes[:, c]:
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.suptitle(
+    title = (
         f"median test group {case} (by {NAMES[chosen[0]]} Reg DSC). Contours: warped C0 label "
-        "(None, DGR), posterior segmentation (DCC)",
-        fontsize=7,
+        "(None, DGR), posterior segmentation (DCC)"
     )
+    fig.suptitle(textwrap.fill(title, 40 * len(columns)), fontsize=7)
     handles = [Patch(color=c, label=n) for c, n in zip(colours, STRUCTURES, strict=True)]
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
@@ -747,6 +753,7 @@ def markdown(
     figure: Mapping[str, Any] | None,
     command: str,
     threads: int | None,
+    data: Sequence[str] = (),
 ) -> str:
     groups = {len(r.rows) for r in runs.values()}
     patients = sorted({patient(c) for r in runs.values() for c in r.rows})
@@ -887,7 +894,7 @@ def markdown(
             or f"# {NAMES[strategy]}: no .hydra/overrides.yaml in {runs[strategy].folder}"
         )
     for run in runs.values():
-        lines.append(evaluate_command(run.checkpoint))
+        lines.append(evaluate_command(run.checkpoint, data))
     lines += [command, "```", ""]
     return "\n".join(lines)
 
@@ -961,7 +968,16 @@ def main(argv=None) -> dict[str, Any]:
     write_csv(out.with_name(out.name + ".csv"), rows)
     write_csv(out.with_name(out.name + "_ttests.csv"), tests)
     text = markdown(
-        runs, missing, rows, tests, refine, refine_path, figure, command.strip(), args.threads
+        runs,
+        missing,
+        rows,
+        tests,
+        refine,
+        refine_path,
+        figure,
+        command.strip(),
+        args.threads,
+        args.data,
     )
     out.with_name(out.name + ".md").write_text(text)
     print(text)
