@@ -529,12 +529,14 @@ def budget(run: Run) -> dict[str, Any]:
         info["steps"], info["epochs"] = state.get("global_step"), state.get("epoch")
         timer = (state.get("callbacks") or {}).get("Timer", {}).get("time_elapsed", {})
         if timer.get("train"):
-            info["train_minutes"] = timer["train"] / 60.0
-    minutes = _logged_minutes(run.folder)
-    if minutes is not None and "train_minutes" not in info:
-        info["train_minutes"] = minutes
-    if info.get("train_minutes") and info.get("steps"):
-        info["seconds_per_step"] = 60.0 * info["train_minutes"] / info["steps"]
+            info["fit_minutes"] = timer["train"] / 60.0  # what trainer.max_time counts
+    logged = _logged_minutes(run.folder)
+    if logged is not None:  # training alone, validation excluded, at the last validation
+        info["train_minutes"], step = logged
+        if step:
+            info["seconds_per_step"] = 60.0 * info["train_minutes"] / step
+    elif info.get("fit_minutes") and info.get("steps"):
+        info["seconds_per_step"] = 60.0 * info["fit_minutes"] / info["steps"]
     log = next(iter(sorted(run.folder.glob("*.log"))), None)
     if log is not None:
         match = re.search(r"GPU available: (\w+), used: (\w+)", log.read_text(errors="replace"))
@@ -543,15 +545,17 @@ def budget(run: Run) -> dict[str, Any]:
     return info
 
 
-def _logged_minutes(folder: Path) -> float | None:
-    """The last ``val/train_minutes`` (dcc.lit.callbacks.TrainingTime) in the CSV logs."""
+def _logged_minutes(folder: Path) -> tuple[float, int | None] | None:
+    """The last ``val/train_minutes`` (dcc.lit.callbacks.TrainingTime) in the CSV logs and the
+    training step it was logged at."""
     found = None
     for path in sorted(folder.glob("csv/version_*/metrics.csv")):
         with open(path, newline="") as f:
             for row in csv.DictReader(f):
                 value = row.get("val/train_minutes")
                 if value:
-                    found = float(value)
+                    step = row.get("step")
+                    found = float(value), int(float(step)) if step else None
     return found
 
 
@@ -861,21 +865,32 @@ def markdown(
         "",
         "## Training budget and hardware",
         "",
-        "| Strategy | checkpoint tested | steps | epochs | training min | s / step | max_time | "
-        "max_epochs | threads | image | batch | C / L_R | accelerator (GPU used) |",
-        "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|",
+        "Fit minutes: wall time of `trainer.fit` (Lightning's Timer, what `trainer.max_time` "
+        "counts, validation included); training minutes: without validation, at the last "
+        "validation (`val/train_minutes`), and seconds per step from them.",
+        "",
+        "| Strategy | checkpoint tested | steps | epochs | fit min | training min | s / step | "
+        "max_time | max_steps | max_epochs | threads | image | batch | C / L_R | accelerator "
+        "(GPU used) |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     budgets = {s: budget(r) for s, r in runs.items()}
     for strategy, b in budgets.items():
         run = runs[strategy]
-        minutes, per_step = b.get("train_minutes"), b.get("seconds_per_step")
+        fit, minutes, per_step = (
+            b.get("fit_minutes"),
+            b.get("train_minutes"),
+            b.get("seconds_per_step"),
+        )
         tested = f"{run.checkpoint}" + (
             f" (tested here: {run.table})" if run.evaluated_here else ""
         )
         lines.append(
             f"| {NAMES[strategy]} | {tested} | {b.get('steps', '—')} | "
-            f"{b.get('epochs', '—')} | {'—' if minutes is None else f'{minutes:.1f}'} | "
+            f"{b.get('epochs', '—')} | {'—' if fit is None else f'{fit:.1f}'} | "
+            f"{'—' if minutes is None else f'{minutes:.1f}'} | "
             f"{'—' if per_step is None else f'{per_step:.2f}'} | {b.get('max_time')} | "
+            f"{b.get('max_steps')} | "
             f"{b.get('max_epochs')} | {b.get('threads')} | {b.get('image_size')} | "
             f"{b.get('batch_size')} | {b.get('channels')} / {b.get('levels')} | "
             f"{b.get('accelerator')} ({b.get('gpu_used', '?')}) |"
