@@ -366,8 +366,8 @@ def summary_rows(runs: Mapping[str, Run], xcoreg: Mapping[str, Any] | None) -> l
 def per_group(
     runs: Mapping[str, Run], method: str, extra: Mapping[str, Mapping[str, float]] | None = None
 ) -> dict[str, float]:
-    """Per-group Reg DSC of a method (``none``: the unregistered Dice of the first run; methods
-    of ``extra``: their ``{case: Reg DSC}``)."""
+    """Per-group Reg DSC of a method (``none``: the unregistered Dice of every tested group;
+    methods of ``extra``: their ``{case: Reg DSC}``)."""
     if extra and method in extra:
         return dict(extra[method])
     if method == "none":
