@@ -791,6 +791,12 @@ def markdown(
             + f" | {paper_seg or '—'} | {_ms(row.get('time_s_mean'))} | "
             + f"{_ms(row.get('latency_s'))} |"
         )
+    if len(groups) > 1:
+        lines += [
+            "",
+            "**The runs tested different sets of groups: None is over all of them, the paired "
+            "tests over the groups both methods tested.**",
+        ]
     bad = inconsistent_groups(runs)
     if bad:
         lines += [
