@@ -10,8 +10,9 @@ One configuration per process (so the peak memory is its own)::
 
 A training step is forward + loss + backward + Adam step, timed twice: with a surrogate loss
 (mean squares of the outputs: the network alone) and, when ``dcc.losses.DCCLoss`` is
-importable, with the full DCC loss (Eqs. 41-47, every member labelled). Inference is a forward
-pass in eval/inference mode, per group. Times are the minimum and median wall-clock seconds over
+importable, with the full DCC loss (Eqs. 41-47, every member labelled); the DCC loss is also
+timed alone (forward and backward on fixed network outputs). Inference is a forward pass in
+eval/inference mode, per group. Times are the minimum and median wall-clock seconds over
 ``--repeats`` after ``--warmup`` untimed calls, and the minimum and median process CPU seconds
 (all threads: less sensitive to other people's jobs on a shared machine; on idle cores the wall
 time is about CPU / threads). Peak memory is the process's maximum resident set size
@@ -132,6 +133,13 @@ def measure(args: argparse.Namespace) -> dict:
         wall, cpu = _times(lambda fn=fn: train_step(fn), args.warmup, args.repeats)
         result |= {f"{key}_min": min(wall), f"{key}_med": statistics.median(wall),
                    f"{key}_cpu": min(cpu), f"{key}_cpu_med": statistics.median(cpu)}
+    if loss_fn is not None:  # the loss alone: forward + backward on fixed network outputs
+        out = model(images, domains)
+        fixed = type(out)(*(t.detach().requires_grad_() for t in out))
+        wall, cpu = _times(lambda: loss_fn(images, fixed, rho, labelled, labels).backward(),
+                           args.warmup, args.repeats)
+        result |= {"loss_min": min(wall), "loss_med": statistics.median(wall),
+                   "loss_cpu": min(cpu), "loss_cpu_med": statistics.median(cpu)}
     net.eval()
     wall, cpu = _times(infer, args.warmup, args.repeats)
     result |= {"infer_min": min(wall) / args.batch,
@@ -250,15 +258,17 @@ def compare(args: argparse.Namespace, base: list[str]) -> None:
         "`torch.inference_mode`. Times in seconds, `min / median` over the repeats; CPU = process "
         "CPU time (all threads), wall = `perf_counter`; 2 threads with `OMP_WAIT_POLICY=PASSIVE`. "
         "`load` = 1-minute load average at the start / end of the run (the machine is shared: "
-        "wall times above ~1 s of load per core are inflated, compare CPU times).",
+        "wall times above ~1 s of load per core are inflated, compare CPU times; ratios within "
+        "about 10 % are run-to-run noise, as a figure whose code did not change shows).",
         "",
-        "| code | threads | network step CPU | full step CPU | inference CPU | network step wall "
-        "| full step wall | inference wall | peak RSS (MiB) | load |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| code | threads | network step CPU | DCC loss fwd+bwd CPU | full step CPU | inference "
+        "CPU | network step wall | full step wall | inference wall | peak RSS (MiB) | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (label, threads), r in sorted(runs.items(), key=lambda item: item[0][1]):
         lines.append(
-            f"| {label} | {threads} | {_fmt(r, 'net', 'cpu')} | {_fmt(r, 'step', 'cpu')} | "
+            f"| {label} | {threads} | {_fmt(r, 'net', 'cpu')} | {_fmt(r, 'loss', 'cpu')} | "
+            f"{_fmt(r, 'step', 'cpu')} | "
             f"{_fmt(r, 'infer', 'cpu')} | {_fmt(r, 'net', 'wall')} | {_fmt(r, 'step', 'wall')} | "
             f"{_fmt(r, 'infer', 'wall')} | {r['peak_mib']:.0f} | "
             f"{r['load_start']:.1f} / {r['loadavg']:.1f} |"
@@ -269,8 +279,9 @@ def compare(args: argparse.Namespace, base: list[str]) -> None:
         before, after = (runs[(label, threads)] for label in labels)
         ratios = [f"{name} {before[f'{key}_cpu'] / after[f'{key}_cpu']:.2f}x CPU, "
                   f"{before[f'{key}_min'] / after[f'{key}_min']:.2f}x wall"
-                  for name, key in (("network step", "net"), ("full step", "step"),
-                                    ("inference", "infer")) if f"{key}_min" in after]
+                  for name, key in (("network step", "net"), ("DCC loss", "loss"),
+                                    ("full step", "step"), ("inference", "infer"))
+                  if f"{key}_min" in after and f"{key}_min" in before]
         lines.append(f"Speed-up (before / after, minima) at {threads} thread(s): "
                      + "; ".join(ratios) + ".")
     text = "\n".join(lines) + "\n"
