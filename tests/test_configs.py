@@ -45,7 +45,9 @@ def test_groups_exist():
         "trainer": {"default", "cpu", "gpu", "ddp"},
         "logger": {"csv", "tensorboard", "wandb"},
         "callbacks": {"default", "model_checkpoint", "rich_progress_bar", "lr_monitor"},
-        "experiment": {"phantom_dcc_all", "mscmr_dgr", "mscmr_dcc_at", "mscmr_dcc_bs", "mscmr_dcc_all"},
+        "experiment": {
+            "phantom_dcc_all", "mscmr_dgr", "mscmr_dcc_at", "mscmr_dcc_bs", "mscmr_dcc_all"
+        },
     }.items():
         assert expected <= set(options(group)), group
 
