@@ -233,11 +233,11 @@ def main(argv=None) -> None:
     methods = ["unregistered", "network", *(f"network + refine {n}" for n in args.steps)]
     methods += [] if args.no_xcoreg else ["X-CoReg"]
     out, rows, start = Path(args.out), [], time.perf_counter()
+    refine = {"lr": args.refine_lr, "ffd_spacing": args.refine_spacing}
     for index in tqdm(indices, desc="groups"):
         item = dataset[index]
-        settings = {"lr": args.refine_lr, "ffd_spacing": args.refine_spacing}
         for method, dsc, seconds, kept in evaluate_group(
-            model, item, args.steps, methods, **settings
+            model, item, args.steps, methods, **refine
         ):
             rows.append({"case": item["case"], "index": index, "method": method,
                          "reg_dsc": dsc, "time_s": seconds, "refine_kept": kept})
