@@ -67,6 +67,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=2, help="bench_myops seed")
     p.add_argument("--rigid-tries", type=int, help="tries of the rigid stage (preset: 3)")
     p.add_argument("--bins", type=int, help="L (preset: 32)")
+    p.add_argument("--margin", type=float, help="border band left out of the overlap (0-0.5)")
     p.add_argument("--from-truth", action="store_true", help="start at the true alignment")
     p.add_argument("--em", type=int, default=100, help="EM steps of each X evaluation")
     p.add_argument("--draws", type=int, default=2, help="fresh Gamma draws per evaluation")
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
     index = names.index(a.case)
     seed = a.seed * 1000 + index
     images, labels, grid, _ = bench.misalign(cases[index], seed, args)
-    config = load_preset("cardiac2d", progress=False, bins=a.bins)
+    config = load_preset("cardiac2d", progress=False, bins=a.bins, margin=a.margin)
     if a.rigid_tries:
         config.stages[0].tries = a.rigid_tries
     engine = XCoReg(config)
@@ -121,6 +122,7 @@ def main(argv=None) -> int:
         "from_truth": a.from_truth,
         "rigid_tries": config.stages[0].tries,
         "bins": config.bins,
+        "margin": config.margin,
         "seconds": seconds,
         "alignments": figures,
         "tries": [
