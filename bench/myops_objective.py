@@ -15,7 +15,7 @@ starts the registration at the true alignment instead: if it stays near it with 
 a failed run, the metric is right and the optimiser went astray.
 
     python bench/myops_objective.py --case Case3027 --seed 2
-    python bench/myops_objective.py --case Case3027 --seed 2 --rigid-tries 1 --from-truth
+    python bench/myops_objective.py --case Case3027 --seed 2 --rigid-tries 3 --from-truth
 """
 
 from __future__ import annotations
@@ -65,9 +65,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--case", default="Case3027")
     p.add_argument("--seed", type=int, default=2, help="bench_myops seed")
-    p.add_argument("--rigid-tries", type=int, help="tries of the rigid stage (preset: 3)")
+    p.add_argument("--rigid-tries", type=int, help="tries of the rigid stage (preset: 1)")
     p.add_argument("--bins", type=int, help="L (preset: 32)")
-    p.add_argument("--margin", type=float, help="border band left out of the overlap (0-0.5)")
     p.add_argument("--from-truth", action="store_true", help="start at the true alignment")
     p.add_argument("--em", type=int, default=100, help="EM steps of each X evaluation")
     p.add_argument("--draws", type=int, default=2, help="fresh Gamma draws per evaluation")
@@ -85,7 +84,7 @@ def main(argv=None) -> int:
     index = names.index(a.case)
     seed = a.seed * 1000 + index
     images, labels, grid, _ = bench.misalign(cases[index], seed, args)
-    config = load_preset("cardiac2d", progress=False, bins=a.bins, margin=a.margin)
+    config = load_preset("cardiac2d", progress=False, bins=a.bins)
     if a.rigid_tries:
         config.stages[0].tries = a.rigid_tries
     engine = XCoReg(config)
@@ -122,7 +121,6 @@ def main(argv=None) -> int:
         "from_truth": a.from_truth,
         "rigid_tries": config.stages[0].tries,
         "bins": config.bins,
-        "margin": config.margin,
         "seconds": seconds,
         "alignments": figures,
         "tries": [

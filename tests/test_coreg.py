@@ -275,18 +275,3 @@ def test_mvmm_registers_known_shifts_to_the_atlas():
     assert result.posterior.shape == (3, 32, 32)
     with pytest.raises(ValueError, match="atlas labels"):
         register_mvmm(images, _rings()[:30], config=config)
-
-
-def test_margin_leaves_the_border_band_out_of_the_overlap():
-    from dcc.coreg.engine import warp_group
-    from dcc.spatial.grid import Grid
-    from dcc.spatial.transforms import ComposedTransform
-
-    grid = Grid.from_shape((20, 20), 1.0)
-    group = torch.stack([torch.rand(2, 20, 20), torch.ones(2, 20, 20)], 1)  # (N, 2, *S)
-    identity = ComposedTransform(2, 2)
-    assert warp_group(identity, group, grid)[2].sum() == 400
-    overlap = warp_group(identity, group, grid, margin=0.25)[2].reshape(20, 20)
-    assert overlap.sum() == 100 and overlap[5:15, 5:15].all()  # the central half of each axis
-    with pytest.raises(ValueError, match="margin"):
-        XCoRegConfig(margin=0.5)

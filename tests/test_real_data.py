@@ -221,38 +221,3 @@ def test_aligned_volumes_stay_aligned_rigid():
     before, after = _register_aligned(images, labels, grid, config)
     assert before == 1.0
     assert after >= 0.95, after
-
-
-# ---------------------------------------------------------------------- MyoPS bench failure (#6)
-def _bench_group(case: str, seed: int):
-    """The misaligned group of ``bench/bench_myops.py`` for ``case`` and ``seed``."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "bench" / "bench_myops.py"
-    spec = importlib.util.spec_from_file_location("bench_myops", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    args, _ = bench.parse_args([])
-    cases = myops_cases(ROOT)
-    index = [c.name for c in cases].index(case)
-    return bench.misalign(cases[index], seed * 1000 + index, args)
-
-
-def test_rigid_tries_keep_case3027_from_sliding():
-    """Case3027, seed 2 of the MyoPS bench: one rigid try slides T2 towards a bright structure
-    outside the heart (X 1.51, Dice 0.72 -> 0.51 after the FFD); of the cardiac2d preset's three
-    tries the one with the highest X is kept, and here (API, one grid) it lands in the right
-    basin. Through dcc-register (NIfTI round trip) all three tries slide: the paths are chaotic,
-    so this checks the ranking, not a cure."""
-    images, labels, grid, _ = _bench_group("Case3027", 2)
-    config = load_preset("cardiac2d", progress=False)
-    config.stages = [s for s in config.stages if s.name == "rigid"]
-    assert config.stages[0].tries >= 3
-    result = XCoReg(config).register(images, grid)
-    record = result.diagnostics["stages"][0]
-    xs = [t["x_after"] for t in record["tries"] if t["outcome"] == "accepted"]
-    assert record["chosen_x"] == max(xs) and len(xs) >= 3
-    before = pairwise_dice(labels, [1, 2, 3])["mean"]
-    after = pairwise_dice(warp_images(labels, grid, result.transform, mode="nearest"), [1, 2, 3])
-    assert after["mean"] > before + 0.05, (before, after["mean"], xs)

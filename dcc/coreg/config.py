@@ -88,10 +88,6 @@ class XCoRegConfig:
     # started; it is then restarted from its start with the step size halved, at most
     # `restarts` times, and left at its start (no change) if every try is rejected.
     min_overlap: float = 0.7
-    # Fraction of each axis, along the border of the common grid, left out of the overlap region
-    # (Eq. 14): with images larger than the moves, X is then taken over a fixed region and
-    # sliding an image out of view no longer changes which voxels count.
-    margin: float = 0.0
     restarts: int = 1
 
     def __post_init__(self):
@@ -101,8 +97,6 @@ class XCoRegConfig:
             raise ValueError(f"num_classes (K) must be >= 2, got {self.num_classes}")
         if not 0 < self.sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
-        if not 0 <= self.margin < 0.5:
-            raise ValueError(f"margin must be in [0, 0.5), got {self.margin}")
         if not 0 <= self.min_overlap < 1:
             raise ValueError(f"min_overlap must be in [0, 1), got {self.min_overlap}")
         if self.restarts < 0 or self.inits < 1 or self.em_warmup < 0:

@@ -223,7 +223,7 @@ class XCoReg:
         """Gamma^[0] (Eq. 22), then ``em_warmup`` EM steps on the initial alignment; of
         ``inits`` random draws the one with the highest log-likelihood (Eq. 23) is kept."""
         cfg = self.config
-        _, values, overlap = warp_group(transform, images, grid, self.config.margin)
+        _, values, overlap = warp_group(transform, images, grid)
         idx = overlap.nonzero().squeeze(1)
         if idx.numel() == 0:
             raise RegistrationError("the images do not overlap at the start")
@@ -322,10 +322,7 @@ class XCoReg:
         sublevels = max(cfg.levels, cfg.ffd_levels if cfg.name == "ffd" else 1)
         pyramid = image_pyramid(images, grid, cfg.levels)
         with torch.no_grad():  # overlap at the stage start, per level (the guard's reference)
-            start = [
-                warp_group(transform, x, g, self.config.margin)[2].float().mean().item()
-                for x, g in pyramid
-            ]
+            start = [warp_group(transform, x, g)[2].float().mean().item() for x, g in pyramid]
         per_level = [
             cfg.iterations // sublevels + (i < cfg.iterations % sublevels) for i in range(sublevels)
         ]
@@ -389,7 +386,7 @@ class XCoReg:
         """X (Eq. 8) on the whole overlap at full resolution after ``em_warmup`` EM steps from
         ``common``, and the overlap size (voxels)."""
         common = self._common_space(common, grid, log_f_gt, images.device)
-        _, values, overlap = warp_group(transform, images, grid, self.config.margin)
+        _, values, overlap = warp_group(transform, images, grid)
         idx = overlap.nonzero().squeeze(1)
         if idx.numel() == 0:
             return {"x": float("-inf"), "overlap": 0, "common": common}
@@ -418,7 +415,7 @@ class XCoReg:
         x_value = float("nan")
         intensities = images[:, :1]
         for step in range(1, iterations + 1):
-            normalized, values, overlap = warp_group(transform, images, grid, self.config.margin)
+            normalized, values, overlap = warp_group(transform, images, grid)
             # overlap as a fraction of the level grid, relative to the stage start's
             ratio = overlap.sum().item() / grid.numel / start_fraction
             trial["min_overlap_fraction"] = min(trial["min_overlap_fraction"], round(ratio, 4))
@@ -461,31 +458,26 @@ class XCoReg:
     def _final_state(self, transform, images, grid, bins, common, log_f_gt):
         """One last common-space update at full resolution; X on all overlapping voxels."""
         common = common if common.grid == grid else common.resampled(grid)
-        _, values, overlap = warp_group(transform, images, grid, self.config.margin)
+        _, values, overlap = warp_group(transform, images, grid)
         idx = overlap.nonzero().squeeze(1)
         common, loglik = self._update_common(common, values, overlap, idx, bins, log_f_gt)
         x = XF.x_metric(values[:, idx], common.log_gamma[idx].exp(), bins).item()
         return x, loglik, common
 
 
-def warp_group(transform: SpatialTransform, images: torch.Tensor, grid: Grid, margin: float = 0.0):
+def warp_group(transform: SpatialTransform, images: torch.Tensor, grid: Grid):
     """Points phi_j(x) on the lattice of ``grid`` and the group ``images`` ``(N, 2, *S)``
     (channel 0 the intensities, channel 1 the field-of-view mask) warped there.
 
     Returns the points in ``grid_sample`` coordinates ``(N, M, d)`` (with gradient), the warped
     intensities ``(N, M)`` (without) and the overlap region Omega^phi (Eq. 14) ``(M,)``, where
-    every image is inside its field of view; ``margin`` (a fraction of each axis) leaves a band
-    along the border of the common grid out of it.
+    every image is inside its field of view.
     """
     points = transform.lattice(grid).reshape(images.shape[0], -1, grid.ndim)
     normalized = grid.world_to_normalized(points)
     with torch.no_grad():
         warped = sample(images, normalized.detach())  # (N, 2, M)
-    overlap = (warped[:, 1] > VALID).all(0)
-    if margin > 0:  # |normalized coordinate of x| <= 1 - 2 margin along every axis
-        inner = grid.world_to_normalized(grid.points(device=normalized.device))
-        overlap = overlap & (inner.reshape(-1, grid.ndim).abs().amax(-1) <= 1 - 2 * margin)
-    return normalized, warped[:, 0], overlap
+    return normalized, warped[:, 0], (warped[:, 1] > VALID).all(0)
 
 
 def coordinate_sample(
