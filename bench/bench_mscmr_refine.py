@@ -183,7 +183,7 @@ def summarise(rows, methods):
 
 def write(out: Path, rows, methods, args, settings, seconds):
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
+    with open(Path(f"{out}.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -219,7 +219,7 @@ def write(out: Path, rows, methods, args, settings, seconds):
             f"{ratio} | {s['groups']} | {s['kept']} |"
         )
     text = "\n".join(lines) + "\n"
-    out.with_suffix(".md").write_text(text)
+    Path(f"{out}.md").write_text(text)
     return text
 
 
@@ -243,7 +243,7 @@ def main(argv=None) -> None:
                          "reg_dsc": dsc, "time_s": seconds, "refine_kept": kept})
         text = write(out, rows, methods, args, settings, time.perf_counter() - start)
     print(text)
-    print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.csv')}")
+    print(f"wrote {Path(f'{out}.md')} and {Path(f'{out}.csv')}")
 
 
 if __name__ == "__main__":

@@ -92,7 +92,7 @@ def test_refinement_raises_dice_and_stays_zero_mean(shifted, start):
     images, labels, spacing, shift = shifted
     field = torch.zeros_like(shift) if start == "zero" else 0.5 * shift
     before = reg_dice(labels, field)
-    result = refine_group(images, field, 40, spacing)
+    result = refine_group(images, field, 40, spacing, lr=0.5)  # 4.7 mm shifts: larger steps
     after = reg_dice(labels, result.displacement)
     assert result.accepted and result.x_after > result.x_before
     assert after > before + 0.08, (before, after)
