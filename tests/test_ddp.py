@@ -15,7 +15,7 @@ def test_ddp_two_cpu_processes(tmp_path):
             "trainer=ddp",
             "trainer.accelerator=cpu",
             "trainer.devices=2",
-            "+trainer.max_steps=2",
+            "trainer.max_steps=2",
             "trainer.max_epochs=1",
             "test=false",
             f"hydra.run.dir={run}",

@@ -70,7 +70,7 @@ def trained(tmp_path_factory):
             "model.alternate_every=3",
             "model.figure_every=0",
             "callbacks.metrics_table.figures=0",
-            "+trainer.max_steps=6",
+            "trainer.max_steps=6",
             "+trainer.limit_val_batches=1",
             "+trainer.limit_test_batches=2",
             "~callbacks.rich_progress_bar",
