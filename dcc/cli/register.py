@@ -15,7 +15,7 @@ from dcc.cli.outdir import OutputFolder
 from dcc.coreg import StageConfig, XCoReg, XCoRegConfig, load_preset
 from dcc.coreg.config import METHODS, STAGES, auto_config, available_presets
 from dcc.coreg.engine import RegistrationError
-from dcc.data.io import InputError, read_image, read_labels, resample_to_grid, write_image
+from dcc.data.io import InputError, read_image, read_labels, resample_group, write_image
 from dcc.data.misalign import MisalignedGroup, misaligned_phantom
 from dcc.evaluation.outputs import peak_memory_mb, unique_names, write_group, write_report
 from dcc.spatial.grid import Grid
@@ -210,16 +210,8 @@ def load_group(paths, label_paths, reference):
             read_labels(lp, like=g) for lp, (_, g) in zip(label_paths, originals, strict=True)
         ]
     common = originals[reference or 0][1]
-    images, valid = zip(*(resample_to_grid(x, g, common) for x, g in originals), strict=True)
-    warped_labels = None
-    if labels is not None:
-        warped_labels = torch.stack(
-            [
-                resample_to_grid(lab, g, common, mode="nearest")[0]
-                for lab, (_, g) in zip(labels, originals, strict=True)
-            ]
-        )
-    return originals, labels, common, torch.stack(images), torch.stack(valid), warped_labels
+    images, valid, warped_labels = resample_group(originals, common, labels)
+    return originals, labels, common, images, valid, warped_labels
 
 
 def write_outputs(

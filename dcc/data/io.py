@@ -11,6 +11,7 @@ import gzip
 import os
 import re
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -108,6 +109,26 @@ def resample_to_grid(
     out = out.reshape(*lead, *target.shape)
     out = out.round().long() if integer and mode == "nearest" else out.float()
     return out, mask.reshape(target.shape).clamp(0, 1).float()
+
+
+def resample_group(
+    originals: Sequence[tuple[torch.Tensor, Grid]],
+    target: Grid,
+    labels: Sequence[torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Resample a group of ``(image, grid)`` pairs (and optionally one label map per image, on
+    its image's grid) onto ``target``: ``(images (N, *S), valid (N, *S), labels (N, *S) or
+    None)``, labels by nearest neighbour (:func:`resample_to_grid`)."""
+    images, valid = zip(*(resample_to_grid(x, g, target) for x, g in originals), strict=True)
+    on_target = None
+    if labels is not None:
+        on_target = torch.stack(
+            [
+                resample_to_grid(lab, g, target, mode="nearest")[0]
+                for lab, (_, g) in zip(labels, originals, strict=True)
+            ]
+        )
+    return torch.stack(images), torch.stack(valid), on_target
 
 
 # ---------------------------------------------------------------------- internals

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from dcc.cli.checks import check_device, check_overlap
 from dcc.cli.outdir import OutputFolder
 from dcc.coreg.refine import check_iterations, refine_group
-from dcc.data.io import InputError, read_image, read_labels, resample_to_grid, slice_grid
+from dcc.data.io import InputError, read_image, read_labels, resample_group, slice_grid
 from dcc.evaluation.outputs import (
     displacement_to_points,
     peak_memory_mb,
@@ -168,16 +168,8 @@ def _read_group(model: DCCModule, paths, label_paths, grid_mode: str, index: int
     spacing = model.hparams.get("spacing")
     first = originals[0][1]
     common = model_grid(first, spacing if grid_mode == "model" else None)
-    images, valid = zip(*(resample_to_grid(x, g, common) for x, g in originals), strict=True)
-    labels_before = None
-    if labels is not None:
-        labels_before = torch.stack(
-            [
-                resample_to_grid(lab, g, common, mode="nearest")[0]
-                for lab, (_, g) in zip(labels, originals, strict=True)
-            ]
-        )
-    return originals, labels, common, torch.stack(images), torch.stack(valid), labels_before
+    images, valid, labels_before = resample_group(originals, common, labels)
+    return originals, labels, common, images, valid, labels_before
 
 
 @torch.no_grad()
