@@ -289,7 +289,7 @@ def compare(args: argparse.Namespace, base: list[str]) -> None:
     if args.save:
         prefix = ROOT / args.save if not Path(args.save).is_absolute() else Path(args.save)
         prefix.parent.mkdir(parents=True, exist_ok=True)
-        prefix.with_suffix(".md").write_text(text)
+        prefix.with_suffix(".md").write_text(text, encoding="utf-8")
         payload = {"command": command, "hardware": _hardware(), "revision_before": rev,
                    "runs": [{"code": label, "threads": threads, **r}
                             for (label, threads), r in runs.items()]}

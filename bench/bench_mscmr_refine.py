@@ -219,7 +219,7 @@ def write(out: Path, rows, methods, args, settings, seconds):
             f"{ratio} | {s['groups']} | {s['kept']} |"
         )
     text = "\n".join(lines) + "\n"
-    Path(f"{out}.md").write_text(text)
+    Path(f"{out}.md").write_text(text, encoding="utf-8")
     return text
 
 

@@ -25,7 +25,7 @@ def read_curve(run: Path) -> dict[str, list[float]]:
     offset = 0.0
     for path in sorted(run.glob("csv/version_*/metrics.csv")):
         last = 0.0
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8") as f:
             for row in csv.DictReader(f):
                 if not row.get("val/train_minutes"):
                     continue
@@ -45,7 +45,7 @@ def run_settings(run: Path) -> str:
     path = run / ".hydra" / "overrides.yaml"
     if not path.is_file():
         return "?"
-    overrides = yaml.safe_load(path.read_text()) or []
+    overrides = yaml.safe_load(path.read_text(encoding="utf-8")) or []
     skip = ("hydra.", "threads", "tags", "test=", "trainer.max_epochs", "data.cache_dir")
     return " ".join(o for o in overrides if not o.startswith(skip))
 
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out.with_suffix(".png"), dpi=100)
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
 
 

@@ -137,7 +137,7 @@ def read_groups(path: Path) -> dict[str, dict[str, float]]:
     """``test_groups.csv`` of :class:`dcc.lit.evaluation.MetricsTable`: case -> column -> value
     (empty cells are NaN)."""
     rows = {}
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
             case = row.pop("case")
             rows[case] = {k: float(v) if v not in ("", None) else math.nan for k, v in row.items()}
@@ -440,7 +440,7 @@ def read_refine(path: Path) -> list[dict[str, Any]]:
     N refinement steps, X-CoReg alone): ``{"method", "reg_dsc_mean", "reg_dsc_std", "time_s",
     "groups"}`` with Dice in %. A per-group file (a ``case`` or ``group`` column) is averaged
     per method and number of refinement steps."""
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         raw = list(csv.DictReader(f))
     if not raw:
         return []
@@ -495,7 +495,7 @@ def xcoreg_row(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
 # ---------------------------------------------------------------------------- budget
 def _load_yaml(path: Path) -> Any:
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return yaml.safe_load(f)
     except (OSError, yaml.YAMLError):
         return None
@@ -550,7 +550,7 @@ def _logged_minutes(folder: Path) -> tuple[float, int | None] | None:
     training step it was logged at."""
     found = None
     for path in sorted(folder.glob("csv/version_*/metrics.csv")):
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8") as f:
             for row in csv.DictReader(f):
                 value = row.get("val/train_minutes")
                 if value:
@@ -741,7 +741,7 @@ def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(rows)
@@ -1000,7 +1000,7 @@ def main(argv=None) -> dict[str, Any]:
         args.threads,
         args.data,
     )
-    out.with_name(out.name + ".md").write_text(text)
+    out.with_name(out.name + ".md").write_text(text, encoding="utf-8")
     print(text)
     return {"rows": rows, "tests": tests, "missing": missing, "figure": figure}
 

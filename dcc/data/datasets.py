@@ -303,7 +303,7 @@ def read_split(split_file: str | os.PathLike) -> dict[str, list[str]]:
     """``{"train": [...], "val": [...], "test": [...]}`` case names from a JSON split file."""
     path = Path(split_file)
     try:
-        splits = json.loads(path.read_text())
+        splits = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(f"{path}: split file not found") from None
     except json.JSONDecodeError as e:

@@ -110,11 +110,11 @@ def write_tables(folder: str | os.PathLike, rows: Sequence[Row], stage: str = "t
     }
     summary = summarise(rows)
     columns = ["case"] + [s["metric"] for s in summary]
-    with open(paths["groups"], "w", newline="") as f:
+    with open(paths["groups"], "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(rows)
-    with open(paths["summary_csv"], "w", newline="") as f:
+    with open(paths["summary_csv"], "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=["metric", "mean", "std", "n"])
         writer.writeheader()
         writer.writerows(summary)
@@ -129,7 +129,7 @@ def write_tables(folder: str | os.PathLike, rows: Sequence[Row], stage: str = "t
             f"| {_label(s['metric'])} | {scale * s['mean']:.{digits}f} | "
             f"{scale * s['std']:.{digits}f} | {s['n']} |"
         )
-    with open(paths["summary_md"], "w") as f:
+    with open(paths["summary_md"], "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     return paths
 
