@@ -63,7 +63,7 @@ def test_linear_stages_round_trip(tmp_path, group_files, capsys):
         tmp_path, *paths, "--labels", *labels, "--stages", "translation,rigid", "--iterations", "15"
     )
     assert code == 0
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     dice = f"{report['dice_before']['mean']:.3f} -> {report['dice_after']['mean']:.3f}"
     assert f"dcc-register: mean Dice of the labels {dice}" in capsys.readouterr().out
     assert (
@@ -163,7 +163,7 @@ def test_3d_images_on_different_grids(tmp_path):
 def test_phantom_demo(tmp_path):
     code, out = register(tmp_path, "--phantom", "2", "--iterations", "3")
     assert code == 0
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert report["gwi_before_mm"] > 2.0 and np.isfinite(report["gwi_after_mm"])
     assert len(list((out / "inputs").glob("*.nii.gz"))) == 6
     # report.json names the inputs where they are now, not in the deleted temporary folder
@@ -423,7 +423,7 @@ def test_overwrite_only_what_it_wrote(tmp_path, capsys, good):
     out = tmp_path / "result"
     fast = ["--stages", "translation", "--iterations", "2", "--quiet"]
     assert main([*good, *fast, "--out", str(out)]) == 0
-    manifest = json.loads((out / MANIFEST).read_text())
+    manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
     assert "report.json" in manifest["files"] and "warped/ok0.nii.gz" in manifest["files"]
     assert sorted(manifest["files"]) == sorted(
         p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and p.name != MANIFEST
@@ -439,7 +439,8 @@ def test_overwrite_only_what_it_wrote(tmp_path, capsys, good):
     (out / "warped" / "mine.txt").unlink()
     capsys.readouterr()
     assert main([*good, *fast, "--out", str(out), "--overwrite"]) == 0
-    assert json.loads((out / "report.json").read_text())["stages"][0]["name"] == "translation"
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert report["stages"][0]["name"] == "translation"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["far.nii.gz", "inputs", "result"]
 
 
@@ -495,7 +496,8 @@ def test_presets_ship_with_the_package():
     """A non-editable install finds the presets: they are package data of dcc.coreg."""
     tomllib = pytest.importorskip("tomllib")
     root = Path(__file__).resolve().parents[1]
-    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
+    pyproject = (root / "pyproject.toml").read_text(encoding="utf-8")
+    patterns = tomllib.loads(pyproject)["tool"]["setuptools"][
         "package-data"
     ]["dcc.coreg"]
     presets = importlib.resources.files("dcc.coreg") / "presets"

@@ -32,7 +32,7 @@ def test_ddp_two_cpu_processes(tmp_path):
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     # 8 groups, batches of 2 on each of 2 processes: 2 steps, each on 4 groups
     assert (checkpoint["global_step"], checkpoint["epoch"]) == (2, 0)
-    config = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
+    config = yaml.safe_load((run / ".hydra" / "config.yaml").read_text(encoding="utf-8"))
     assert config["trainer"]["strategy"] == "ddp_find_unused_parameters_true"
     # per-sequence batch-norm statistics were updated (rank 0's, broadcast by DDP)
     means = [v for k, v in checkpoint["state_dict"].items() if k.endswith("running_mean")]

@@ -58,7 +58,7 @@ def test_evaluate_command_writes_tables_and_overlays(tmp_path_factory, tmp_path)
     assert float(logged["test/unreg_dsc"]) == pytest.approx(
         float(summary["unreg_dsc"]["mean"]), abs=1e-5
     )
-    markdown = (metrics / "test_summary.md").read_text().splitlines()
+    markdown = (metrics / "test_summary.md").read_text(encoding="utf-8").splitlines()
     assert markdown[0] == "| test metric | mean | std | groups |"
     assert any(line.startswith("| Seg DSC LGE (%) |") for line in markdown)
     assert any(line.startswith("| time per group (s) |") for line in markdown)
@@ -69,7 +69,8 @@ def test_evaluate_command_writes_tables_and_overlays(tmp_path_factory, tmp_path)
     assert (run / ".hydra" / "config.yaml").is_file()  # the composed config in the run folder
     # test data made like the checkpoint's (32x32, not the data group's default 96x96), except
     # what the command line gives (data.num_test=3)
-    hparams = yaml.safe_load((run / "csv" / "version_0" / "hparams.yaml").read_text())
+    hparams_file = run / "csv" / "version_0" / "hparams.yaml"
+    hparams = yaml.safe_load(hparams_file.read_text(encoding="utf-8"))
     assert (hparams["data"]["image_size"], hparams["data"]["num_test"]) == (32, 3)
 
 

@@ -96,7 +96,7 @@ def test_predict_command_writes_the_register_layout(tmp_path, ckpt, files):
     assert "3 images (C0, LGE, T2) registered and segmented" in proc.stdout
     assert "mean Dice of the labels" in proc.stdout
     assert written(out) == layout(NAMES, labels=True)
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert report["sequences"] == list(NAMES) and report["names"] == list(NAMES)
     assert report["images"] == images and report["labels"] == labels
     assert set(report["dice_after"]) == {"per_label", "mean", "pairs"}
@@ -224,7 +224,7 @@ def test_bad_inputs(tmp_path, capsys, ckpt, files):
     with pytest.raises(SystemExit):
         main(cfg(ckpt, tmp_path / "taken", images))
     assert "predict.out=" in capsys.readouterr().err
-    assert (tmp_path / "taken" / "mine.txt").read_text() == "user data"
+    assert (tmp_path / "taken" / "mine.txt").read_text(encoding="utf-8") == "user data"
 
 
 def test_bad_checkpoints(tmp_path, capsys, ckpt, files):

@@ -92,7 +92,8 @@ def test_train_on_two_patients(trained):
     assert saved["global_step"] >= 1
     assert saved["datamodule_hyper_parameters"]["image_size"] == 64
     # the test groups of the one test patient: 4 groups (2 batches of 2), the gather script's input
-    with open(Path(trained["output_dir"]) / "metrics" / "test_groups.csv", newline="") as f:
+    table = Path(trained["output_dir"]) / "metrics" / "test_groups.csv"
+    with open(table, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 4 and all(r["case"].startswith("Case3005-z") for r in rows)
 
@@ -136,7 +137,7 @@ def test_predict_on_a_third_patient(trained, user_files, tmp_path):
     assert 0 < report["inference_s"] < 60
     for key in ("dice_before", "dice_after"):
         assert 0 <= report[key]["mean"] <= 1, key
-    assert json.loads((out / "report.json").read_text())["names"] == names
+    assert json.loads((out / "report.json").read_text(encoding="utf-8"))["names"] == names
     # the common grid: the C0 slice's field of view at the training spacing (2.5 mm)
     common = Grid(**{k: tuple(v) for k, v in report["common_grid"].items()})
     assert common.ndim == 2 and common.spacing == pytest.approx((2.5, 2.5))
@@ -185,7 +186,7 @@ def test_table5_gathers_the_run(trained, tmp_path):
     )
     assert 0 <= rows["dcc_all"]["seg_dsc/LGE_mean"] <= 100 and rows["dcc_all"]["latency_s"] > 0
     assert [t.get("missing", False) for t in result["tests"]] == [True, True, True, True]
-    text = (tmp_path / "table5.md").read_text()
+    text = (tmp_path / "table5.md").read_text(encoding="utf-8")
     assert "| DCC+BS | missing |" in text and str(trained["best_ckpt"]) in text
     assert (tmp_path / "table5.csv").is_file() and (tmp_path / "table5_ttests.csv").is_file()
     assert (tmp_path / "table5_median.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -161,7 +161,7 @@ def test_predict_refines_and_reports(tmp_path, ckpt, files):
          "predict": {"inputs": files, "out": str(tmp_path / "b"), "refine_iterations": 6}}
     )
     assert report["refine"]["iterations"] == 6 and report["refine"]["seconds"] > 0
-    assert report == json.loads((tmp_path / "b" / "report.json").read_text())
+    assert report == json.loads((tmp_path / "b" / "report.json").read_text(encoding="utf-8"))
 
 
 def test_predict_rejects_a_negative_count(tmp_path, ckpt, files, capsys):

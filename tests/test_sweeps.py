@@ -37,7 +37,7 @@ def test_optuna_sweep_two_trials(tmp_path):
     ]
     proc = run_script("train.py", args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text(encoding="utf-8"))
     assert results["name"] == "optuna"
     assert 0.0 <= results["best_value"] <= 1.0  # a Reg DSC
     assert set(results["best_params"]) == {
@@ -49,7 +49,7 @@ def test_optuna_sweep_two_trials(tmp_path):
     # two trials, each a training run with its own folder, checkpoint and composed config
     for trial in ("0", "1"):
         assert (sweep / trial / "checkpoints" / "last.ckpt").is_file()
-        overrides = (sweep / trial / ".hydra" / "overrides.yaml").read_text()
+        overrides = (sweep / trial / ".hydra" / "overrides.yaml").read_text(encoding="utf-8")
         assert "model.optimizer_seg.lr=" in overrides
     assert not (sweep / "2").exists()
 
@@ -64,7 +64,7 @@ def test_optuna_search_space_composes():
 
 
 def test_wandb_sweep_file_matches_the_training_config():
-    sweep = yaml.safe_load((ROOT / "sweeps" / "dcc_wandb.yaml").read_text())
+    sweep = yaml.safe_load((ROOT / "sweeps" / "dcc_wandb.yaml").read_text(encoding="utf-8"))
     assert (ROOT / sweep["program"]).is_file()
     assert sweep["metric"] == {"name": "val/reg_dsc", "goal": "maximize"}
     assert "${args_no_hyphens}" in sweep["command"]  # Hydra's key=value overrides
