@@ -15,6 +15,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see train.py
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate.yaml")
 def main(cfg: DictConfig) -> None:
+    from dcc.lit.train import tolerant_console
+
+    tolerant_console()
     if cfg.get("mode") not in ("test", "predict"):
         print(
             f"evaluate.py: error: mode={cfg.get('mode')}: use mode=test or mode=predict",

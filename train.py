@@ -16,8 +16,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train.yaml")
 def main(cfg: DictConfig) -> float | None:
-    from dcc.lit.train import format_summary, run_training
+    from dcc.lit.train import format_summary, run_training, tolerant_console
 
+    tolerant_console()
     result = run_training(cfg)
     print(format_summary(result, "test" if cfg.get("test", True) else "val"))
     # the value an optimisation sweep maximises

@@ -209,3 +209,20 @@ def test_strategy_data_mismatch_is_named(tmp_path):
     model = _tiny_module(strategy={"name": "dcc_at", "labelled_sequences": [], "atlas": True})
     with pytest.raises(ValueError, match="with_atlas=True"):
         _trainer(tmp_path, fast_dev_run=True).fit(model, datamodule=_tiny_data())
+
+
+def test_tolerant_console_writes_escapes_on_an_ascii_stream(monkeypatch):
+    import io
+
+    from dcc.lit.train import tolerant_console
+
+    raw = io.BytesIO()
+    stream = io.TextIOWrapper(raw, encoding="ascii")
+    monkeypatch.setattr("sys.stdout", stream)
+    with pytest.raises(UnicodeEncodeError):
+        stream.write("\u2022 epoch")
+        stream.flush()
+    tolerant_console()
+    stream.write("\u2022 epoch")
+    stream.flush()
+    assert raw.getvalue().endswith(b"\\u2022 epoch")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,7 +17,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from dcc.coreg.refine import check_iterations
 from dcc.lit.module import DCCModule
 
-__all__ = ["instantiate_list", "run_training", "run_evaluation", "format_summary"]
+__all__ = [
+    "instantiate_list", "run_training", "run_evaluation", "format_summary", "tolerant_console"
+]
 
 STRUCTURES = ("myocardium", "LV", "RV")
 
@@ -33,6 +36,14 @@ def instantiate_list(cfg: DictConfig | None) -> list[Any]:
         for value in cfg.values()
         if isinstance(value, DictConfig) and "_target_" in value
     ]
+
+
+def tolerant_console() -> None:
+    """Progress bars and tables draw non-ASCII characters: on a terminal (or pipe) whose encoding
+    cannot show them, write escapes instead of failing the run."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
 
 
 def _setup(cfg: DictConfig) -> None:
