@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import math
 import os
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -163,15 +162,11 @@ class MetricsTable(pl.Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        start = time.perf_counter()
-        result = pl_module.step(batch)
-        seconds = time.perf_counter() - start
+        result, seconds = outputs["result"], outputs["seconds"]  # DCCModule.test_step
         first = len(self.rows)
         self.rows += group_rows(pl_module, batch, result, seconds)
         for b in range(max(0, min(self.figures - first, batch["images"].shape[0]))):
-            one = {k: v[b : b + 1] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            tag = f"test_{first + b:03d}"
-            pl_module.save_figures(one, pl_module.step(one), tag)
+            pl_module.save_figures(batch, result, f"test_{first + b:03d}", index=b)
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero and self.rows:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -278,11 +279,16 @@ class DCCModule(pl.LightningModule):
         if batch_idx == 0 and every and self.current_epoch % every == 0:
             self.save_figures(batch, result, f"epoch_{self.current_epoch:03d}")
 
-    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Test metrics of a batch; returns ``{"result": StepResult, "seconds": time of the
+        forward pass, loss and EM}`` for the callbacks (the metrics table reuses them)."""
+        start = time.perf_counter()
         result = self.step(batch)
+        seconds = time.perf_counter() - start
         self._log_step("test", batch, result)
         if batch_idx == 0:
             self.save_figures(batch, result, "test")
+        return {"result": result, "seconds": seconds}
 
     def configure_optimizers(self) -> list[Optimizer]:
         """[(E, D_s) optimizer, D_r optimizer] (paper: Adam, 1e-3 and 1e-4)."""
@@ -302,27 +308,31 @@ class DCCModule(pl.LightningModule):
         return os.path.join(self.trainer.default_root_dir, "figures")
 
     @torch.no_grad()
-    def save_figures(self, batch: Mapping[str, Any], result: StepResult, tag: str) -> None:
-        """PNG overlays of the first group of ``batch``: a montage (images before/after with
+    def save_figures(
+        self, batch: Mapping[str, Any], result: StepResult, tag: str, index: int = 0
+    ) -> None:
+        """PNG overlays of group ``index`` of ``batch``: a montage (images before/after with
         the warped labels of the first image, posterior argmax) and the deformation grids."""
         folder = self.figure_dir
         if folder is None or not self.trainer.is_global_zero:
             return
-        members = ~self.is_atlas(batch["domains"][0])
-        names = [self._member_name(int(d)) for d in batch["domains"][0][members]]
-        displacement = result.net.displacement[0:1].detach().float()
-        warped_labels = warp(batch["labels"][0:1].unsqueeze(2).float(), displacement, "nearest")
+        b = index
+        members = ~self.is_atlas(batch["domains"][b])
+        names = [self._member_name(int(d)) for d in batch["domains"][b][members]]
+        displacement = result.net.displacement[b : b + 1].detach().float()
+        labels = batch["labels"][b : b + 1].unsqueeze(2).float()
+        warped_labels = warp(labels, displacement, "nearest")
         save_montage(
             os.path.join(folder, f"{tag}_montage.png"),
-            before=batch["images"][0][members],
-            after=result.loss.warped_images[0][members],
-            posterior=result.loss.posterior[0],
+            before=batch["images"][b][members],
+            after=result.loss.warped_images[b][members],
+            posterior=result.loss.posterior[b],
             names=names,
             labels_after=warped_labels[0, :, 0][members].long(),
         )
         save_deformation_grid(
             os.path.join(folder, f"{tag}_grid.png"),
-            batch["images"][0][members],
+            batch["images"][b][members],
             displacement[0][members],
             names,
         )
