@@ -80,14 +80,22 @@ def _surrogate(images, out, rho, labelled, labels):
     return out.seg_logits.square().mean() + out.displacement.square().mean()
 
 
-def _times(fn, warmup: int, repeats: int) -> tuple[list[float], list[float]]:
-    """Wall-clock and process CPU seconds of ``repeats`` calls after ``warmup`` calls."""
+def _times(fn, warmup: int, repeats: int, device: torch.device | None = None
+           ) -> tuple[list[float], list[float]]:
+    """Wall-clock and process CPU seconds of ``repeats`` calls after ``warmup`` calls (on a
+    GPU the device is synchronised before each clock is read)."""
+    def sync():
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     for _ in range(warmup):
         fn()
     wall, cpu = [], []
     for _ in range(repeats):
+        sync()
         start, start_cpu = time.perf_counter(), time.process_time()
         fn()
+        sync()
         wall.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
     return wall, cpu
@@ -97,6 +105,8 @@ def measure(args: argparse.Namespace) -> dict:
     load_start = os.getloadavg()[0]
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    device = torch.device(args.device)
+    autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     ndim = 2
     size = (args.size,) * ndim
     net = DCCNet(ndim=ndim, num_classes=4, num_domains=3, channels=args.channels,
@@ -110,19 +120,29 @@ def measure(args: argparse.Namespace) -> dict:
     labels = torch.randint(0, 4, (args.batch, args.group, *size))
     rho = torch.nn.functional.one_hot(labels, 4).movedim(-1, 2).float()
     labelled = torch.ones(args.batch, args.group, dtype=torch.bool)
+    net, images, domains, labels, rho, labelled = (
+        t.to(device) for t in (net, images, domains, labels, rho, labelled))
     if args.channels_last:
         net = net.to(memory_format=torch.channels_last)
     model = torch.compile(net) if args.compile else net
     optimiser = torch.optim.Adam(net.parameters(), lr=1e-4)
 
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+
+    def mixed():
+        return torch.autocast(device.type, dtype=autocast, enabled=autocast is not None)
+
     def train_step(loss_fn):
         optimiser.zero_grad(set_to_none=True)
-        out = model(images, domains)
-        loss_fn(images, out, rho, labelled, labels).backward()
-        optimiser.step()
+        with mixed():
+            out = model(images, domains)
+            loss = loss_fn(images, out, rho, labelled, labels)
+        scaler.scale(loss).backward()
+        scaler.step(optimiser)
+        scaler.update()
 
     def infer():
-        with torch.inference_mode():
+        with torch.inference_mode(), mixed():
             model(images, domains)
 
     result = {"params": net.num_parameters()}
@@ -130,23 +150,31 @@ def measure(args: argparse.Namespace) -> dict:
     loss_fn = None if args.net_only else _dcc_loss(4)
     runs = {"net": _surrogate} | ({"step": loss_fn} if loss_fn is not None else {})
     for key, fn in runs.items():
-        wall, cpu = _times(lambda fn=fn: train_step(fn), args.warmup, args.repeats)
+        wall, cpu = _times(lambda fn=fn: train_step(fn), args.warmup, args.repeats, device)
         result |= {f"{key}_min": min(wall), f"{key}_med": statistics.median(wall),
                    f"{key}_cpu": min(cpu), f"{key}_cpu_med": statistics.median(cpu)}
     if loss_fn is not None:  # the loss alone: forward + backward on fixed network outputs
-        out = model(images, domains)
+        with mixed():
+            out = model(images, domains)
         fixed = type(out)(*(t.detach().requires_grad_() for t in out))
-        wall, cpu = _times(lambda: loss_fn(images, fixed, rho, labelled, labels).backward(),
-                           args.warmup, args.repeats)
+
+        def loss_step():
+            with mixed():
+                loss = loss_fn(images, fixed, rho, labelled, labels)
+            loss.backward()
+
+        wall, cpu = _times(loss_step, args.warmup, args.repeats, device)
         result |= {"loss_min": min(wall), "loss_med": statistics.median(wall),
                    "loss_cpu": min(cpu), "loss_cpu_med": statistics.median(cpu)}
     net.eval()
-    wall, cpu = _times(infer, args.warmup, args.repeats)
+    wall, cpu = _times(infer, args.warmup, args.repeats, device)
     result |= {"infer_min": min(wall) / args.batch,
                "infer_med": statistics.median(wall) / args.batch,
                "infer_cpu": min(cpu) / args.batch,
                "infer_cpu_med": statistics.median(cpu) / args.batch}
     result["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.type == "cuda":
+        result["gpu_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     result["load_start"], result["loadavg"] = load_start, os.getloadavg()[0]
     return result
 
@@ -162,6 +190,10 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--block-convs", type=int, default=1)
     parser.add_argument("--reg-finest-level", type=int, default=1)
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                        help="autocast dtype of the forward pass and the loss (the X-metric "
+                        "and EM maths stay in float32 inside)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the network (slow to compile on a busy CPU)")
     parser.add_argument("--net-only", action="store_true", help="surrogate loss, no DCCLoss")
@@ -174,7 +206,14 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=1,
                         help="--compare: alternate before/after this many times (best kept)")
     parser.add_argument("--save", metavar="PREFIX",
-                        help="--compare: write PREFIX.md and PREFIX.json (e.g. results/dcc_speed)")
+                        help="--compare/--matrix: write PREFIX.md and PREFIX.json (e.g. "
+                        "results/dcc_speed)")
+    parser.add_argument("--matrix", action="store_true",
+                        help="every --batches x --precisions on --device, each in its own "
+                        "process: steps per second, inference and peak memory (the GPU table)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"],
+                        choices=("fp32", "bf16", "fp16"))
     return parser.parse_args(argv)
 
 
@@ -296,9 +335,60 @@ def compare(args: argparse.Namespace, base: list[str]) -> None:
         prefix.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
 
 
+def _device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(torch.device(device))}, torch {torch.__version__}"
+    return _hardware()
+
+
+def matrix(args: argparse.Namespace, base: list[str]) -> None:
+    """Training steps per second and inference per group for every batch size and precision
+    on ``args.device`` (one process each), as a Markdown table (``--save``: and JSON)."""
+    command = "python bench/bench_dcc_speed.py " + " ".join(sys.argv[1:])
+    lines = [
+        f"# DCC network speed on {args.device} (issue #8)", "",
+        f"Command: `{command}` (each configuration in its own process).",
+        f"Device: {_device_name(args.device)}.",
+        f"Group of {args.group} images {args.size}x{args.size}, DCCNet C={args.channels}, "
+        f"L_R={args.levels}. Training step = forward + full DCC loss (every member labelled) + "
+        "backward + Adam, under `torch.autocast` at the given precision (the X-metric and EM "
+        "maths run in float32 inside); *network* = the same with a surrogate loss. Seconds are "
+        f"the minimum / median of {args.repeats} synchronised repeats after {args.warmup} "
+        "warm-ups; steps/s and groups/s from the minimum.", "",
+        "| batch | precision | full step (s) | steps/s | groups/s | network step (s) | "
+        "DCC loss fwd+bwd (s) | inference per group (s) | peak GPU memory (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    runs = []
+    for batch in args.batches:
+        for precision in args.precisions:
+            r = _run_json([*base, "--batch", str(batch), "--precision", precision])
+            runs.append({"batch": batch, "precision": precision, **r})
+            lines.append(
+                f"| {batch} | {precision} | {_fmt(r, 'step', 'wall')} | "
+                f"{1 / r['step_min']:.1f} | {batch / r['step_min']:.1f} | "
+                f"{_fmt(r, 'net', 'wall')} | {_fmt(r, 'loss', 'wall')} | "
+                f"{_fmt(r, 'infer', 'wall')} | {r.get('gpu_peak_mib', float('nan')):.0f} |")
+            print(lines[-1], flush=True)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.save:
+        prefix = ROOT / args.save if not Path(args.save).is_absolute() else Path(args.save)
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        prefix.with_suffix(".md").write_text(text, encoding="utf-8")
+        payload = {"command": command, "device": _device_name(args.device), "runs": runs}
+        prefix.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n",
+                                               encoding="utf-8")
+
+
 def main(argv=None) -> None:
     args = parse(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if args.matrix:
+        matrix(args, [f"--{key.replace('_', '-')}={getattr(args, key)}"
+                      for key in ("device", "threads", "size", "group", "channels", "levels",
+                                  "block_convs", "reg_finest_level", "warmup", "repeats")])
+        return
     if args.compare:
         compare(args, _strip(argv if argv is not None else sys.argv[1:],
                              {"--compare", "--rounds", "--save", "--threads"}))

@@ -130,15 +130,24 @@ def misalign(case_dir: Path, seed: int, args):
     )
 
 
-def run_case(case_dir: Path, index: int, work: Path, args, extra) -> dict:
+def write_group(case_dir: Path, index: int, folder: Path, args):
+    """The misaligned group of ``case_dir`` (:func:`misalign`, seeded by ``args.seed`` and the
+    case's ``index``) as NIfTI files ``<folder>/<sequence>.nii.gz`` and
+    ``<sequence>_labels.nii.gz``. Returns the image paths, the label paths, the grid and the
+    mean displacement of the misalignment (mm)."""
     moved, moved_labels, grid, disp = misalign(case_dir, args.seed * 1000 + index, args)
-    folder = work / case_dir.name
     paths, label_paths = [], []
     for name, image, lab in zip(MYOPS_SEQUENCES, moved, moved_labels, strict=True):
         paths.append(str(folder / f"{name}.nii.gz"))
         label_paths.append(str(folder / f"{name}_labels.nii.gz"))
         write_image(paths[-1], image, grid)
         write_image(label_paths[-1], lab.to(torch.int32), grid)
+    return paths, label_paths, grid, disp
+
+
+def run_case(case_dir: Path, index: int, work: Path, args, extra) -> dict:
+    folder = work / case_dir.name
+    paths, label_paths, grid, disp = write_group(case_dir, index, folder, args)
     out = folder / "out"
     argv = [*paths, "--labels", *label_paths, "--out", str(out), "--overwrite", "--quiet"]
     argv += ["--stages", "rigid,ffd", *extra]

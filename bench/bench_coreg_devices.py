@@ -1,0 +1,145 @@
+"""X-CoReg on CPU and on CUDA: the same MyoPS groups, the same settings, the same seed (issue #6).
+
+Two steps, so that the groups can travel to a GPU machine without the MyoPS volumes::
+
+    python bench/bench_coreg_devices.py prepare --dir groups --cases Case3001,Case3027 --seed 0
+    python bench/bench_coreg_devices.py run --dir groups --devices cpu cuda \
+        --save results/coreg_devices
+
+``prepare`` writes each case's misaligned C0/LGE/T2 group with its labels exactly as
+``bench/bench_myops.py`` builds it (same seeds, same crop). ``run`` registers every group with
+``dcc-register --stages rigid,ffd --preset cardiac2d --seed S`` on every device, each run in its
+own process (CPU runs at one thread, all runs in parallel up to ``--jobs``), and tabulates the
+mean pairwise label Dice before and after, the final X and the registration time per device,
+with the largest CPU/CUDA Dice difference. Arguments after ``--`` go to ``dcc-register``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SEQUENCES = ("C0", "LGE", "T2")
+
+
+def prepare(args: argparse.Namespace) -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_myops import parse_args, write_group
+
+    from dcc.data.cardiac import data_root, myops_cases
+
+    names = [c.strip() for c in args.cases.split(",") if c.strip()]
+    options, _ = parse_args(["--seed", str(args.seed)])
+    indexed = {case.name: (i, case) for i, case in enumerate(myops_cases(data_root()))}
+    unknown = sorted(set(names) - set(indexed))
+    if unknown:
+        raise SystemExit(f"bench_coreg_devices: unknown cases {', '.join(unknown)}")
+    for name in names:
+        index, case = indexed[name]
+        write_group(case, index, Path(args.dir) / name, options)
+        print(f"wrote {Path(args.dir) / name}", flush=True)
+
+
+def _register(folder: Path, device: str, seed: int, extra: list[str]) -> dict:
+    out = folder / f"out_{device.replace(':', '_')}"
+    argv = [str(folder / f"{s}.nii.gz") for s in SEQUENCES]
+    argv += ["--labels", *(str(folder / f"{s}_labels.nii.gz") for s in SEQUENCES)]
+    argv += ["--out", str(out), "--overwrite", "--quiet", "--stages", "rigid,ffd",
+             "--preset", "cardiac2d", "--seed", str(seed), "--device", device, "--threads", "1",
+             *extra]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    code = ("import sys; from dcc.cli.register import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                          env=env, check=False)
+    if proc.returncode:
+        return {"error": (proc.stderr or proc.stdout)[-600:]}
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    return {"dice_before": report["dice_before"]["mean"],
+            "dice_after": report["dice_after"]["mean"], "x_metric": report["x_metric"],
+            "seconds": report["wall_time_s"], "restarts": report.get("diagnostics")}
+
+
+def run(args: argparse.Namespace, extra: list[str]) -> None:
+    folders = sorted(p for p in Path(args.dir).iterdir() if (p / "C0.nii.gz").exists())
+    jobs = [(folder, device) for device in args.devices for folder in folders]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        results = list(pool.map(lambda job: _register(*job, args.seed, extra), jobs))
+    table = {(folder.name, device): r for (folder, device), r in zip(jobs, results, strict=True)}
+    command = "python bench/bench_coreg_devices.py " + " ".join(sys.argv[1:])
+    import torch
+
+    device_names = {d: (torch.cuda.get_device_name(torch.device(d)) if d.startswith("cuda")
+                        else f"CPU, {os.cpu_count()} logical, 1 thread per run")
+                    for d in args.devices}
+    lines = [
+        "# X-CoReg on CPU and CUDA: the same groups, settings and seed (issue #6)", "",
+        f"Command: `{command}`; torch {torch.__version__}.",
+        "Devices: " + "; ".join(f"{d} = {n}" for d, n in device_names.items()) + ".",
+        "Groups: MyoPS C0/LGE/T2 slices under the known misalignment of "
+        f"`bench/bench_myops.py` (seed {args.seed}); `dcc-register --stages rigid,ffd --preset "
+        f"cardiac2d --seed {args.seed}`. Mean pairwise Dice of the labels 1-3; X = final "
+        "X-metric; s = registration seconds (runs in parallel, so times are indicative).", "",
+        "| case | Dice before | " + " | ".join(f"Dice {d} | X {d} | s {d}" for d in args.devices)
+        + " |",
+        "|---|---|" + "---|---|---|" * len(args.devices),
+    ]
+    for folder in folders:
+        rows = [table[(folder.name, d)] for d in args.devices]
+        before = next((r["dice_before"] for r in rows if "dice_before" in r), float("nan"))
+        cells = [f"{r['dice_after']:.3f} | {r['x_metric']:.4f} | {r['seconds']:.1f}"
+                 if "dice_after" in r else "failed | | " for r in rows]
+        lines.append(f"| {folder.name} | {before:.3f} | " + " | ".join(cells) + " |")
+    if len(args.devices) == 2:
+        diffs = [abs(table[(f.name, args.devices[0])]["dice_after"]
+                     - table[(f.name, args.devices[1])]["dice_after"]) for f in folders
+                 if all("dice_after" in table[(f.name, d)] for d in args.devices)]
+        if diffs:
+            lines += ["", f"Largest |Dice {args.devices[0]} - Dice {args.devices[1]}|: "
+                      f"{max(diffs):.4f}; mean {sum(diffs) / len(diffs):.4f} over "
+                      f"{len(diffs)} groups."]
+    errors = [f"- {case} on {device}: {r['error']}" for (case, device), r in table.items()
+              if "error" in r]
+    if errors:
+        lines += ["", "Failures:", *errors]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.save:
+        prefix = Path(args.save)
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        prefix.with_suffix(".md").write_text(text, encoding="utf-8")
+        payload = {"command": command, "devices": device_names,
+                   "runs": [{"case": c, "device": d, **r} for (c, d), r in table.items()]}
+        prefix.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n",
+                                               encoding="utf-8")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="write the misaligned groups as NIfTI")
+    p.add_argument("--dir", required=True)
+    p.add_argument("--cases", default="Case3001,Case3002,Case3003,Case3007,Case3010,Case3027")
+    p.add_argument("--seed", type=int, default=0)
+    r = sub.add_parser("run", help="register every group on every device")
+    r.add_argument("--dir", required=True)
+    r.add_argument("--devices", nargs="+", default=["cpu", "cuda"])
+    r.add_argument("--seed", type=int, default=0, help="dcc-register --seed")
+    r.add_argument("--jobs", type=int, default=12, help="runs at a time")
+    r.add_argument("--save", metavar="PREFIX", help="write PREFIX.md and PREFIX.json")
+    args, extra = parser.parse_known_args(argv)
+    extra = [a for a in extra if a != "--"]
+    if args.command == "prepare":
+        prepare(args)
+    else:
+        run(args, extra)
+
+
+if __name__ == "__main__":
+    main()
