@@ -845,3 +845,16 @@ def test_paper_lambda_changes_the_smoothness_of_a_registration():
     assert energy[0.0] > 0.1
     assert energy[0.001] < 0.7 * energy[0.0], energy
     assert energy[100.0] < 0.01 * energy[0.0], energy
+
+
+@pytest.mark.parametrize("make", [
+    lambda: ComposedTransform(3, 2),
+    lambda: ComposedTransform(3, 2, [Translation(3, 2)]),
+])
+def test_transform_points_follow_the_device_it_was_moved_to(make):
+    """An empty composition has no parameter to follow: its points must still land on the
+    device it was moved to (``dcc-register --device cuda`` crashed on exactly this)."""
+    transform = make().to("meta")
+    assert transform.lattice(OBLIQUE2D).device.type == "meta"
+    assert transform(torch.zeros(7, 2, device="meta")).device.type == "meta"
+    assert "_anchor" not in transform.state_dict()

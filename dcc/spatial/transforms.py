@@ -30,6 +30,9 @@ class SpatialTransform(nn.Module):
                 f"{type(self).__name__}: need groups >= 1 and ndim in (2, 3), got {groups}, {ndim}"
             )
         self.groups, self.ndim = groups, ndim
+        # follows .to(device/dtype) like a parameter, so that a transform without parameters
+        # (an empty composition) still puts its points on the device it was moved to
+        self.register_buffer("_anchor", torch.empty(0), persistent=False)
 
     def __init_subclass__(cls, **kwargs):
         """Point maps always run in float32 (see :func:`dcc.spatial.functional.full_precision`):
@@ -55,8 +58,9 @@ class SpatialTransform(nn.Module):
         return self(points).reshape(self.groups, *grid.shape, self.ndim)
 
     def _reference(self) -> torch.Tensor:
-        """A parameter whose device and dtype the transform's outputs follow."""
-        return next(iter(self.parameters()), torch.empty(0))
+        """A parameter (or, without any, the anchor buffer) whose device and dtype the
+        transform's outputs follow."""
+        return next(iter(self.parameters()), self._anchor)
 
     def _grid_points(self, grid: Grid) -> torch.Tensor:
         """Voxel centres of ``grid`` on the parameters' device and dtype."""
