@@ -275,3 +275,25 @@ def test_mvmm_registers_known_shifts_to_the_atlas():
     assert result.posterior.shape == (3, 32, 32)
     with pytest.raises(ValueError, match="atlas labels"):
         register_mvmm(images, _rings()[:30], config=config)
+
+
+def test_deterministic_kernels_restores_the_global_setting():
+    from dcc.coreg.engine import deterministic_kernels
+
+    before = torch.are_deterministic_algorithms_enabled()
+    with deterministic_kernels(True):
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.zeros(3).index_add_(0, torch.tensor([0, 0]), torch.ones(2))[0] == 2
+    assert torch.are_deterministic_algorithms_enabled() == before
+    with deterministic_kernels(False):
+        assert torch.are_deterministic_algorithms_enabled() == before
+
+
+def test_coordinate_sample_is_seeded_on_the_cpu_generator():
+    from dcc.coreg.engine import coordinate_sample
+
+    overlap = torch.rand(1000, generator=torch.Generator().manual_seed(0)) > 0.2
+    a = coordinate_sample(overlap, 0.3, torch.Generator().manual_seed(5))
+    b = coordinate_sample(overlap, 0.3, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and overlap[a].all()
+    assert 0.2 < a.numel() / overlap.sum() < 0.4

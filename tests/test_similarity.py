@@ -777,3 +777,14 @@ def test_normalize_intensities_constant_image():
     assert torch.isfinite(zero).all()
     x = XF.x_metric(out.reshape(2, -1), XF.random_posterior(64, 3, _gen(0)), bins)
     assert torch.isfinite(x)
+
+
+def test_random_posterior_same_draw_whatever_the_device():
+    """gamma^[0] is drawn on the (CPU) generator and moved: the same seed gives the same values
+    on every device, so CPU and CUDA runs start from the same posterior."""
+    draw = XF.random_posterior(50, 4, torch.Generator().manual_seed(3))
+    again = XF.random_posterior(50, 4, torch.Generator().manual_seed(3), device="meta")
+    assert again.device.type == "meta" and again.shape == draw.shape
+    assert torch.allclose(draw.sum(-1), torch.ones(50))
+    other = XF.random_posterior(50, 4, torch.Generator().manual_seed(4))
+    assert not torch.allclose(draw, other)

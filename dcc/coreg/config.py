@@ -73,6 +73,8 @@ class XCoRegConfig:
     patience: int = 20
     seed: int = 0
     device: str = "cpu"
+    # On CUDA, deterministic kernels (engine.deterministic_kernels): a seed reproduces a run.
+    deterministic: bool = True
     progress: bool = True
     # Zero-filled regions connected to an image's border (beyond the acquired field of view)
     # count as outside the image (Omega_j). Off for skull-stripped images such as the brain

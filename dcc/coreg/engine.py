@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -124,12 +127,19 @@ class XCoReg:
         labels: torch.Tensor | None = None,
         transform: ComposedTransform | None = None,
     ) -> CoRegResult:
+        cuda = torch.device(self.config.device).type == "cuda"
+        with deterministic_kernels(self.config.deterministic and cuda):
+            return self._register(images, grid, valid, labels, transform)
+
+    def _register(self, images, grid, valid, labels, transform) -> CoRegResult:
         cfg = self.config
         n = images.shape[0]
         self._check_inputs(images, grid, valid, labels)
         device = torch.device(cfg.device)
         torch.manual_seed(cfg.seed)
-        self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
+        # random draws come from a CPU generator and are moved to the device: the same seed
+        # gives the same Gamma^[0] and coordinate samples on every device
+        self.generator = torch.Generator().manual_seed(cfg.seed)
         valid = torch.ones_like(images) if valid is None else valid.float()
         if cfg.mask_zero_fill:  # zero-filled regions are outside the field of view
             valid = valid * ~padding_mask(images)
@@ -465,6 +475,33 @@ class XCoReg:
         return x, loglik, common
 
 
+@contextlib.contextmanager
+def deterministic_kernels(enabled: bool = True):
+    """Deterministic GPU kernels inside the block (``torch.use_deterministic_algorithms``),
+    the previous setting restored after it.
+
+    On CUDA the Parzen histogram's ``index_add_`` otherwise sums with atomics in a random order:
+    two runs with the same seed then differ by float rounding, and on a group near a tipping
+    point of the optimisation that was enough to end at Dice 0.54 in one run and 0.85 in the
+    next (``bench/bench_coreg_devices.py``). ``warn_only``: kernels without a deterministic
+    version (``grid_sample``'s backward, whose atomics only serve the image gradient that
+    X-CoReg never asks for) run as they are, without the warning.
+    """
+    if not enabled:
+        yield
+        return
+    mode = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+    try:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have a deterministic")
+            yield
+    finally:
+        torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+
+
 def warp_group(transform: SpatialTransform, images: torch.Tensor, grid: Grid):
     """Points phi_j(x) on the lattice of ``grid`` and the group ``images`` ``(N, 2, *S)``
     (channel 0 the intensities, channel 1 the field-of-view mask) warped there.
@@ -484,10 +521,13 @@ def coordinate_sample(
     overlap: torch.Tensor, rate: float, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """The coordinate sample Omega_S: indices of the overlapping voxels, each kept with
-    probability ``rate`` (all of them for ``rate >= 1``)."""
+    probability ``rate`` (all of them for ``rate >= 1``). The uniforms are drawn on the
+    generator's device (the CPU by default) and moved to the overlap's, so that a seeded CPU
+    generator selects the same voxels whatever the device."""
     if rate >= 1:
         return overlap.nonzero().squeeze(1)
-    u = torch.rand(overlap.shape, generator=generator, device=overlap.device)
+    device = generator.device if generator is not None else torch.device("cpu")
+    u = torch.rand(overlap.shape, generator=generator, device=device).to(overlap.device)
     return ((u < rate) & overlap).nonzero().squeeze(1)
 
 

@@ -135,7 +135,7 @@ def register_mvmm(
     if atlas_labels.min() < 0 or atlas_labels.max() >= k:
         raise ValueError(f"register_mvmm: atlas labels must be in 0..{k - 1}")
     device = torch.device(cfg.device)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)  # CPU draws: the same on every device
     grid = Grid.from_shape(shape, spacing)
     valid = torch.ones_like(images, dtype=torch.float32) if valid is None else valid.float()
     if cfg.mask_zero_fill:

@@ -317,8 +317,13 @@ def random_posterior(
     generator: torch.Generator | None = None,
     device=None,
 ) -> torch.Tensor:
-    """gamma^[0] of Eq. (22): softmax of standard normal logits, ``(M, K)``."""
-    logits = torch.randn(num_points, num_classes, generator=generator, device=device)
+    """gamma^[0] of Eq. (22): softmax of standard normal logits, ``(M, K)`` on ``device``.
+
+    The logits are drawn on the generator's device (the CPU by default) and then moved, so that
+    a seeded CPU generator gives the same gamma^[0] on every device."""
+    source = generator.device if generator is not None else torch.device("cpu")
+    logits = torch.randn(num_points, num_classes, generator=generator, device=source)
+    logits = logits.to(device) if device is not None else logits
     return torch.softmax(logits, dim=-1)
 
 
