@@ -85,17 +85,35 @@ def _shared_or_per_image(values: torch.Tensor, posterior: torch.Tensor, name: st
         ) from None
 
 
+def _level_polynomials(per_level: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """Coefficients of the cubic that ``sum_mu beta_3(u - mu) a(mu)`` is on the unit interval
+    of each point, for a table ``a`` ``(G, L, K)`` and the points' levels ``base = floor(u)``
+    ``(G, M)``: ``(4 powers, K, G, M)``, so that the value at ``u = base + t`` is
+    ``((c[3] t + c[2]) t + c[1]) t + c[0]``. Points lie last (class-major layout): the per-point
+    arithmetic then runs over long contiguous rows instead of 4x4 blocks, several times faster
+    on a CPU."""
+    g, bins, k = per_level.shape
+    padded = torch.nn.functional.pad(per_level, (0, 0, 1, 3))  # row b + o: level b + o - 1
+    levels = torch.arange(bins, device=per_level.device)
+    neighbours = torch.stack([padded[:, levels + o] for o in range(4)], 2)  # (G, L, 4, K)
+    basis = torch.tensor(_BSPLINE_BASIS, dtype=per_level.dtype, device=per_level.device)
+    table = torch.einsum("glok,op->pkgl", neighbours, basis).reshape(4 * k, g * bins)
+    rows = base.long() + bins * torch.arange(g, device=base.device).unsqueeze(1)
+    return table.index_select(1, rows.reshape(-1)).view(4, k, g, base.shape[1])
+
+
 class _ParzenHistogram(torch.autograd.Function):
     """Unnormalised Parzen joint histogram ``(G, L, K)`` of values ``(G, M)`` in bin units and
     posteriors ``(G, M, K)`` (may be an expanded view), with an analytic backward.
 
     Forward: the four beta_3 weights of every point times its posterior are accumulated by the
     level ``floor(u)`` of the point (one ``index_add`` of ``4K``-vectors per point, into
-    ``L + 3`` rows per group), then the four offsets are shifted onto their levels. Backward:
-    the gradient of the histogram is read back per point with the polynomial (Horner) form of
-    the weights, as :func:`log_appearance` reads ``log f`` (one table row per point). Both give
-    the same values and gradients as autograd through :func:`parzen_window` and an
-    ``index_add`` per point and level (up to float rounding), in about half the time.
+    ``L + 3`` levels per group, in class-major layout), then the four offsets are shifted onto
+    their levels. Backward: the gradient of the histogram is read back per point with the
+    polynomial (Horner) form of the weights (:func:`_level_polynomials`), as
+    :func:`log_appearance` reads ``log f``. Both give the same values and gradients as autograd
+    through :func:`parzen_window` and an ``index_add`` per point and level (up to float
+    rounding), several times faster.
     """
 
     @staticmethod
@@ -110,39 +128,32 @@ class _ParzenHistogram(torch.autograd.Function):
         # cubic_bspline at t + 1, t, t - 1, t - 2 (offsets -1..2); base is in [1, L - 2], so the
         # levels base - 1 .. base + 2 lie in [0, L] (level L only with weight 0, dropped below)
         weights = torch.stack(
-            [s2 * s / 6, 2 / 3 - t2 + 0.5 * t2 * t, 2 / 3 - s2 + 0.5 * s2 * s, t2 * t / 6], -1
-        )
-        src = (weights.unsqueeze(-1) * posterior.unsqueeze(-2)).reshape(g * m, 4 * k)
-        rows = (base.long() + (bins + 3) * torch.arange(g, device=values.device).view(g, 1))
-        acc = src.new_zeros(g * (bins + 3), 4 * k).index_add_(0, rows.reshape(-1), src)
-        acc = acc.view(g, bins + 3, 4, k)  # acc[:, b, o]: points of level b, offset o - 1
+            [s2 * s / 6, 2 / 3 - t2 + 0.5 * t2 * t, 2 / 3 - s2 + 0.5 * s2 * s, t2 * t / 6], 0
+        )  # (4, G, M)
+        post = posterior.permute(2, 0, 1).contiguous()  # (K, G, M)
+        src = (weights.unsqueeze(1) * post.unsqueeze(0)).view(4 * k, g * m)
+        rows = base.long() + (bins + 3) * torch.arange(g, device=values.device).view(g, 1)
+        acc = src.new_zeros(4 * k, g * (bins + 3)).index_add_(1, rows.reshape(-1), src)
+        # acc[:, b, o]: points of level b, offset o - 1
+        acc = acc.view(4, k, g, bins + 3).permute(2, 3, 0, 1)
         hist = acc[:, 1 : bins + 1, 0] + acc[:, :bins, 1]
         hist[:, 1:] += acc[:, : bins - 1, 2]
         hist[:, 2:] += acc[:, : bins - 2, 3]
-        ctx.save_for_backward(values, posterior, base, t)
+        ctx.save_for_backward(values, post, base, t)
         ctx.bins = bins
         return hist
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        values, posterior, base, t = ctx.saved_tensors
+        values, post, base, t = ctx.saved_tensors
         bins = ctx.bins
-        (g, m), k = values.shape, grad.shape[-1]
-        # row b + o of the padded gradient is level b + o - 1, touched by offset o of level b
-        padded = torch.nn.functional.pad(grad, (0, 0, 1, 3))
-        levels = torch.arange(bins, device=grad.device)
-        neighbours = torch.stack([padded[:, levels + o] for o in range(4)], 2)  # (G, L, 4, K)
-        basis = torch.tensor(_BSPLINE_BASIS, dtype=grad.dtype, device=grad.device)
-        table = torch.einsum("glok,op->glpk", neighbours, basis).reshape(g * bins, 4 * k)
-        rows = base.long() + bins * torch.arange(g, device=grad.device).unsqueeze(1)
-        c = torch.nn.functional.embedding(rows, table).view(g, m, 4, k)
-        t = t.unsqueeze(-1)
+        c = _level_polynomials(grad, base)  # (4, K, G, M)
         grad_values = grad_posterior = None
         if ctx.needs_input_grad[0]:  # d/dt of the cubic, through the clamp (inclusive bounds)
-            slope = (3 * c[:, :, 3] * t + 2 * c[:, :, 2]) * t + c[:, :, 1]
-            grad_values = (slope * posterior).sum(-1) * ((values >= 1) & (values <= bins - 2))
+            slope = (3 * c[3] * t + 2 * c[2]) * t + c[1]
+            grad_values = (slope * post).sum(0) * ((values >= 1) & (values <= bins - 2))
         if ctx.needs_input_grad[1]:
-            grad_posterior = ((c[:, :, 3] * t + c[:, :, 2]) * t + c[:, :, 1]) * t + c[:, :, 0]
+            grad_posterior = (((c[3] * t + c[2]) * t + c[1]) * t + c[0]).permute(1, 2, 0)
         return grad_values, grad_posterior, None
 
 
@@ -255,20 +266,12 @@ def log_appearance(values: torch.Tensor, log_f: torch.Tensor) -> torch.Tensor:
         ) from None
     batch, m = values.shape[:-1], values.shape[-1]
     g = values[..., 0].numel()
-    log_f = log_f.reshape(g, bins, k)
     values = values.reshape(g, m).clamp(1, bins - 2)
     base = torch.floor(values)
-    t = (values - base).unsqueeze(-1)
-    levels = torch.arange(bins, device=log_f.device)
-    neighbours = torch.stack(
-        [log_f[:, (levels + o).clamp(0, bins - 1)] for o in range(-1, 3)], 2
-    )  # (G, L, 4 offsets, K)
-    basis = torch.tensor(_BSPLINE_BASIS, dtype=log_f.dtype, device=log_f.device)
-    table = torch.einsum("glok,op->glpk", neighbours, basis).reshape(g * bins, 4 * k)
-    rows = base.long() + bins * torch.arange(g, device=values.device).unsqueeze(1)
-    c = torch.nn.functional.embedding(rows, table).view(g, m, 4, k)
-    out = ((c[:, :, 3] * t + c[:, :, 2]) * t + c[:, :, 1]) * t + c[:, :, 0]
-    return out.view(*batch, m, k)
+    t = values - base
+    c = _level_polynomials(log_f.reshape(g, bins, k), base)  # (4, K, G, M)
+    out = ((c[3] * t + c[2]) * t + c[1]) * t + c[0]
+    return out.permute(1, 2, 0).reshape(*batch, m, k)
 
 
 @full_precision
