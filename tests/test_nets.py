@@ -77,10 +77,12 @@ def test_zscore_makes_the_net_invariant_to_intensity_scale_and_offset():
 
 
 # ---------------------------------------------------------------------------------- DSBN
-def test_domain_batch_norm_equals_one_batch_norm_per_domain():
+@pytest.mark.parametrize("counts", [[3, 0, 4], [2, 2, 2]], ids=["per-domain", "one-call"])
+def test_domain_batch_norm_equals_one_batch_norm_per_domain(counts):
+    """Both paths (a call per domain; one call when every domain has as many images) give
+    what separate batch norms give: outputs, gradients and running statistics."""
     torch.manual_seed(0)
-    x = torch.randn(7, 5, 6, 6) * 3 + 1
-    counts = [3, 0, 4]  # domain 1 absent
+    x = (torch.randn(sum(counts), 5, 6, 6) * 3 + 1).requires_grad_()
     dsbn = DomainBatchNorm(5, 3)
     with torch.no_grad():
         dsbn.weight.uniform_(0.5, 2)
@@ -89,16 +91,22 @@ def test_domain_batch_norm_equals_one_batch_norm_per_domain():
     for d, ref in enumerate(refs):
         ref.weight.data.copy_(dsbn.weight[d])
         ref.bias.data.copy_(dsbn.bias[d])
+    present = [d for d, c in enumerate(counts) if c]
+    chunks = x.split(counts)
     for training in (True, False):
         dsbn.train(training)
-        expected = torch.cat([refs[0].train(training)(x[:3]), refs[2].train(training)(x[3:])])
-        torch.testing.assert_close(dsbn(x, counts), expected)
-    for d in (0, 2):
+        expected = torch.cat([refs[d].train(training)(chunks[d]) for d in present])
+        got = dsbn(x, counts)
+        torch.testing.assert_close(got, expected)
+        weights = torch.randn_like(got)
+        grad = torch.autograd.grad((got * weights).sum(), x)[0]
+        torch.testing.assert_close(grad, torch.autograd.grad((expected * weights).sum(), x)[0])
+    for d in present:
         torch.testing.assert_close(dsbn.running_mean[d], refs[d].running_mean)
         torch.testing.assert_close(dsbn.running_var[d], refs[d].running_var)
-    # The absent domain kept its initial statistics.
-    assert torch.equal(dsbn.running_mean[1], torch.zeros(5))
-    assert torch.equal(dsbn.running_var[1], torch.ones(5))
+    for d in set(range(3)) - set(present):  # an absent domain keeps its initial statistics
+        assert torch.equal(dsbn.running_mean[d], torch.zeros(5))
+        assert torch.equal(dsbn.running_var[d], torch.ones(5))
 
 
 def test_sort_by_domain_round_trip():

@@ -292,8 +292,8 @@ class DCCModule(pl.LightningModule):
 
     def configure_optimizers(self) -> list[Optimizer]:
         """[(E, D_s) optimizer, D_r optimizer] (paper: Adam, 1e-3 and 1e-4)."""
-        make_seg = self.optimizer_seg or (lambda p: torch.optim.Adam(p, lr=1e-3))
-        make_reg = self.optimizer_reg or (lambda p: torch.optim.Adam(p, lr=1e-4))
+        make_seg = self.optimizer_seg or (lambda p: torch.optim.Adam(p, lr=1e-3, fused=True))
+        make_reg = self.optimizer_reg or (lambda p: torch.optim.Adam(p, lr=1e-4, fused=True))
         return [
             make_seg(self.net.segmentation_parameters()),
             make_reg(self.net.registration_parameters()),

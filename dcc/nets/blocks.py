@@ -93,4 +93,4 @@ class ResidualBlock(nn.Module):
                 h = self.act(h)
             h = conv(h)
             h = norm(h, counts) if self.domain_specific else norm(h)
-        return self.dropout(self.act(h + self.skip(x)))
+        return self.dropout(self.act(h.add_(self.skip(x))))  # in place: no extra full map

@@ -42,8 +42,22 @@ def domain_batch_norm(
     :func:`sort_by_domain`). Each domain's images go through their own batch norm — its own
     batch statistics in training mode, its own running statistics ``running_mean/var[d]``
     (updated in place only for the domains present) and its own affine ``weight/bias[d]``
-    ``(D, C)`` — exactly as ``D`` separate ``BatchNorm`` layers would, via the native kernel.
+    ``(D, C)`` — exactly as ``D`` separate ``BatchNorm`` layers would, via the native kernel:
+    in one call when every domain has the same number of images (a batch of groups with one
+    image per sequence: the domains then become channel blocks of one batch norm), else per
+    domain.
     """
+    d, c = len(counts), x.shape[1]
+    if d > 1 and counts[0] > 0 and len(set(counts)) == 1 and running_mean is not None:
+        per = counts[0]  # (D·per, C, *S) -> (per, D·C, *S): domain-major channel blocks
+        blocks = x.view(d, per, c, *x.shape[2:]).transpose(0, 1).reshape(per, d * c, *x.shape[2:])
+        out = F.batch_norm(
+            blocks, running_mean.view(-1), running_var.view(-1),
+            None if weight is None else weight.reshape(-1),
+            None if bias is None else bias.reshape(-1),
+            training, momentum, eps,
+        )
+        return out.view(per, d, c, *x.shape[2:]).transpose(0, 1).reshape(x.shape)
     outputs = []
     for d, chunk in enumerate(x.split(list(counts))):
         if chunk.shape[0] == 0:

@@ -19,14 +19,25 @@ EPS = 1e-10
 
 def _quantiles(values: torch.Tensor, percentiles: tuple[float, ...]) -> torch.Tensor:
     """``torch.quantile`` (linear interpolation) of a 1D tensor at ``percentiles`` (in %), the
-    same values bit for bit, from ``kthvalue`` selections (linear time) instead of a sort."""
+    same values bit for bit, from order statistics instead of a sort: ``topk`` near either
+    end (the robust range's 0.5 / 99.5 %: a few hundred values, about 3x faster than a
+    selection), ``kthvalue`` (linear time) in the middle."""
     n = values.numel()
     ranks = torch.tensor([p / 100 for p in percentiles], device=values.device) * (n - 1)
     below = ranks.floor()
     lower, upper = [], []
     for rank, k in zip(ranks.tolist(), below.long().tolist(), strict=True):
-        lower.append(values.kthvalue(k + 1).values)
-        upper.append(values.kthvalue(k + 2).values if rank > k else lower[-1])
+        hi = min(k + 1, n - 1)  # a[k] and a[hi] of the sorted values a
+        if hi + 1 <= n // 8:  # the hi + 1 smallest, ascending
+            smallest = values.topk(hi + 1, largest=False).values
+            pair = smallest[k], smallest[hi]
+        elif n - k <= n // 8:  # the n - k largest, descending
+            largest = values.topk(n - k).values
+            pair = largest[n - 1 - k], largest[n - 1 - hi]
+        else:
+            pair = values.kthvalue(k + 1).values, values.kthvalue(hi + 1).values
+        lower.append(pair[0])
+        upper.append(pair[1] if rank > k else pair[0])
     return torch.lerp(torch.stack(lower), torch.stack(upper), ranks - below)
 
 
