@@ -123,6 +123,19 @@ def test_l1_equals_minus_x_metric_plus_bending():
     torch.testing.assert_close(out.warped_images, fields.warp(values[:, :, None], u)[:, :, 0])
 
 
+@pytest.mark.parametrize("weight", [0.0, 0.5])
+def test_similarity_weight_scales_the_mutual_information_only(weight):
+    images, labels, rho = _group([(0, 0), (2, 1), (-1, 2)])
+    u = _smooth_field(3, 1.5, seed=1)
+    seg = distance_probabilities(labels[0], K, tau=0.5)[None]
+    labelled = torch.tensor([[True, False, False]])
+    full = DCCLoss(reduction="sum")(images, u, seg, rho, labelled)
+    part = DCCLoss(reduction="sum", similarity_weight=weight)(images, u, seg, rho, labelled)
+    torch.testing.assert_close(part.l1, -weight * full.x_metric + 100.0 * full.bending)
+    torch.testing.assert_close(part.x_metric, full.x_metric)  # logged X is the X either way
+    torch.testing.assert_close(part.l2, full.l2)
+
+
 def test_l2_gradients_reach_rho_hat_only_for_unlabelled_members():
     images, labels, rho = _group([(0, 0), (2, 1), (-1, 2)])
     u = _smooth_field(3, 1.0, seed=2).requires_grad_()

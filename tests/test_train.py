@@ -14,7 +14,7 @@ from test_configs import compose_cfg
 
 from dcc.lit.datamodules import CardiacPhantomDataModule
 from dcc.lit.module import DCCModule
-from dcc.lit.train import format_summary, run_evaluation, run_training
+from dcc.lit.train import format_summary, run_evaluation, run_training, warm_start
 
 # 32x32 phantoms, C = 4, L_R = 2, batches of 2 groups: seconds per run on one core
 TINY = [
@@ -170,6 +170,26 @@ def test_checkpoint_rebuilds_model(trained, tmp_path):
     out_ref = ref(batch["images"], batch["domains"])
     assert torch.equal(out.seg_logits, out_ref.seg_logits)
     assert torch.equal(out.displacement, out_ref.displacement)
+
+
+def test_init_from_warm_starts_the_weights_only(trained, tmp_path):
+    """init_from loads the network weights (the first validation already has the trained
+    Dice) but not the optimisers' learning rates; a mismatched network is named."""
+    cfg, before, result = trained
+    last = result["last_ckpt"]
+    warm = tiny_cfg(tmp_path / "warm", "model.net.channels=8", f"init_from={last}",
+                    "model.optimizer_reg.lr=1e-5", "+trainer.fast_dev_run=true", "test=false")
+    model = hydra.utils.instantiate(warm.model)
+    warm_start(model, last)
+    state = torch.load(last, weights_only=True)["state_dict"]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    metrics = run_training(warm)["metrics"]
+    assert metrics["val/reg_dsc"] > before["val/reg_dsc"]
+    assert model.configure_optimizers()[1].param_groups[0]["lr"] == 1e-5
+    with pytest.raises(ValueError, match="does not match model.net"):
+        warm_start(hydra.utils.instantiate(tiny_cfg(tmp_path / "c4").model), last)
+    with pytest.raises(FileNotFoundError, match="init_from=.*no such checkpoint"):
+        warm_start(model, str(tmp_path / "missing.ckpt"))
 
 
 def test_evaluate_checkpoint(trained, tmp_path):

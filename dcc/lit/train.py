@@ -68,6 +68,23 @@ def _metrics(trainer: pl.Trainer) -> dict[str, float]:
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
+def warm_start(model: DCCModule, path: str) -> None:
+    """Load the network weights of the checkpoint ``path`` into ``model`` (nothing else: the
+    optimisers, the timer and the epoch count start fresh, unlike ``ckpt_path``)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"init_from={path}: no such checkpoint")
+    state = torch.load(path, map_location="cpu", weights_only=True).get("state_dict")
+    if state is None:
+        raise ValueError(f"init_from={path}: not a Lightning checkpoint (no state_dict)")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(
+            f"init_from={path}: the checkpoint's network does not match model.net "
+            f"(channels, levels, classes, sequences): {str(err).splitlines()[0]}"
+        ) from None
+
+
 def run_training(cfg: DictConfig) -> dict[str, Any]:
     """Fit the model on the data of ``cfg``, then test the best checkpoint (by ``val/reg_dsc``).
 
@@ -78,6 +95,8 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     _setup(cfg)
     datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data)
     model: DCCModule = hydra.utils.instantiate(cfg.model)
+    if cfg.get("init_from"):
+        warm_start(model, cfg.init_from)
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer,
         callbacks=instantiate_list(cfg.get("callbacks")),

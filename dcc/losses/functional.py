@@ -169,8 +169,11 @@ def registration_loss(
     mask: torch.Tensor | None = None,
     reduction: str = "sum",
     eps: float = EPS,
+    similarity_weight: float = 1.0,
 ) -> torch.Tensor:
     """L1 of Eq. (41): -I(U_j o phi_j, Z^[2]) + lambda R(phi_j) per member (summed: -X + lambda R).
+    ``similarity_weight`` scales the mutual information (the paper: 1; 0 leaves the bending
+    energy alone, e.g. to see what the labels' L2 term does by itself).
 
     ``warped_values`` ``(B, N, *S)`` in bin units (differentiable in phi), ``posterior``
     ``(B, K, *S)`` (gamma^[2], used as a constant), ``displacement`` ``(B, N, ndim, *S)`` for the
@@ -182,7 +185,7 @@ def registration_loss(
         gamma = gamma * mask.flatten(1).unsqueeze(-1).to(gamma.dtype)
     mi = XF.x_metric(warped_values.flatten(2), gamma, bins, reduction="none", eps=eps)
     energy = bending_energy_dense(displacement, reduction="none")
-    return reduce(-mi + bending_weight * energy, reduction)
+    return reduce(-similarity_weight * mi + bending_weight * energy, reduction)
 
 
 @full_precision

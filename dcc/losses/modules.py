@@ -80,6 +80,7 @@ class DCCLoss(nn.Module):
         include_background: bool = False,
         reduction: str = "mean",
         eps: float = XF.EPS,
+        similarity_weight: float = 1.0,
     ):
         super().__init__()
         if reduction not in ("mean", "sum"):
@@ -92,6 +93,7 @@ class DCCLoss(nn.Module):
         self.num_classes, self.bins, self.bending_weight = num_classes, bins, bending_weight
         self.zeta, self.eval_zeta, self.em_steps = zeta, eval_zeta, em_steps
         self.include_background, self.reduction, self.eps = include_background, reduction, eps
+        self.similarity_weight = similarity_weight
 
     def extra_repr(self) -> str:
         return (
@@ -99,6 +101,14 @@ class DCCLoss(nn.Module):
             f"bending_weight={self.bending_weight}, zeta={self.zeta}, "
             f"eval_zeta={self.eval_zeta}, em_steps={self.em_steps}, reduction={self.reduction!r}"
         )
+
+    @torch.no_grad()
+    def _x_metric(self, l1, bending, warped_values, gamma, overlap) -> torch.Tensor:
+        """X = sum_j I(U_j o phi_j, Z^[2]) per group (logged), from L1 when it holds it."""
+        if self.similarity_weight:
+            return ((self.bending_weight * bending - l1) / self.similarity_weight).sum(1)
+        masked = (gamma * overlap.unsqueeze(1)).flatten(2).transpose(1, 2)
+        return XF.x_metric(warped_values.flatten(2), masked, self.bins, "none", self.eps).sum(1)
 
     def _check(self, images, displacement, seg_probs, rho, labelled, labels):
         if images.dim() not in (4, 5):
@@ -167,7 +177,8 @@ class DCCLoss(nn.Module):
         gamma = log_gamma.exp()
 
         l1 = LF.registration_loss(
-            warped_values, gamma, displacement, bins, self.bending_weight, overlap, "none", eps
+            warped_values, gamma, displacement, bins, self.bending_weight, overlap, "none", eps,
+            self.similarity_weight,
         )
         with torch.no_grad():  # logged only (L1 holds the differentiable R)
             bending = fields.bending_energy_dense(displacement, reduction="none")
@@ -179,7 +190,7 @@ class DCCLoss(nn.Module):
             "l1": l1.sum(1),
             "l2": l2.sum(1),
             "l3": l3.sum(1),
-            "x_metric": (self.bending_weight * bending - l1).detach().sum(1),
+            "x_metric": self._x_metric(l1, bending, warped_values, gamma, overlap),
             "bending": bending.detach().sum(1),
         }
         terms = {name: reduce(value, self.reduction) for name, value in terms.items()}
