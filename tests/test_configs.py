@@ -94,7 +94,7 @@ def test_unknown_labelled_sequence_is_named(tmp_path):
 def test_trainer_instantiates(tmp_path, trainer):
     cfg = compose_cfg(tmp_path, [f"trainer={trainer}"])
     if trainer == "gpu":
-        assert cfg.trainer.precision == "bf16-mixed"
+        assert cfg.trainer.precision == "32-true"
         if not torch.cuda.is_available():
             pytest.skip("no GPU")
     if trainer == "ddp":
