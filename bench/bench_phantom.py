@@ -70,6 +70,9 @@ def parse_args(argv=None):
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bending-weight", type=float, default=None, help="override lambda")
+    p.add_argument("--lr", type=float, default=None, help="override the Adam step of every stage")
+    p.add_argument("--lr-final", type=float, default=None,
+                   help="override the final step fraction (cosine decay) of every preset stage")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument(
         "--quick", action="store_true", help="smoke run: 2 cases, N = 3 and 10, 100 iterations"
@@ -88,9 +91,10 @@ def make_config(args, method):
     cfg = load_preset(
         args.preset, method=method, progress=False, bending_weight=args.bending_weight
     )
-    if args.iterations:
-        for stage in cfg.stages:
-            stage.iterations = args.iterations
+    for stage in cfg.stages:
+        stage.iterations = args.iterations or stage.iterations
+        stage.lr_final = args.lr_final or stage.lr_final
+        stage.lr = args.lr or stage.lr
     return cfg
 
 

@@ -297,3 +297,17 @@ def test_coordinate_sample_is_seeded_on_the_cpu_generator():
     b = coordinate_sample(overlap, 0.3, torch.Generator().manual_seed(5))
     assert torch.equal(a, b) and overlap[a].all()
     assert 0.2 < a.numel() / overlap.sum() < 0.4
+
+
+def test_cosine_step_decay_and_its_validation():
+    from dcc.coreg.config import StageConfig
+    from dcc.coreg.engine import cosine_factor
+
+    factors = [cosine_factor(s, 10, 0.05) for s in range(11)]
+    assert factors[0] == 1 and factors[-1] == pytest.approx(0.05)
+    assert all(a > b for a, b in zip(factors, factors[1:], strict=False))
+    assert factors[5] == pytest.approx(0.525)
+    assert all(cosine_factor(s, 10, 1.0) == 1 for s in range(11))  # lr_final 1: constant
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="lr_final"):
+            StageConfig(lr_final=bad)

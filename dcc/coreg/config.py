@@ -34,6 +34,10 @@ class StageConfig:
     matrix_scale: float = 0.01  # affine: matrix step = lr * matrix_scale
     ffd_spacing: float = 20.0  # control-point spacing of the initial FFD level, mm
     ffd_levels: int = 1  # FFD levels, each halving the spacing (coarse to fine)
+    # final Adam step as a fraction of lr: cosine decay over each resolution/FFD level (1: none).
+    # With a fresh coordinate sample every step the gradient is noisy; a decaying step lets the
+    # last iterations settle instead of jittering at the full step size.
+    lr_final: float = 1.0
     # independent tries of the stage from its start (fresh coordinate samples); the accepted
     # one with the highest X (Gamma re-estimated on the whole overlap) is kept
     tries: int = 1
@@ -45,6 +49,10 @@ class StageConfig:
             raise ValueError(f"stage '{self.name}': iterations, levels and tries must be >= 1")
         if self.lr <= 0 or self.ffd_spacing <= 0:
             raise ValueError(f"stage '{self.name}': lr and ffd_spacing must be positive")
+        if not 0 < self.lr_final <= 1:
+            raise ValueError(
+                f"stage '{self.name}': lr_final must be in (0, 1], got {self.lr_final}"
+            )
 
     @classmethod
     def named(cls, name: str, **overrides) -> StageConfig:

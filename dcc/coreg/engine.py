@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -342,11 +344,13 @@ class XCoReg:
                 stage.add_level()
             common = self._common_space(common, level_grid, log_f_gt, images.device)
             optimizer = torch.optim.Adam(stage.parameter_groups(lr))
+            decay = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
+                cosine_factor, steps=per_level[sub], final=cfg.lr_final))
             steps, x_value, common = self._optimize(
                 per_level[sub],
                 stage,
                 transform,
-                optimizer,
+                (optimizer, decay),
                 level_images,
                 level_grid,
                 bins,
@@ -410,7 +414,7 @@ class XCoReg:
         iterations,
         stage,
         transform,
-        optimizer,
+        optimizers,
         images,
         grid,
         bins,
@@ -421,6 +425,7 @@ class XCoReg:
         trial,
     ):
         cfg = self.config
+        optimizer, decay = optimizers  # Adam and its step schedule (cosine_factor)
         losses: list[float] = []
         x_value = float("nan")
         intensities = images[:, :1]
@@ -442,6 +447,7 @@ class XCoReg:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()  # Eq. (16) with Adam
+            decay.step()
             if cfg.reference is None:
                 project_unbiased(transform, grid.center)  # Eq. (37) on the composed phi
             else:
@@ -500,6 +506,11 @@ def deterministic_kernels(enabled: bool = True):
             yield
     finally:
         torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+
+
+def cosine_factor(step: int, steps: int, final: float) -> float:
+    """Step-size factor after ``step`` of ``steps``: a cosine from 1 down to ``final``."""
+    return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / max(steps, 1)))
 
 
 def warp_group(transform: SpatialTransform, images: torch.Tensor, grid: Grid):
