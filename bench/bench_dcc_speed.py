@@ -259,6 +259,19 @@ def _fmt(r: dict, key: str, kind: str) -> str:
     return f"{r[f'{key}_min']:.3f} / {r[f'{key}_med']:.3f}"
 
 
+def _report(lines: list[str], save: str | None, payload: dict) -> None:
+    """Print the Markdown ``lines``; with ``save`` (a path prefix) also write them to
+    ``<save>.md`` and ``payload`` to ``<save>.json``."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if save:
+        prefix = ROOT / save if not Path(save).is_absolute() else Path(save)
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        prefix.with_suffix(".md").write_text(text, encoding="utf-8")
+        prefix.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n",
+                                               encoding="utf-8")
+
+
 def compare(args: argparse.Namespace, base: list[str]) -> None:
     """Before (``dcc`` at ``args.compare``) / after (working tree), 1 thread and 2 threads."""
     rev = subprocess.run(["git", "rev-parse", "--short", args.compare], capture_output=True,
@@ -323,16 +336,10 @@ def compare(args: argparse.Namespace, base: list[str]) -> None:
                   if f"{key}_min" in after and f"{key}_min" in before]
         lines.append(f"Speed-up (before / after, minima) at {threads} thread(s): "
                      + "; ".join(ratios) + ".")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.save:
-        prefix = ROOT / args.save if not Path(args.save).is_absolute() else Path(args.save)
-        prefix.parent.mkdir(parents=True, exist_ok=True)
-        prefix.with_suffix(".md").write_text(text, encoding="utf-8")
-        payload = {"command": command, "hardware": _hardware(), "revision_before": rev,
-                   "runs": [{"code": label, "threads": threads, **r}
-                            for (label, threads), r in runs.items()]}
-        prefix.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
+    _report(lines, args.save, {
+        "command": command, "hardware": _hardware(), "revision_before": rev,
+        "runs": [{"code": label, "threads": threads, **r} for (label, threads), r in runs.items()],
+    })
 
 
 def _device_name(device: str) -> str:
@@ -370,15 +377,8 @@ def matrix(args: argparse.Namespace, base: list[str]) -> None:
                 f"{_fmt(r, 'net', 'wall')} | {_fmt(r, 'loss', 'wall')} | "
                 f"{_fmt(r, 'infer', 'wall')} | {r.get('gpu_peak_mib', float('nan')):.0f} |")
             print(lines[-1], flush=True)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.save:
-        prefix = ROOT / args.save if not Path(args.save).is_absolute() else Path(args.save)
-        prefix.parent.mkdir(parents=True, exist_ok=True)
-        prefix.with_suffix(".md").write_text(text, encoding="utf-8")
-        payload = {"command": command, "device": _device_name(args.device), "runs": runs}
-        prefix.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n",
-                                               encoding="utf-8")
+    _report(lines, args.save,
+            {"command": command, "device": _device_name(args.device), "runs": runs})
 
 
 def main(argv=None) -> None:
