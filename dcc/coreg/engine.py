@@ -344,13 +344,13 @@ class XCoReg:
                 stage.add_level()
             common = self._common_space(common, level_grid, log_f_gt, images.device)
             optimizer = torch.optim.Adam(stage.parameter_groups(lr))
-            decay = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
+            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
                 cosine_factor, steps=per_level[sub], final=cfg.lr_final))
             steps, x_value, common = self._optimize(
                 per_level[sub],
                 stage,
                 transform,
-                (optimizer, decay),
+                schedule,
                 level_images,
                 level_grid,
                 bins,
@@ -414,7 +414,7 @@ class XCoReg:
         iterations,
         stage,
         transform,
-        optimizers,
+        schedule,
         images,
         grid,
         bins,
@@ -425,7 +425,7 @@ class XCoReg:
         trial,
     ):
         cfg = self.config
-        optimizer, decay = optimizers  # Adam and its step schedule (cosine_factor)
+        optimizer = schedule.optimizer  # Adam, its step decayed by cosine_factor
         losses: list[float] = []
         x_value = float("nan")
         intensities = images[:, :1]
@@ -447,7 +447,7 @@ class XCoReg:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()  # Eq. (16) with Adam
-            decay.step()
+            schedule.step()
             if cfg.reference is None:
                 project_unbiased(transform, grid.center)  # Eq. (37) on the composed phi
             else:
@@ -532,13 +532,12 @@ def coordinate_sample(
     overlap: torch.Tensor, rate: float, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """The coordinate sample Omega_S: indices of the overlapping voxels, each kept with
-    probability ``rate`` (all of them for ``rate >= 1``). The uniforms are drawn on the
-    generator's device (the CPU by default) and moved to the overlap's, so that a seeded CPU
-    generator selects the same voxels whatever the device."""
+    probability ``rate`` (all of them for ``rate >= 1``). The uniforms come from
+    :func:`~dcc.similarity.functional.seeded_draw`: a seeded CPU generator selects the same
+    voxels whatever the device."""
     if rate >= 1:
         return overlap.nonzero().squeeze(1)
-    device = generator.device if generator is not None else torch.device("cpu")
-    u = torch.rand(overlap.shape, generator=generator, device=device).to(overlap.device)
+    u = XF.seeded_draw(torch.rand, tuple(overlap.shape), generator, overlap.device)
     return ((u < rate) & overlap).nonzero().squeeze(1)
 
 

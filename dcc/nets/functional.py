@@ -48,15 +48,12 @@ def domain_batch_norm(
     domain.
     """
     d, c = len(counts), x.shape[1]
-    if d > 1 and counts[0] > 0 and len(set(counts)) == 1 and running_mean is not None:
+    if d > 1 and counts[0] > 0 and len(set(counts)) == 1:
         per = counts[0]  # (D·per, C, *S) -> (per, D·C, *S): domain-major channel blocks
         blocks = x.view(d, per, c, *x.shape[2:]).transpose(0, 1).reshape(per, d * c, *x.shape[2:])
-        out = F.batch_norm(
-            blocks, running_mean.view(-1), running_var.view(-1),
-            None if weight is None else weight.reshape(-1),
-            None if bias is None else bias.reshape(-1),
-            training, momentum, eps,
-        )
+        flat = [None if t is None else t.reshape(-1)
+                for t in (running_mean, running_var, weight, bias)]
+        out = F.batch_norm(blocks, *flat, training or running_mean is None, momentum, eps)
         return out.view(per, d, c, *x.shape[2:]).transpose(0, 1).reshape(x.shape)
     outputs = []
     for d, chunk in enumerate(x.split(list(counts))):

@@ -331,14 +331,21 @@ def random_posterior(
     generator: torch.Generator | None = None,
     device=None,
 ) -> torch.Tensor:
-    """gamma^[0] of Eq. (22): softmax of standard normal logits, ``(M, K)`` on ``device``.
-
-    The logits are drawn on the generator's device (the CPU by default) and then moved, so that
-    a seeded CPU generator gives the same gamma^[0] on every device."""
-    source = generator.device if generator is not None else torch.device("cpu")
-    logits = torch.randn(num_points, num_classes, generator=generator, device=source)
-    logits = logits.to(device) if device is not None else logits
+    """gamma^[0] of Eq. (22): softmax of standard normal logits, ``(M, K)`` on ``device``
+    (drawn by :func:`seeded_draw`: the same gamma^[0] on every device for a seeded CPU
+    generator)."""
+    logits = seeded_draw(torch.randn, (num_points, num_classes), generator, device)
     return torch.softmax(logits, dim=-1)
+
+
+def seeded_draw(sampler, shape: tuple[int, ...], generator: torch.Generator | None = None,
+                device=None) -> torch.Tensor:
+    """``sampler(shape)`` (``torch.rand``, ``torch.randn``) drawn on the generator's device (the
+    CPU without one) and moved to ``device``: a seeded CPU generator then gives the same numbers
+    whatever device the computation runs on."""
+    source = generator.device if generator is not None else torch.device("cpu")
+    out = sampler(shape, generator=generator, device=source)
+    return out if device is None else out.to(device)
 
 
 def entropy(p: torch.Tensor, dim: int = -1, eps: float = EPS) -> torch.Tensor:
