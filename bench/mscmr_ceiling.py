@@ -10,6 +10,14 @@ is a diagnostic, not a registration method::
 
     python bench/mscmr_ceiling.py --groups 16 --steps 150 --out results/mscmr_ceiling
     python bench/mscmr_ceiling.py --similarity-weight 0   # the labels' L2 alone
+
+``--unlabelled`` asks the same of DGR's loss: no member labelled (no spatial prior, Eq. 40),
+the predicted maps rho-hat given as ``labels`` (the labels' rho: a perfect segmenter, whose
+maps L2 drags along with phi), ``flat`` (uniform maps plus 1 % noise: an untrained one) or
+``checkpoint`` (a trained network's, ``--checkpoint``); ``--no-l2`` optimises L1 alone::
+
+    python bench/mscmr_ceiling.py --unlabelled labels --bending-weight 30
+    python bench/mscmr_ceiling.py --unlabelled checkpoint --checkpoint last.ckpt --no-l2
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import hydra
 import torch
 from hydra import compose, initialize_config_dir
 
-from dcc.lit.module import group_metrics
+from dcc.lit.module import DCCModule, group_metrics
 from dcc.losses import DCCLoss
 from dcc.spatial.fields import warp, zero_mean
 
@@ -49,6 +57,11 @@ def main(argv=None) -> None:
     p.add_argument("--resolution", type=int, default=2, help="lattice = image size / this")
     p.add_argument("--bending-weight", type=float, default=10.0, help="lambda (mscmr_dcc_all)")
     p.add_argument("--similarity-weight", type=float, default=1.0)
+    p.add_argument("--unlabelled", choices=("labels", "flat", "checkpoint"), default=None,
+                   help="DGR: no member labelled, rho-hat = the labels' rho, flat maps or a "
+                   "network's")
+    p.add_argument("--checkpoint", help="DCC checkpoint whose D_s gives rho-hat")
+    p.add_argument("--no-l2", action="store_true", help="optimise L1 alone")
     p.add_argument("--data-root", default=None, help="default: $DCC_DATA_ROOT")
     p.add_argument("--out", default=None, help="write <out>.md")
     args = p.parse_args(argv)
@@ -70,7 +83,16 @@ def main(argv=None) -> None:
     optimiser = torch.optim.Adam([lattice], lr=args.lr)
     loss = DCCLoss(num_classes=4, bending_weight=args.bending_weight,
                    similarity_weight=args.similarity_weight)
-    labelled = torch.ones(b, n, dtype=torch.bool)
+    labelled = torch.full((b, n), args.unlabelled is None)
+    if args.unlabelled == "checkpoint":
+        model = DCCModule.load_from_checkpoint(args.checkpoint, map_location="cpu").eval()
+        with torch.no_grad():
+            seg_probs = model.net(images, batch["domains"]).seg_logits.softmax(2)
+    elif args.unlabelled == "flat":
+        seg_probs = (1 + 0.01 * torch.rand_like(rho)).div(1.01)
+        seg_probs = seg_probs / seg_probs.sum(2, keepdim=True)
+    else:
+        seg_probs = rho
 
     def field() -> torch.Tensor:
         up = torch.nn.functional.interpolate(lattice.flatten(0, 1), size=tuple(size),
@@ -80,9 +102,9 @@ def main(argv=None) -> None:
     rows = [(0, reg_dsc(labels, torch.zeros(b, n, len(size), *size)), 0.0)]
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
-        out = loss(images, field(), rho, rho, labelled, labels=labels)
+        out = loss(images, field(), seg_probs, rho, labelled, labels=labels)
         optimiser.zero_grad()
-        (out.l1 + out.l2).backward()
+        (out.l1 if args.no_l2 else out.l1 + out.l2).backward()
         optimiser.step()
         if step % max(1, args.steps // 6) == 0 or step == args.steps:
             rows.append((step, reg_dsc(labels, field().detach()), time.perf_counter() - start))
@@ -92,9 +114,12 @@ def main(argv=None) -> None:
         f"Command: `python bench/mscmr_ceiling.py {' '.join(sys.argv[1:])}`; CPU, 1 thread.",
         f"Groups: {b} validation groups of `experiment=mscmr_dcc_all` ({tuple(size)} at "
         f"{cfg.data.spacing} mm); lattice 1/{args.resolution} of the image (bilinear "
-        f"upsampling, zero-mean over the group, Eq. 37); Adam {args.lr} voxel; L1 + L2 with "
-        f"lambda = {args.bending_weight}, similarity weight {args.similarity_weight}, every "
-        "member labelled (labels used: a diagnostic, not a method).", "",
+        f"upsampling, zero-mean over the group, Eq. 37); Adam {args.lr} voxel; "
+        f"{'L1 alone' if args.no_l2 else 'L1 + L2'} with "
+        f"lambda = {args.bending_weight}, similarity weight {args.similarity_weight}, "
+        + ("every member labelled" if args.unlabelled is None else
+           f"no member labelled (DGR), rho-hat = {args.unlabelled}")
+        + " (labels used: a diagnostic, not a method).", "",
         "| Adam steps | Reg DSC | seconds |", "|---:|---:|---:|",
         *[f"| {s} | {100 * d:.1f} | {t:.0f} |" for s, d, t in rows],
     ]

@@ -156,6 +156,24 @@ def test_l2_gradients_reach_rho_hat_only_for_unlabelled_members():
     assert seg.grad is None and u.grad.abs().sum() > 0
 
 
+
+def test_l2_can_leave_phi_of_unlabelled_members_alone():
+    """``l2_moves_unlabelled=False``: L2 still trains rho-hat_j of an unlabelled member but no
+    longer moves its phi_j; labelled members and L1 are unchanged."""
+    images, labels, rho = _group([(0, 0), (2, 1), (-1, 2)])
+    u = _smooth_field(3, 1.0, seed=2).requires_grad_()
+    logits = torch.randn(1, 3, K, 32, 32, generator=torch.Generator().manual_seed(3))
+    seg = torch.softmax(logits, 2).requires_grad_()
+    labelled = torch.tensor([[True, False, True]])
+    paper, still = DCCLoss(), DCCLoss(l2_moves_unlabelled=False)
+    out = still(images, u, seg, rho, labelled)
+    out.l2.backward()
+    assert (u.grad[0, 1] == 0).all()  # j not in J: rho-hat only
+    assert u.grad[0, 0].abs().sum() > 0 and u.grad[0, 2].abs().sum() > 0
+    assert seg.grad[0, 1].abs().sum() > 0
+    reference = paper(images, u, seg, rho, labelled)
+    for term in ("l1", "l2", "l3"):  # the same values, only the gradients differ
+        torch.testing.assert_close(getattr(out, term), getattr(reference, term))
 def test_hybrid_cross_entropy_matches_eq43():
     g = torch.Generator().manual_seed(4)
     gamma = torch.softmax(torch.randn(2, K, 6, 5, generator=g), 1)

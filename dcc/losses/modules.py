@@ -67,6 +67,11 @@ class DCCLoss(nn.Module):
     (``zeta`` in training mode, ``eval_zeta`` in eval mode: 0.05 / 0.01 as in Sec. 4.4.1); L3
     uses the raw predictions. Each term is summed over the group's members and reduced over the
     batch by ``reduction`` (``"mean"`` or ``"sum"``). All of it runs in float32 under autocast.
+
+    ``l2_moves_unlabelled=False`` (not in the paper) keeps L2 from moving phi_j of unlabelled
+    members: their maps rho-hat_j are warped with a detached field in L2, which then only trains
+    rho-hat_j towards gamma^[2]. Without labels (DGR) the unsupervised rho-hat maps otherwise
+    drag phi along (``results/mscmr_dgr.md``).
     """
 
     def __init__(
@@ -81,6 +86,7 @@ class DCCLoss(nn.Module):
         reduction: str = "mean",
         eps: float = XF.EPS,
         similarity_weight: float = 1.0,
+        l2_moves_unlabelled: bool = True,
     ):
         super().__init__()
         if reduction not in ("mean", "sum"):
@@ -94,6 +100,7 @@ class DCCLoss(nn.Module):
         self.zeta, self.eval_zeta, self.em_steps = zeta, eval_zeta, em_steps
         self.include_background, self.reduction, self.eps = include_background, reduction, eps
         self.similarity_weight = similarity_weight
+        self.l2_moves_unlabelled = l2_moves_unlabelled
 
     def extra_repr(self) -> str:
         return (
@@ -182,7 +189,12 @@ class DCCLoss(nn.Module):
         )
         with torch.no_grad():  # logged only (L1 holds the differentiable R)
             bending = fields.bending_energy_dense(displacement, reduction="none")
-        l2 = LF.hybrid_cross_entropy(gamma, warped_probs, overlap, "none", eps)
+        l2_probs = warped_probs
+        if not self.l2_moves_unlabelled and not bool(labelled.all()):
+            still = fields.warp(probs, displacement.detach())
+            unlabelled = ~labelled.view(b, n, *([1] * (still.dim() - 2)))
+            l2_probs = torch.where(unlabelled, still, warped_probs)
+        l2 = LF.hybrid_cross_entropy(gamma, l2_probs, overlap, "none", eps)
         l3 = LF.segmentation_loss(
             values, seg_probs, labelled, labels, bins, "none", self.include_background, eps
         )
