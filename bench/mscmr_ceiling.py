@@ -13,8 +13,9 @@ is a diagnostic, not a registration method::
 
 ``--unlabelled`` asks the same of DGR's loss: no member labelled (no spatial prior, Eq. 40),
 the predicted maps rho-hat given as ``labels`` (the labels' rho: a perfect segmenter, whose
-maps L2 drags along with phi), ``flat`` (uniform maps plus 1 % noise: an untrained one) or
-``checkpoint`` (a trained network's, ``--checkpoint``); ``--no-l2`` optimises L1 alone::
+maps L2 drags along with phi), ``flat`` (uniform maps plus 1 % noise: an untrained one),
+``random`` (random per-voxel maps, like X-CoReg's Gamma^[0]) or ``checkpoint`` (a trained
+network's, ``--checkpoint``); ``--no-l2`` optimises L1 alone::
 
     python bench/mscmr_ceiling.py --unlabelled labels --bending-weight 30
     python bench/mscmr_ceiling.py --unlabelled checkpoint --checkpoint last.ckpt --no-l2
@@ -57,11 +58,12 @@ def main(argv=None) -> None:
     p.add_argument("--resolution", type=int, default=2, help="lattice = image size / this")
     p.add_argument("--bending-weight", type=float, default=10.0, help="lambda (mscmr_dcc_all)")
     p.add_argument("--similarity-weight", type=float, default=1.0)
-    p.add_argument("--unlabelled", choices=("labels", "flat", "checkpoint"), default=None,
+    p.add_argument("--unlabelled", choices=("labels", "flat", "random", "checkpoint"), default=None,
                    help="DGR: no member labelled, rho-hat = the labels' rho, flat maps or a "
                    "network's")
     p.add_argument("--checkpoint", help="DCC checkpoint whose D_s gives rho-hat")
     p.add_argument("--no-l2", action="store_true", help="optimise L1 alone")
+    p.add_argument("--em-steps", type=int, default=2, help="common-space updates (Eqs. 12, 14)")
     p.add_argument("--data-root", default=None, help="default: $DCC_DATA_ROOT")
     p.add_argument("--out", default=None, help="write <out>.md")
     args = p.parse_args(argv)
@@ -82,12 +84,14 @@ def main(argv=None) -> None:
                           requires_grad=True)
     optimiser = torch.optim.Adam([lattice], lr=args.lr)
     loss = DCCLoss(num_classes=4, bending_weight=args.bending_weight,
-                   similarity_weight=args.similarity_weight)
+                   similarity_weight=args.similarity_weight, em_steps=args.em_steps)
     labelled = torch.full((b, n), args.unlabelled is None)
     if args.unlabelled == "checkpoint":
         model = DCCModule.load_from_checkpoint(args.checkpoint, map_location="cpu").eval()
         with torch.no_grad():
             seg_probs = model.net(images, batch["domains"]).seg_logits.softmax(2)
+    elif args.unlabelled == "random":  # random per-voxel posteriors, as Gamma^[0] (Eq. 22)
+        seg_probs = torch.softmax(3 * torch.randn_like(rho), 2)
     elif args.unlabelled == "flat":
         seg_probs = (1 + 0.01 * torch.rand_like(rho)).div(1.01)
         seg_probs = seg_probs / seg_probs.sum(2, keepdim=True)
