@@ -186,8 +186,19 @@ def test_init_from_warm_starts_the_weights_only(trained, tmp_path):
     metrics = run_training(warm)["metrics"]
     assert metrics["val/reg_dsc"] > before["val/reg_dsc"]
     assert model.configure_optimizers()[1].param_groups[0]["lr"] == 1e-5
-    with pytest.raises(ValueError, match="does not match model.net"):
+    with pytest.raises(ValueError, match="does not match model.net.*encoder.0.convs.0.weight"):
         warm_start(hydra.utils.instantiate(tiny_cfg(tmp_path / "c4").model), last)
+    # DCC+AT adds the atlas as a fourth domain: shared norms copied, the atlas's start fresh
+    atlas = hydra.utils.instantiate(
+        tiny_cfg(tmp_path / "at", "model.net.channels=8", "strategy=dcc_at").model
+    )
+    warm_start(atlas, last)
+    weight = atlas.state_dict()["net.encoder.0.norms.0.weight"]
+    assert weight.shape[0] == state["net.encoder.0.norms.0.weight"].shape[0] + 1
+    assert torch.equal(weight[:-1], state["net.encoder.0.norms.0.weight"])
+    assert torch.equal(weight[-1], torch.ones_like(weight[-1]))
+    assert torch.equal(atlas.state_dict()["net.encoder.0.convs.0.weight"],
+                       state["net.encoder.0.convs.0.weight"])
     with pytest.raises(FileNotFoundError, match="init_from=.*no such checkpoint"):
         warm_start(model, str(tmp_path / "missing.ckpt"))
 

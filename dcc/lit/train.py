@@ -70,19 +70,35 @@ def _metrics(trainer: pl.Trainer) -> dict[str, float]:
 
 def warm_start(model: DCCModule, path: str) -> None:
     """Load the network weights of the checkpoint ``path`` into ``model`` (nothing else: the
-    optimisers, the timer and the epoch count start fresh, unlike ``ckpt_path``)."""
+    optimisers, the timer and the epoch count start fresh, unlike ``ckpt_path``).
+
+    The networks must match, except that ``model`` may have more domains (the DCC+AT atlas
+    beside the sequences): their domain-specific norms keep their fresh initialisation and the
+    shared ones are copied. Any other difference raises a ``ValueError`` naming the tensors.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"init_from={path}: no such checkpoint")
     state = torch.load(path, map_location="cpu", weights_only=True).get("state_dict")
     if state is None:
         raise ValueError(f"init_from={path}: not a Lightning checkpoint (no state_dict)")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
+    own = model.state_dict()
+    problems = sorted(set(own) ^ set(state))
+    for key in sorted(set(own) & set(state)):
+        mine, theirs = own[key], state[key]
+        if mine.shape == theirs.shape:
+            continue
+        domain_norm = ".norms." in key and mine.dim() == 2 == theirs.dim()  # (domains, C)
+        if domain_norm and mine.shape[1] == theirs.shape[1] and mine.shape[0] > theirs.shape[0]:
+            state[key] = torch.cat([theirs, mine[theirs.shape[0]:]])  # extra domains: fresh
+            continue
+        problems.append(f"{key} {tuple(theirs.shape)} -> {tuple(mine.shape)}")
+    if problems:
         raise ValueError(
-            f"init_from={path}: the checkpoint's network does not match model.net "
-            f"(channels, levels, classes, sequences): {str(err).splitlines()[0]}"
-        ) from None
+            f"init_from={path}: the checkpoint's network does not match model.net (channels, "
+            f"levels, classes, sequences): {', '.join(problems[:5])}"
+            + (f" and {len(problems) - 5} more" if len(problems) > 5 else "")
+        )
+    model.load_state_dict(state)
 
 
 def run_training(cfg: DictConfig) -> dict[str, Any]:
