@@ -67,6 +67,8 @@ def main(argv=None) -> None:
     p.add_argument("--data-root", default=None, help="default: $DCC_DATA_ROOT")
     p.add_argument("--out", default=None, help="write <out>.md")
     args = p.parse_args(argv)
+    if (args.unlabelled == "checkpoint") != bool(args.checkpoint):
+        p.error("--checkpoint goes with --unlabelled checkpoint, and only with it")
     torch.manual_seed(0)
     torch.set_num_threads(1)
     overrides = ["experiment=mscmr_dcc_all", f"data.batch_size={args.groups}"]
@@ -90,10 +92,10 @@ def main(argv=None) -> None:
         model = DCCModule.load_from_checkpoint(args.checkpoint, map_location="cpu").eval()
         with torch.no_grad():
             seg_probs = model.net(images, batch["domains"]).seg_logits.softmax(2)
-    elif args.unlabelled == "random":  # random per-voxel posteriors, as Gamma^[0] (Eq. 22)
+    elif args.unlabelled == "random":  # like Gamma^[0] of Eq. (22), logits 3x sharper
         seg_probs = torch.softmax(3 * torch.randn_like(rho), 2)
     elif args.unlabelled == "flat":
-        seg_probs = (1 + 0.01 * torch.rand_like(rho)).div(1.01)
+        seg_probs = 1 + 0.01 * torch.rand_like(rho)
         seg_probs = seg_probs / seg_probs.sum(2, keepdim=True)
     else:
         seg_probs = rho
