@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 from pathlib import Path
 
@@ -127,7 +128,9 @@ def main(argv=None) -> None:
         "",
         f"Command: `python bench/myops_aligned_itk.py --out {args.out}`. {report['method']}; "
         f"full {grid.shape[0]}x{grid.shape[1]} slice at {spacing[0]:.3f} mm (SimpleITK "
-        f"{report['sitk']}). Pairwise label Dice of the group before: 1.000.",
+        f"{report['sitk']}). Pairwise label Dice of the group before: 1.000. Hardware: "
+        f"{platform.machine()}, {os.cpu_count()} logical CPUs, Python {report['python']}. "
+        "Budget: at most 300 optimiser iterations per pyramid level and pair.",
         "",
         "| fixed mask | seed | LGE: angle, shift (mm) | T2: angle, shift (mm) | Dice after |",
         "|---|---|---|---|---|",
