@@ -165,3 +165,72 @@ def test_probabilities_warped_with_labels():
     assert (warped_rho - recomputed).abs().mean() < 0.03
     with pytest.raises(ValueError, match="probabilities"):
         aug(p.images, labels, grid, 0, (0, 1, 2), (2,), rho[:, 0])
+
+
+def _orientation_and_area(mask: torch.Tensor) -> tuple[float, float]:
+    """Principal-axis angle (degrees, world x/y of an identity-direction grid) and area."""
+    y, x = torch.nonzero(mask).double().T
+    x, y = x - x.mean(), y - y.mean()
+    angle = 0.5 * torch.atan2(2 * (x * y).mean(), (x * x).mean() - (y * y).mean())
+    return float(torch.rad2deg(angle)), float(mask.sum())
+
+
+def test_group_augmentation_rotates_scales_the_whole_group():
+    """One rotation and scaling for every member (the group stays aligned), by the angle and
+    scale drawn from ``rng``; rho stays a distribution that follows the labels."""
+    from dcc.data.augment import GroupAugmentation
+
+    grid = Grid.from_shape((64, 64), (1.5, 1.5))
+    yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    ellipse = (((xx - 32) / 18) ** 2 + ((yy - 32) / 8) ** 2 <= 1).long()  # long axis along x
+    labels = ellipse.expand(3, 64, 64)
+    rho = torch.stack([1 - ellipse, ellipse, 0 * ellipse, 0 * ellipse], 0).float()
+    rho = rho.expand(3, 4, 64, 64)
+    images = torch.randn(3, 64, 64)
+    aug = GroupAugmentation(rotation=40, scaling=0.2)
+    _, out_labels, out_rho = aug(images, labels, rho, grid, np.random.default_rng(5))
+    draw = np.random.default_rng(5)
+    angle = 40 * draw.uniform(-1, 1)
+    scale = np.exp(np.log(1.2) * draw.uniform(-1, 1))
+    assert abs(angle) > 10 and abs(np.log(scale)) > 0.02  # the seed draws a real change
+    assert torch.equal(out_labels[0], out_labels[1]) and torch.equal(out_labels[0], out_labels[2])
+    theta, area = _orientation_and_area(out_labels[0] == 1)
+    # the output reads the input at A x: content turns by -angle and shrinks by the scale
+    assert abs(theta - (-angle)) < 2.0
+    assert abs(area / float(ellipse.sum()) - scale**-2) < 0.03
+    assert torch.allclose(out_rho.sum(1), torch.ones(3, 64, 64), atol=1e-5)
+    assert (out_rho.argmax(1) == out_labels).float().mean() > 0.99
+
+
+def test_group_augmentation_gamma_and_identity():
+    from dcc.data.augment import GroupAugmentation
+
+    grid = Grid.from_shape((32, 32))
+    images, labels = torch.randn(3, 32, 32), torch.randint(0, 4, (3, 32, 32))
+    rho = torch.nn.functional.one_hot(labels, 4).movedim(-1, 1).float()
+    same = GroupAugmentation()(images, labels, rho, grid, np.random.default_rng(0))
+    assert all(torch.equal(a, b) for a, b in zip(same, (images, labels, rho), strict=True))
+    out, out_labels, _ = GroupAugmentation(gamma=0.5)(
+        images, labels, rho, grid, np.random.default_rng(0)
+    )
+    assert torch.equal(out_labels, labels)
+    assert out.min() >= 0 and out.max() <= 1
+    for before, after in zip(images, out, strict=True):  # monotone: the same intensity order
+        assert torch.equal(before.flatten().argsort(), after.flatten().argsort())
+    g = np.exp(0.5 * np.random.default_rng(0).uniform(-1, 1, 3))
+    unit = (images[0] - images[0].min()) / (images[0].max() - images[0].min())
+    assert torch.allclose(out[0], unit ** float(g[0]), atol=1e-5)
+    with pytest.raises(ValueError, match="rotation, scaling and gamma"):
+        GroupAugmentation(gamma=-1)
+
+
+def test_fresh_ffds_leave_the_bank():
+    aug = RandomFFDMisalignment(num_ffds=5)
+    rng = np.random.default_rng(0)
+    fresh = [k for _ in range(20) for k in aug.random_combination(3, rng, fresh=True)[1]]
+    assert max(fresh) >= 5 and len(set(fresh)) == len(fresh)
+    grid = Grid.from_shape((32, 32))
+    assert not torch.equal(
+        aug.transform(grid, 0, (fresh[0],), (1,)).coefficients,
+        aug.transform(grid, 0, (fresh[1],), (1,)).coefficients,
+    )

@@ -203,3 +203,21 @@ def test_myops_datamodule(tmp_path):
     assert len(sub.datasets["test"]) == len(dm.datasets["test"])
     with pytest.raises(ValueError, match="val_groups_per_slice"):
         MyoPSDataModule(val_groups_per_slice=21)
+
+
+def test_augmentation_on_training_groups_only():
+    aug = {"rotation": 20, "scaling": 0.1, "gamma": 0.3, "fresh_ffds": True}
+    dm, plain = _module(augmentation=aug), _module()
+    assert dm.datasets["val"].augmentation is None and dm.datasets["test"].augmentation is None
+    for split in ("val", "test"):  # identical fixed groups with and without augmentation
+        assert torch.equal(dm.datasets[split][1]["images"], plain.datasets[split][1]["images"])
+    torch.manual_seed(2)  # draws 17.6 degrees (seed 0: 1.6, too little to move 32^2 labels)
+    item = dm.datasets["train"][0]
+    _check_item(item, 3, SIZE)
+    torch.manual_seed(2)
+    reference = plain.datasets["train"][0]
+    # the augmented group's aligned labels differ (rotated/scaled) but stay one map
+    assert not torch.equal(item["aligned_labels"], reference["aligned_labels"])
+    assert all(torch.equal(a, item["aligned_labels"][0]) for a in item["aligned_labels"])
+    with pytest.raises(TypeError):
+        _module(augmentation={"rotate": 10})

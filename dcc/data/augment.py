@@ -79,11 +79,13 @@ class RandomFFDMisalignment:
         return len(self.spacings)
 
     def random_combination(
-        self, num_sequences: int, rng: np.random.Generator
+        self, num_sequences: int, rng: np.random.Generator, fresh: bool = False
     ) -> tuple[int, tuple[int, ...]]:
-        """Training: a random level and an independent FFD index per sequence."""
+        """Training: a random level and an independent FFD index per sequence; ``fresh``: the
+        index from an unbounded bank (FFD ``k`` of a case is fixed by its seed for any ``k``)."""
         level = int(rng.integers(self.num_levels))
-        return level, tuple(int(k) for k in rng.integers(self.num_ffds, size=num_sequences))
+        bank = 2**31 - 1 if fresh else self.num_ffds
+        return level, tuple(int(k) for k in rng.integers(bank, size=num_sequences))
 
     def fixed_combinations(self, num_sequences: int) -> list[tuple[int, tuple[int, ...]]]:
         """Validation/test: every ``(level, k)`` with the same index ``k`` for every sequence
@@ -158,10 +160,89 @@ class RandomFFDMisalignment:
         ffd = self.transform(grid, level, indices, case_seed)
         with torch.no_grad():  # one lattice phi_j(x) for images, labels and probabilities
             normalized = grid.world_to_normalized(ffd.lattice(grid))
-        warped = sample(images.unsqueeze(1).float(), normalized)[:, 0]
-        warped_labels = sample(labels.unsqueeze(1).float(), normalized, mode="nearest")[:, 0]
-        warped_probs = None
-        if probabilities is not None:
-            warped_probs = sample(probabilities.float(), normalized)
-            warped_probs[:, 0] += (1 - warped_probs.sum(1)).clamp_min(0)
-        return warped, warped_labels.to(labels.dtype), warped_probs
+        return warp_group(images, labels, probabilities, normalized)
+
+
+def warp_group(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    probabilities: torch.Tensor | None,
+    normalized: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Sample ``images`` ``(N, *S)`` (linear), ``labels`` ``(N, *S)`` (nearest) and
+    ``probabilities`` ``(N, K, *S)`` (linear, or ``None``) at the ``grid_sample`` coordinates
+    ``normalized`` ``(N, *S, d)``; the probability mass lost outside the field of view goes to
+    class 0, the background, as the labels there."""
+    warped = sample(images.unsqueeze(1).float(), normalized)[:, 0]
+    warped_labels = sample(labels.unsqueeze(1).float(), normalized, mode="nearest")[:, 0]
+    warped_probs = None
+    if probabilities is not None:
+        warped_probs = sample(probabilities.float(), normalized)
+        warped_probs[:, 0] += (1 - warped_probs.sum(1)).clamp_min(0)
+    return warped, warped_labels.to(labels.dtype), warped_probs
+
+
+class GroupAugmentation:
+    """Training-only augmentation of an aligned group, before its misalignment.
+
+    * ``rotation`` (degrees) and ``scaling`` (fraction): one random in-plane rotation about the
+      grid centre, uniform in ``[-rotation, rotation]``, and one isotropic scaling, log-uniform
+      in ``[1/(1+scaling), 1+scaling]``, for the whole group (every member alike: the group stays
+      aligned, its anatomy varies);
+    * ``gamma``: a contrast change per image, ``x -> x**g`` on the image rescaled to [0, 1],
+      ``log g`` uniform in ``[-gamma, gamma]``;
+    * ``fresh_ffds``: misalign by FFDs drawn afresh (an unbounded bank) instead of the case's
+      ``num_ffds`` per mesh spacing (:meth:`RandomFFDMisalignment.random_combination`).
+
+    Not in the paper (its training set is the FFD bank alone): MyoPS has 21 training patients,
+    and these widen what the network sees of anatomy, contrast and deformation.
+    """
+
+    def __init__(
+        self,
+        rotation: float = 0.0,
+        scaling: float = 0.0,
+        gamma: float = 0.0,
+        fresh_ffds: bool = False,
+    ):
+        if rotation < 0 or scaling < 0 or gamma < 0:
+            raise ValueError(
+                "GroupAugmentation: rotation, scaling and gamma must be >= 0, got "
+                f"{rotation}, {scaling}, {gamma}"
+            )
+        self.rotation, self.scaling, self.gamma = float(rotation), float(scaling), float(gamma)
+        self.fresh_ffds = bool(fresh_ffds)
+
+    def __call__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        probabilities: torch.Tensor,
+        grid: Grid,
+        rng: np.random.Generator,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Augment an aligned group: ``images`` and ``labels`` ``(N, *S)``, ``probabilities``
+        ``(N, K, *S)`` on ``grid``; the random state comes from ``rng``."""
+        if self.rotation or self.scaling:
+            angle = np.deg2rad(self.rotation) * rng.uniform(-1, 1)
+            scale = np.exp(np.log1p(self.scaling) * rng.uniform(-1, 1))
+            matrix = np.eye(grid.ndim) * scale  # output point x reads the input at A (x - c) + c
+            matrix[:2, :2] = scale * np.array(
+                [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+            )
+            matrix = grid.direction_matrix @ matrix @ grid.direction_matrix.T  # about the slice
+            centre = torch.from_numpy(grid.center)
+            points = (grid.points(dtype=torch.float64) - centre) @ torch.from_numpy(matrix).T
+            normalized = grid.world_to_normalized(points + centre).float()
+            n = images.shape[0]
+            images, labels, probabilities = warp_group(
+                images, labels, probabilities, normalized[None].expand(n, *normalized.shape)
+            )
+        if self.gamma:
+            flat = images.flatten(1)
+            low, high = flat.min(1).values, flat.max(1).values
+            shape = (-1,) + (1,) * (images.dim() - 1)
+            unit = (images - low.view(shape)) / (high - low).clamp_min(1e-6).view(shape)
+            g = torch.from_numpy(np.exp(self.gamma * rng.uniform(-1, 1, images.shape[0])))
+            images = unit.clamp(0, 1) ** g.float().view(shape)
+        return images, labels, probabilities

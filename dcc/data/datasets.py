@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dcc.data.augment import RandomFFDMisalignment
+from dcc.data.augment import GroupAugmentation, RandomFFDMisalignment
 from dcc.data.cardiac import (
     LV,
     MIN_VOXELS,
@@ -135,15 +135,20 @@ def misaligned_item(
     case_seed: Sequence[int],
     case: str,
     atlas: Atlas | None = None,
+    augmentation: GroupAugmentation | None = None,
+    rng: np.random.Generator | None = None,
 ) -> dict:
     """One data item from aligned ``images`` ``(N, *S)`` (z-scored here), their ``labels``
     ``(N, *S)`` and ``rho`` ``(N, K, *S)`` (Eq. 38 of ``labels``): all three misaligned by the
-    FFD ``combination`` (level, indices) of the case's bank.
+    FFD ``combination`` (level, indices) of the case's bank, after the training
+    ``augmentation`` (random state ``rng``) when one is given.
 
     rho is warped with the labels rather than recomputed from the warped labels: the same up to
     the FFD's local stretch of distances near the contours (a few per cent for these smooth
     FFDs), and it can be computed once per case (2K distance transforms for a label map shared
     by the sequences instead of 2K per member and access)."""
+    if augmentation is not None:
+        images, labels, rho = augmentation(images, labels, rho, grid, rng)
     level, indices = combination
     moved, moved_labels, moved_rho = misalignment(
         zscore(images), labels, grid, level, indices, case_seed, rho
@@ -175,6 +180,12 @@ def _training_rng(seed: int, index: int) -> np.random.Generator:
     epoch by the ``DataLoader``, and by ``seed_everything``)."""
     draw = int(torch.randint(0, 2**31 - 1, ()).item())
     return np.random.default_rng([seed, _SPLIT_CODE["train"], index, draw])
+
+
+def _training_combination(dataset, n: int, rng: np.random.Generator) -> tuple:
+    """A training group's FFD combination (fresh FFDs when the augmentation asks for them)."""
+    fresh = dataset.augmentation is not None and dataset.augmentation.fresh_ffds
+    return dataset.misalignment.random_combination(n, rng, fresh)
 
 
 def _check_split(split: str) -> None:
@@ -209,6 +220,7 @@ class CardiacPhantomDataset(Dataset):
         atlas: Atlas | None = None,
         phantom_kwargs: dict | None = None,
         fresh_phantoms: bool = False,
+        augmentation: GroupAugmentation | None = None,
     ):
         _check_split(split)
         if length < 1:
@@ -220,6 +232,7 @@ class CardiacPhantomDataset(Dataset):
             image_size=image_size, ndim=ndim, sequences=self.sequences, **(phantom_kwargs or {})
         )
         self.fresh = bool(fresh_phantoms) and split == "train"
+        self.augmentation = augmentation if split == "train" else None
         self.cases = [] if self.fresh else [self._case(self._seed(i)) for i in range(length)]
 
     def __len__(self) -> int:
@@ -239,10 +252,10 @@ class CardiacPhantomDataset(Dataset):
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} groups")
         n = len(self.sequences)
-        case_seed = self._seed(index)
+        case_seed, rng = self._seed(index), None
         if self.split == "train":
             rng = _training_rng(self.seed, index)
-            combination = self.misalignment.random_combination(n, rng)
+            combination = _training_combination(self, n, rng)
             if self.fresh:
                 case_seed = tuple(int(v) for v in rng.integers(0, 2**31 - 1, size=2))
         else:
@@ -259,6 +272,8 @@ class CardiacPhantomDataset(Dataset):
             case_seed,
             f"phantom-{self.split}-{index}",
             self.atlas,
+            self.augmentation,
+            rng,
         )
 
 
@@ -394,6 +409,7 @@ class MyoPSSliceDataset(Dataset):
         tau: float = 1.0,
         atlas: Atlas | None = None,
         cache_dir: str | os.PathLike | None = None,
+        augmentation: GroupAugmentation | None = None,
     ):
         _check_split(split)
         root = Path(root) if root is not None else data_root()
@@ -402,6 +418,7 @@ class MyoPSSliceDataset(Dataset):
         if unknown:
             raise InputError(f"{root}/myops2020: cases not found: {', '.join(unknown)}")
         self.split, self.seed, self.tau, self.atlas = split, seed, tau, atlas
+        self.augmentation = augmentation if split == "train" else None
         self.sequences = MYOPS_SEQUENCES
         self.spacing = (float(pixel_spacing),) * 2
         self.grid = Grid.from_shape((image_size, image_size), self.spacing)
@@ -428,10 +445,10 @@ class MyoPSSliceDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} groups")
-        n = len(self.sequences)
+        n, rng = len(self.sequences), None
         if self.split == "train":
-            which = index
-            combination = self.misalignment.random_combination(n, _training_rng(self.seed, index))
+            which, rng = index, _training_rng(self.seed, index)
+            combination = _training_combination(self, n, rng)
         else:
             which, fixed = divmod(index, len(self.combinations))
             combination = self.combinations[fixed]
@@ -452,6 +469,8 @@ class MyoPSSliceDataset(Dataset):
             case_seed,
             f"{piece.case}-z{piece.slice_index}-s{level}-k{'.'.join(map(str, indices))}",
             self.atlas,
+            self.augmentation,
+            rng,
         )
 
     def atlas_from_c0(self) -> Atlas:

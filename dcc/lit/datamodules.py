@@ -8,7 +8,7 @@ Both yield the dict items of :mod:`dcc.data.datasets` (``images``, ``labels``, `
 ``CardiacPhantomDataModule(image_size=96, ndim=2, sequences=[C0, LGE, T2], spacing=None,
 num_train=256, num_val=20, num_test=40, batch_size=4, num_workers=0, seed=0, with_atlas=False,
 atlas_size=32, tau=1.0, ffd_spacings=[25, 35, 45, 60], ffd_magnitude=0.16, num_ffds=5,
-noise=0.04, bias=0.3, fresh_phantoms=False)``
+noise=0.04, bias=0.3, fresh_phantoms=False, augmentation=None)``
 
 * ``spacing``: in-plane voxel size in mm (a number or ``[x, y]``); ``None``: a 150 mm field of
   view (``150 / image_size``). In 3D the slices are 10 mm apart.
@@ -22,11 +22,14 @@ noise=0.04, bias=0.3, fresh_phantoms=False)``
   (:class:`dcc.data.augment.RandomFFDMisalignment`: mesh spacings in mm, control-point std as a
   fraction of the spacing, FFDs per spacing and sequence); ``noise`` / ``bias``: the phantom's
   Rician noise and bias-field range.
+* ``augmentation``: training-only :class:`dcc.data.augment.GroupAugmentation` arguments
+  (``{rotation: deg, scaling: fraction, gamma: log-range, fresh_ffds: bool}``; ``None``: the
+  paper's training set, the FFD bank alone). Validation and test groups are never augmented.
 
 ``MyoPSDataModule(root=None, split_file=None, image_size=128, spacing=1.25, margin=15.0,
 sequences=[C0, LGE, T2], batch_size=4, num_workers=0, seed=0, with_atlas=False, tau=1.0,
 ffd_spacings=[25, 35, 45, 60], ffd_magnitude=0.19, num_ffds=5, cache_dir=None,
-val_groups_per_slice=None)``
+val_groups_per_slice=None, augmentation=None)``
 
 * ``root``: the folder holding ``myops2020/`` (``None``: ``$DCC_DATA_ROOT`` or
   ``../shared/data``, :func:`dcc.data.cardiac.data_root`); ``setup`` raises a clear
@@ -59,7 +62,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from dcc.data.augment import DEFAULT_SPACINGS, RandomFFDMisalignment
+from dcc.data.augment import DEFAULT_SPACINGS, GroupAugmentation, RandomFFDMisalignment
 from dcc.data.cardiac import MYOPS_SEQUENCES, data_root
 from dcc.data.cardiac_phantom import CLASS_NAMES, SEQUENCES
 from dcc.data.datasets import (
@@ -90,7 +93,7 @@ def _in_plane(spacing: float | Sequence[float] | None, name: str) -> float | Non
 class _GroupDataModule(pl.LightningDataModule):
     """Data loaders shared by the phantom and MyoPS modules."""
 
-    def __init__(self, batch_size: int, num_workers: int):
+    def __init__(self, batch_size: int, num_workers: int, augmentation: dict | None):
         super().__init__()
         if batch_size < 1 or num_workers < 0:
             raise ValueError(
@@ -98,6 +101,7 @@ class _GroupDataModule(pl.LightningDataModule):
                 f"{batch_size}, {num_workers}"
             )
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
+        self.augmentation = GroupAugmentation(**augmentation) if augmentation else None
         self.datasets: dict[str, Dataset] = {}
         self.class_names = list(CLASS_NAMES)
 
@@ -146,8 +150,9 @@ class CardiacPhantomDataModule(_GroupDataModule):
         noise: float = 0.04,
         bias: float = 0.3,
         fresh_phantoms: bool = False,
+        augmentation: dict | None = None,
     ):
-        super().__init__(batch_size, num_workers)
+        super().__init__(batch_size, num_workers, augmentation)
         self.save_hyperparameters()
         in_plane = _in_plane(spacing, type(self).__name__)
         self.fov = PHANTOM_FOV if in_plane is None else in_plane * image_size
@@ -186,6 +191,7 @@ class CardiacPhantomDataModule(_GroupDataModule):
                     self.atlas,
                     self.phantom_kwargs,
                     self.fresh_phantoms,
+                    self.augmentation,
                 )
 
 
@@ -210,8 +216,9 @@ class MyoPSDataModule(_GroupDataModule):
         num_ffds: int = 5,
         cache_dir: str | os.PathLike | None = None,
         val_groups_per_slice: int | None = None,
+        augmentation: dict | None = None,
     ):
-        super().__init__(batch_size, num_workers)
+        super().__init__(batch_size, num_workers, augmentation)
         self.save_hyperparameters()
         per_slice = len(ffd_spacings) * num_ffds
         if val_groups_per_slice is not None and not 1 <= val_groups_per_slice <= per_slice:
@@ -260,7 +267,9 @@ class MyoPSDataModule(_GroupDataModule):
             tau=self.tau,
             cache_dir=self.cache_dir,
         )
-        train = MyoPSSliceDataset(splits["train"], "train", **kwargs)
+        train = MyoPSSliceDataset(
+            splits["train"], "train", augmentation=self.augmentation, **kwargs
+        )
         if self.with_atlas:
             self.atlas = train.atlas_from_c0()
             train.atlas = self.atlas
