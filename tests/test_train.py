@@ -105,6 +105,20 @@ def test_optimisers_alternate(tmp_path):
     assert snapshots.changed == [(True, False)] * 2 + [(False, True)] * 2 + [(True, False)]
 
 
+def test_joint_optimisation_updates_both(tmp_path):
+    """``alternate_every=0``: every batch updates (E, D_s) and D_r (two optimizer steps, which
+    Lightning's ``global_step`` and ``max_steps`` count)."""
+    torch.manual_seed(0)
+    snapshots = _Snapshots()
+    model = _tiny_module(alternate_every=0, figure_every=0)
+    trainer = _trainer(tmp_path, max_steps=6, limit_val_batches=0, callbacks=[snapshots])
+    trainer.fit(model, datamodule=_tiny_data(num_train=10))
+    assert snapshots.changed and snapshots.changed == [(True, True)] * len(snapshots.changed)
+    assert trainer.global_step == 6 and len(snapshots.changed) == 3
+    with pytest.raises(ValueError, match="alternate_every"):
+        _tiny_module(alternate_every=-1)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """64 steps of DCC+All on 32x32 phantoms (misaligned by 0.3 of the FFD spacing; a weak

@@ -99,7 +99,10 @@ class DCCModule(pl.LightningModule):
         strategy: ``{"name", "labelled_sequences", "atlas"}`` (``conf/strategy``).
         optimizer_seg / optimizer_reg: partial optimizers (called with the parameters) for
             (E, D_s) and D_r; ``None`` means Adam with the paper's 1e-3 / 1e-4.
-        alternate_every: steps per phase of the alternation (E, D_s) / D_r.
+        alternate_every: steps per phase of the alternation (E, D_s) / D_r; 0 steps both
+            optimizers at every step on the same gradients (not the paper's schedule: every
+            forward/backward then updates the whole network, twice the updates per second;
+            Lightning's ``global_step`` and ``trainer.max_steps`` count two steps per batch).
         figure_every: write PNG overlays of the first validation group every this many epochs
             (0: never).
     """
@@ -131,8 +134,8 @@ class DCCModule(pl.LightningModule):
                 f"strategy {strategy.get('name')!r}: labelled sequences {unknown} are not among "
                 f"the model's sequences {list(sequences)}"
             )
-        if alternate_every < 1:
-            raise ValueError(f"alternate_every must be >= 1, got {alternate_every}")
+        if alternate_every < 0:
+            raise ValueError(f"alternate_every must be >= 0, got {alternate_every}")
         self.sequences = list(sequences)
         self.class_names = list(class_names)
         self.num_classes = len(self.class_names)
@@ -260,15 +263,24 @@ class DCCModule(pl.LightningModule):
             self.hparams.spacing = [float(s) for s in data.spacing]
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        """One step of the active phase: (E, D_s) for ``alternate_every`` steps, then D_r."""
+        """One step of the active phase: (E, D_s) for ``alternate_every`` steps, then D_r
+        (``alternate_every=0``: both at every step)."""
         opt_seg, opt_reg = self.optimizers()
-        phase_reg = (self.global_step // self.hparams.alternate_every) % 2 == 1
-        opt = opt_reg if phase_reg else opt_seg
-        with self.toggled_optimizer(opt):
+        every = self.hparams.alternate_every
+        if every == 0:
             result = self.step(batch)
             self.manual_backward(result.loss.total)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            for opt in (opt_seg, opt_reg):
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        else:
+            phase_reg = (self.global_step // every) % 2 == 1
+            opt = opt_reg if phase_reg else opt_seg
+            with self.toggled_optimizer(opt):
+                result = self.step(batch)
+                self.manual_backward(result.loss.total)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
         self._log_step("train", batch, result)
         return result.loss.total.detach()
 
