@@ -19,6 +19,13 @@ network's, ``--checkpoint``); ``--no-l2`` optimises L1 alone::
 
     python bench/mscmr_ceiling.py --unlabelled labels --bending-weight 30
     python bench/mscmr_ceiling.py --unlabelled checkpoint --checkpoint last.ckpt --no-l2
+
+``--refine CKPT`` is a test-time method instead (labels used for the Dice only): the fields
+start from the network's prediction (the lattice holds a residual added to it) and the
+network's own segmentations rho-hat stand in for the labelled maps rho of every member, so
+L1 + L2 pull the predicted segmentations of the group into agreement::
+
+    python bench/mscmr_ceiling.py --refine last.ckpt --steps 100
 """
 
 from __future__ import annotations
@@ -62,6 +69,8 @@ def main(argv=None) -> None:
                    help="DGR: no member labelled, rho-hat = the labels' rho, flat maps or a "
                    "network's")
     p.add_argument("--checkpoint", help="DCC checkpoint whose D_s gives rho-hat")
+    p.add_argument("--refine", metavar="CKPT", help="start from this network's fields, its "
+                   "rho-hat as every member's labelled maps (no labels but for the Dice)")
     p.add_argument("--no-l2", action="store_true", help="optimise L1 alone")
     p.add_argument("--em-steps", type=int, default=2, help="common-space updates (Eqs. 12, 14)")
     p.add_argument("--data-root", default=None, help="default: $DCC_DATA_ROOT")
@@ -69,6 +78,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if (args.unlabelled == "checkpoint") != bool(args.checkpoint):
         p.error("--checkpoint goes with --unlabelled checkpoint, and only with it")
+    if args.refine and args.unlabelled:
+        p.error("--refine and --unlabelled exclude each other")
     torch.manual_seed(0)
     torch.set_num_threads(1)
     overrides = ["experiment=mscmr_dcc_all", f"data.batch_size={args.groups}"]
@@ -99,16 +110,25 @@ def main(argv=None) -> None:
         seg_probs = seg_probs / seg_probs.sum(2, keepdim=True)
     else:
         seg_probs = rho
+    start_field = torch.zeros(b, n, len(size), *size)
+    if args.refine:
+        model = DCCModule.load_from_checkpoint(args.refine, map_location="cpu").eval()
+        with torch.no_grad():
+            prediction = model.net(images, batch["domains"])
+        start_field = prediction.displacement.float()
+        seg_probs = rho = prediction.seg_logits.softmax(2).float()
+        print(f"network: Reg DSC {reg_dsc(labels, start_field):.4f}", flush=True)
 
     def field() -> torch.Tensor:
         up = torch.nn.functional.interpolate(lattice.flatten(0, 1), size=tuple(size),
                                              mode="bilinear", align_corners=False)
-        return zero_mean(up.view(b, n, len(size), *size) * args.resolution)
+        return zero_mean(start_field + up.view(b, n, len(size), *size) * args.resolution)
 
-    rows = [(0, reg_dsc(labels, torch.zeros(b, n, len(size), *size)), 0.0)]
+    rows = [(0, reg_dsc(labels, field().detach()), 0.0)]
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
-        out = loss(images, field(), seg_probs, rho, labelled, labels=labels)
+        out = loss(images, field(), seg_probs, rho, labelled,
+                   labels=None if args.refine else labels)
         optimiser.zero_grad()
         (out.l1 if args.no_l2 else out.l1 + out.l2).backward()
         optimiser.step()
@@ -123,9 +143,11 @@ def main(argv=None) -> None:
         f"upsampling, zero-mean over the group, Eq. 37); Adam {args.lr} voxel; "
         f"{'L1 alone' if args.no_l2 else 'L1 + L2'} with "
         f"lambda = {args.bending_weight}, similarity weight {args.similarity_weight}, "
-        + ("every member labelled" if args.unlabelled is None else
-           f"no member labelled (DGR), rho-hat = {args.unlabelled}")
-        + " (labels used: a diagnostic, not a method).", "",
+        + (f"started from the network {args.refine}, its rho-hat as every member's maps "
+           "(labels used for the Dice only)." if args.refine else
+           ("every member labelled" if args.unlabelled is None else
+            f"no member labelled (DGR), rho-hat = {args.unlabelled}")
+           + " (labels used: a diagnostic, not a method)."), "",
         "| Adam steps | Reg DSC | seconds |", "|---:|---:|---:|",
         *[f"| {s} | {100 * d:.1f} | {t:.0f} |" for s, d, t in rows],
     ]
