@@ -210,12 +210,14 @@ def evaluate(checkpoint: Path, out: Path, threads: int | None, data: Sequence[st
 def evaluate_command(checkpoint: Path, data: Sequence[str] = ()) -> str:
     """``python evaluate.py data=myops ckpt_path=...`` with the checkpoint's test-data settings
     that differ from conf/data/myops.yaml (evaluate.py keeps the data group's defaults once
-    ``data=myops`` is given) and the ``data`` overrides of this script."""
+    ``data=myops`` is given; training-only settings left out) and the ``data`` overrides of this
+    script."""
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True).get(
         "datamodule_hyper_parameters", {}
     )
     defaults = _load_yaml(ROOT / "conf" / "data" / "myops.yaml") or {}
-    skip = ("root", "with_atlas", "cache_dir", "num_workers", "val_groups_per_slice")
+    skip = ("root", "with_atlas", "cache_dir", "num_workers", "val_groups_per_slice",
+            "augmentation")
     given = [item.partition("=")[0] for item in data]
     extra = [
         f"data.{k}={json.dumps(v).replace(' ', '')}"
