@@ -43,7 +43,7 @@ import torch
 
 from dcc.spatial.functional import sample
 from dcc.spatial.grid import Grid
-from dcc.spatial.transforms import BSplineFFD
+from dcc.spatial.transforms import Affine, BSplineFFD
 
 DEFAULT_SPACINGS = (25.0, 35.0, 45.0, 60.0)
 """FFD mesh spacings in mm (four levels, as the paper's four mesh spacings)."""
@@ -160,10 +160,10 @@ class RandomFFDMisalignment:
         ffd = self.transform(grid, level, indices, case_seed)
         with torch.no_grad():  # one lattice phi_j(x) for images, labels and probabilities
             normalized = grid.world_to_normalized(ffd.lattice(grid))
-        return warp_group(images, labels, probabilities, normalized)
+        return sample_group(images, labels, probabilities, normalized)
 
 
-def warp_group(
+def sample_group(
     images: torch.Tensor,
     labels: torch.Tensor,
     probabilities: torch.Tensor | None,
@@ -226,17 +226,15 @@ class GroupAugmentation:
         if self.rotation or self.scaling:
             angle = np.deg2rad(self.rotation) * rng.uniform(-1, 1)
             scale = np.exp(np.log1p(self.scaling) * rng.uniform(-1, 1))
-            matrix = np.eye(grid.ndim) * scale  # output point x reads the input at A (x - c) + c
-            matrix[:2, :2] = scale * np.array(
-                [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
-            )
-            matrix = grid.direction_matrix @ matrix @ grid.direction_matrix.T  # about the slice
-            centre = torch.from_numpy(grid.center)
-            points = (grid.points(dtype=torch.float64) - centre) @ torch.from_numpy(matrix).T
-            normalized = grid.world_to_normalized(points + centre).float()
-            n = images.shape[0]
-            images, labels, probabilities = warp_group(
-                images, labels, probabilities, normalized[None].expand(n, *normalized.shape)
+            rotation = np.eye(grid.ndim)  # in the slice plane, about the grid centre
+            rotation[:2, :2] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+            direction = grid.direction_matrix
+            affine = Affine(1, grid.ndim, center=grid.center)  # output x reads the input at phi(x)
+            with torch.no_grad():
+                affine.matrix.copy_(torch.from_numpy(scale * direction @ rotation @ direction.T))
+                normalized = grid.world_to_normalized(affine.lattice(grid))
+            images, labels, probabilities = sample_group(
+                images, labels, probabilities, normalized.expand(images.shape[0], *grid.shape, -1)
             )
         if self.gamma:
             flat = images.flatten(1)

@@ -12,6 +12,7 @@ names, spacing, strategy) is saved in the checkpoint as plain values, so
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -268,17 +269,14 @@ class DCCModule(pl.LightningModule):
         opt_seg, opt_reg = self.optimizers()
         every = self.hparams.alternate_every
         if every == 0:
+            active, frozen = (opt_seg, opt_reg), contextlib.nullcontext()
+        else:
+            active = (opt_reg if (self.global_step // every) % 2 == 1 else opt_seg,)
+            frozen = self.toggled_optimizer(active[0])  # the other half gets no gradient
+        with frozen:
             result = self.step(batch)
             self.manual_backward(result.loss.total)
-            for opt in (opt_seg, opt_reg):
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-        else:
-            phase_reg = (self.global_step // every) % 2 == 1
-            opt = opt_reg if phase_reg else opt_seg
-            with self.toggled_optimizer(opt):
-                result = self.step(batch)
-                self.manual_backward(result.loss.total)
+            for opt in active:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
         self._log_step("train", batch, result)
