@@ -119,6 +119,22 @@ def test_warp_matches_scipy_map_coordinates():
     np.testing.assert_allclose(warped.numpy(), expected, atol=1e-10)
 
 
+@pytest.mark.parametrize(
+    ("padding", "scipy_mode"), [("zeros", "grid-constant"), ("border", "nearest")]
+)
+def test_warp_padding_matches_scipy(padding, scipy_mode):
+    """Points up to 3 voxels outside the image: zeros, or the nearest border value."""
+    torch.manual_seed(3)
+    h, w = 12, 10
+    image = torch.rand(h, w, dtype=torch.float64)
+    u = (torch.rand(1, 2, h, w, dtype=torch.float64) - 0.5) * 6
+    warped = fields.warp(image.view(1, 1, 1, h, w), u.view(1, 1, 2, h, w), padding=padding)
+    x, y = _lattice((h, w))
+    coords = np.stack([(y + u[0, 1]).numpy(), (x + u[0, 0]).numpy()])
+    expected = ndimage.map_coordinates(image.numpy(), coords, order=1, mode=scipy_mode)
+    np.testing.assert_allclose(warped[0, 0, 0].numpy(), expected, atol=1e-10)
+
+
 def test_warp_is_differentiable_in_the_displacement():
     torch.manual_seed(2)
     images = torch.rand(2, 3, 1, 8, 8)

@@ -15,6 +15,7 @@ from test_configs import compose_cfg
 from dcc.lit.datamodules import CardiacPhantomDataModule
 from dcc.lit.module import DCCModule
 from dcc.lit.train import format_summary, run_evaluation, run_training, warm_start
+from dcc.spatial.fields import compose_displacements, warp, zero_mean
 
 # 32x32 phantoms, C = 4, L_R = 2, batches of 2 groups: seconds per run on one core
 TINY = [
@@ -117,6 +118,39 @@ def test_joint_optimisation_updates_both(tmp_path):
     assert trainer.global_step == 6 and len(snapshots.changed) == 3
     with pytest.raises(ValueError, match="alternate_every"):
         _tiny_module(alternate_every=-1)
+
+
+def test_cascade_composes_the_stages_with_shared_weights():
+    """``cascade=2``: the second D_r pass registers the group warped by the first stage's fields
+    (border padding); the result is their composition, zero-mean over the group (Eq. 37), and
+    D_r gets gradient through both passes."""
+    torch.manual_seed(0)
+    model = _tiny_module(cascade=2)
+    with torch.no_grad():
+        for head in model.net.reg_heads.values():
+            head.weight.normal_(0, 0.3)
+    model.eval()
+    images = torch.rand(1, 3, 16, 16) * 50
+    domains = torch.arange(3).view(1, 3)
+    out = model(images, domains)
+    first = model.net(images, domains)
+    warped = warp(images.unsqueeze(2), first.displacement, padding="border")[:, :, 0]
+    second = model.net.displacement(warped, domains)
+    expected = zero_mean(compose_displacements(first.displacement, second))
+    torch.testing.assert_close(out.displacement, expected)
+    torch.testing.assert_close(out.seg_logits, first.seg_logits)
+    assert out.displacement.sum(1).abs().max() < 1e-5
+    assert (out.displacement - first.displacement).abs().max() > 1e-3  # stage 2 moved it
+    model.train()
+    model(images, domains).displacement.square().sum().backward()
+    head = next(iter(model.net.reg_heads.values())).weight.grad
+    single = _tiny_module(cascade=1)
+    single.load_state_dict(model.state_dict())
+    single.train()
+    single(images, domains).displacement.square().sum().backward()
+    assert not torch.allclose(head, next(iter(single.net.reg_heads.values())).weight.grad)
+    with pytest.raises(ValueError, match="cascade"):
+        _tiny_module(cascade=0)
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from dcc.evaluation.figures import save_montage
 from dcc.evaluation.metrics import dice, pairwise_dice
 from dcc.losses import DCCLoss, DCCLossOutput
 from dcc.nets import DCCNet, DCCOutput
-from dcc.spatial.fields import folding_count, warp
+from dcc.spatial.fields import compose_displacements, folding_count, warp, zero_mean
 
 __all__ = ["DCCModule", "StepResult", "group_metrics"]
 
@@ -106,6 +106,11 @@ class DCCModule(pl.LightningModule):
             Lightning's ``global_step`` and ``trainer.max_steps`` count two steps per batch).
         figure_every: write PNG overlays of the first validation group every this many epochs
             (0: never).
+        cascade: stages of a recursive cascade (not in the paper; Zhao et al., ICCV 2019):
+            stage ``s + 1`` runs ``D_r`` with the same weights on the group warped by the
+            fields of stages ``1..s`` and its fields are composed with them (then made
+            zero-mean again, Eq. 37); trained end to end through every stage. 1 = the paper's
+            single pass. Each extra stage costs one more encoder and ``D_r`` pass.
     """
 
     def __init__(
@@ -120,6 +125,7 @@ class DCCModule(pl.LightningModule):
         optimizer_reg: Callable[..., Optimizer] | None = None,
         alternate_every: int = 5,
         figure_every: int = 5,
+        cascade: int = 1,
     ) -> None:
         super().__init__()
         # optimizers are not needed to rebuild the model (and are not plain values)
@@ -137,6 +143,8 @@ class DCCModule(pl.LightningModule):
             )
         if alternate_every < 0:
             raise ValueError(f"alternate_every must be >= 0, got {alternate_every}")
+        if cascade < 1:
+            raise ValueError(f"cascade must be >= 1 (stages), got {cascade}")
         self.sequences = list(sequences)
         self.class_names = list(class_names)
         self.num_classes = len(self.class_names)
@@ -158,8 +166,16 @@ class DCCModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ forward
     def forward(self, images: torch.Tensor, domains: torch.Tensor) -> DCCOutput:
-        """Segmentation logits ``(B, N, K, *S)`` and displacements ``(B, N, ndim, *S)``."""
-        return self.net(images, domains)
+        """Segmentation logits ``(B, N, K, *S)`` and displacements ``(B, N, ndim, *S)`` (the
+        composition of the ``cascade`` stages' fields)."""
+        out = self.net(images, domains)
+        displacement = out.displacement
+        for _ in range(self.hparams.get("cascade", 1) - 1):
+            # border padding: the next stage sees no artificial zero band at the edges
+            warped = warp(images.unsqueeze(2), displacement, padding="border")[:, :, 0]
+            step = self.net.displacement(warped, domains)
+            displacement = zero_mean(compose_displacements(displacement, step))
+        return DCCOutput(out.seg_logits, displacement)
 
     def is_atlas(self, domains: torch.Tensor) -> torch.Tensor:
         """``(B, N)`` bool: members that are the atlas (domain index ``len(sequences)``)."""
@@ -175,7 +191,7 @@ class DCCModule(pl.LightningModule):
         X-CoReg (:func:`dcc.coreg.refine.refine_batch`) before the loss and the metrics.
         """
         images, domains = batch["images"], batch["domains"]
-        out = self.net(images, domains)  # validates shapes and domain indices
+        out = self(images, domains)  # validates shapes and domain indices
         if self.refine_iterations and not self.training:  # network start, iterative finish
             fields, _ = refine_batch(
                 images, out.displacement, self.refine_iterations, batch.get("spacing")

@@ -234,6 +234,16 @@ class DCCNet(nn.Module):
                             else upsample_displacement(displacement, 2) + step)
         return displacement
 
+    def _fields(self, features: list[torch.Tensor], slices: tuple, shape: torch.Size
+                ) -> torch.Tensor:
+        """``D_r`` fields at full resolution, cropped to the input ``shape`` ``(B, N, *S)``,
+        zero-mean over the group (Eq. 37): ``(B, N, ndim, *S)``."""
+        displacement = self.register(features, self.fuse(features))
+        if self.reg_finest_level:
+            displacement = upsample_displacement(displacement, 2**self.reg_finest_level)
+        displacement = crop(displacement, slices).reshape(*shape[:2], self.ndim, *shape[2:])
+        return displacement - displacement.mean(dim=1, keepdim=True)
+
     def forward(self, images: torch.Tensor, domains: torch.Tensor) -> DCCOutput:
         """Segment and register a batch of groups.
 
@@ -249,10 +259,12 @@ class DCCNet(nn.Module):
         b, n = images.shape[:2]
         padded, slices = self._prepare(images)
         features = self._encode(padded, domains)
-        logits = self.segment(features)
-        displacement = self.register(features, self.fuse(features))
-        if self.reg_finest_level:
-            displacement = upsample_displacement(displacement, 2**self.reg_finest_level)
-        logits = crop(logits, slices).reshape(b, n, self.num_classes, *images.shape[2:])
-        displacement = crop(displacement, slices).reshape(b, n, self.ndim, *images.shape[2:])
-        return DCCOutput(logits, displacement - displacement.mean(dim=1, keepdim=True))
+        logits = crop(self.segment(features), slices)
+        logits = logits.reshape(b, n, self.num_classes, *images.shape[2:])
+        return DCCOutput(logits, self._fields(features, slices, images.shape))
+
+    def displacement(self, images: torch.Tensor, domains: torch.Tensor) -> torch.Tensor:
+        """The fields of :meth:`forward` alone (``D_s`` is not run): ``(B, N, ndim, *S)``."""
+        self._check(images, domains)
+        padded, slices = self._prepare(images)
+        return self._fields(self._encode(padded, domains), slices, images.shape)

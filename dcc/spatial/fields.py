@@ -51,8 +51,11 @@ def sampling_grid(displacement: torch.Tensor) -> torch.Tensor:
     return points.flatten(0, 1).movedim(1, -1)
 
 
-def warp(images: torch.Tensor, displacement: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
-    """U_j o phi_j: images ``(B, N, C, *S)`` sampled at ``x + u_j(x)``, zeros outside.
+def warp(
+    images: torch.Tensor, displacement: torch.Tensor, mode: str = "bilinear", padding: str = "zeros"
+) -> torch.Tensor:
+    """U_j o phi_j: images ``(B, N, C, *S)`` sampled at ``x + u_j(x)``, zeros outside
+    (``padding="border"``: the nearest border value).
 
     ``displacement`` is ``(B, N, ndim, *S)`` in voxel units (module docstring). Returns
     ``(B, N, C, *S)``; differentiable in both the images and the displacement (``mode``
@@ -66,7 +69,7 @@ def warp(images: torch.Tensor, displacement: torch.Tensor, mode: str = "bilinear
             f"{', '.join(map(str, spatial))}) for a displacement of shape "
             f"{tuple(displacement.shape)}, got {tuple(images.shape)}"
         )
-    out = sample(images.flatten(0, 1), sampling_grid(displacement), mode)
+    out = sample(images.flatten(0, 1), sampling_grid(displacement), mode, padding)
     return out.view(b, n, *out.shape[1:])
 
 

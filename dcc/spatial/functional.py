@@ -83,11 +83,13 @@ def rotation_matrix(angles: torch.Tensor) -> torch.Tensor:
 
 
 @full_precision
-def sample(images: torch.Tensor, normalized: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+def sample(
+    images: torch.Tensor, normalized: torch.Tensor, mode: str = "bilinear", padding: str = "zeros"
+) -> torch.Tensor:
     """Sample images ``(N, C, *shape)`` at ``grid_sample`` coordinates ``(N, *out, d)``.
 
-    Returns ``(N, C, *out)``; outside the field of view the value is zero. Runs in float32
-    under autocast.
+    Returns ``(N, C, *out)``; outside the field of view the value is zero (``padding="zeros"``)
+    or that of the nearest border voxel (``"border"``). Runs in float32 under autocast.
     """
     d = normalized.shape[-1]
     out_shape = normalized.shape[1:-1]
@@ -99,7 +101,7 @@ def sample(images: torch.Tensor, normalized: torch.Tensor, mode: str = "bilinear
         )
     mode = "bilinear" if mode == "linear" else mode
     out = F.grid_sample(
-        images, grid.to(images.dtype), mode=mode, padding_mode="zeros", align_corners=True
+        images, grid.to(images.dtype), mode=mode, padding_mode=padding, align_corners=True
     )
     return out.reshape(*out.shape[:2], *out_shape)
 
