@@ -52,6 +52,9 @@ from dcc.lit.predict import load_checkpoint
 from dcc.spatial.fields import warp
 from dcc.spatial.grid import Grid
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mscmr_table5 import data_settings  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 STRUCTURES = [1, 2, 3]  # myocardium, LV, RV
 
@@ -75,6 +78,9 @@ def parse_args(argv=None):
                    f"mm (default {LR})")
     p.add_argument("--refine-spacing", type=float, default=FFD_SPACING,
                    help=f"control spacing of the refining FFD, mm (default {FFD_SPACING})")
+    p.add_argument("--data", action="append", default=[], metavar="KEY=VALUE",
+                   help="change a saved data setting, e.g. ffd_magnitude=0: the test slices "
+                   "as they are, without misalignment")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", default=str(ROOT / "results" / "mscmr_refine"),
                    help="output path without extension (default: results/mscmr_refine)")
@@ -98,7 +104,7 @@ def test_groups(model, args):
     )
     if not saved or "margin" not in saved:
         raise SystemExit(f"{args.ckpt}: not a checkpoint trained on MyoPS (no MyoPS data settings)")
-    settings = {**saved, "with_atlas": model.atlas}
+    settings = {**data_settings(Path(args.ckpt), args.data), "with_atlas": model.atlas}
     root = args.root or os.environ.get("DCC_DATA_ROOT") or settings.get("root")
     settings["root"] = root
     data = MyoPSDataModule(**settings)
@@ -195,7 +201,8 @@ def write(out: Path, rows, methods, args, settings, seconds):
         f"Command: `{' '.join(shlex.quote(a) for a in ['python', *sys.argv])}`  ",
         f"Checkpoint: `{args.ckpt}` (strategy {settings.get('strategy', '?')})  ",
         f"Data: MyoPS {args.split} split, {settings['image_size']}^2 voxels of "
-        f"{settings['spacing']} mm, groups {args.offset}::{args.stride} (max {args.max_groups})  ",
+        f"{settings['spacing']} mm, groups {args.offset}::{args.stride} (max {args.max_groups}), "
+        f"FFD misalignment magnitude {settings.get('ffd_magnitude')}  ",
         f"Refinement: unbiased FFD, {args.refine_spacing} mm control spacing, Adam step "
         f"{args.refine_lr} mm (dcc.coreg.refine)  ",
         f"Hardware: {hardware()}  ",
