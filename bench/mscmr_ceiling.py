@@ -114,7 +114,7 @@ def main(argv=None) -> None:
     if args.refine:
         model = DCCModule.load_from_checkpoint(args.refine, map_location="cpu").eval()
         with torch.no_grad():
-            prediction = model.net(images, batch["domains"])
+            prediction = model(images, batch["domains"])
         start_field = prediction.displacement.float()
         seg_probs = rho = prediction.seg_logits.softmax(2).float()
         print(f"network: Reg DSC {reg_dsc(labels, start_field):.4f}", flush=True)

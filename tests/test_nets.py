@@ -49,6 +49,17 @@ def test_output_shapes(ndim, size, block_convs, reg_finest_level):
     assert torch.isfinite(out.seg_logits).all() and torch.isfinite(out.displacement).all()
 
 
+def test_displacement_alone_equals_the_forward_fields():
+    net = tiny_net()
+    activate_heads(net)
+    net.eval()
+    images, domains = group(2, 3)
+    out = net(images, domains)
+    fields = net.displacement(images, domains)
+    torch.testing.assert_close(fields, out.displacement)
+    assert fields.abs().max() > 0
+
+
 def test_zero_init_heads_give_identity():
     out = tiny_net()(*group())
     assert torch.count_nonzero(out.displacement) == 0

@@ -170,7 +170,7 @@ class DCCModule(pl.LightningModule):
         composition of the ``cascade`` stages' fields)."""
         out = self.net(images, domains)
         displacement = out.displacement
-        for _ in range(self.hparams.get("cascade", 1) - 1):
+        for _ in range(self.hparams.cascade - 1):
             # border padding: the next stage sees no artificial zero band at the edges
             warped = warp(images.unsqueeze(2), displacement, padding="border")[:, :, 0]
             step = self.net.displacement(warped, domains)
