@@ -45,6 +45,7 @@ def test_optuna_sweep_two_trials(tmp_path):
         "model.optimizer_reg.lr",
         "model.loss.bending_weight",
         "model.alternate_every",
+        "model.cascade",
     }
     # two trials, each a training run with its own folder, checkpoint and composed config
     for trial in ("0", "1"):
