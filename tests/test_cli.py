@@ -463,14 +463,40 @@ def test_signal_removes_the_temporary_folder(
 
     monkeypatch.setattr(XCoReg, "register", register)
     monkeypatch.setattr(os, "_exit", leave)
+    # Python's own handlers, also where the job was started with SIGINT ignored (``nohup &``)
+    handler = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+    previous = signal.signal(signum, handler)
     before = snapshot(tmp_path)
-    handler = signal.getsignal(signum)  # SIG_IGN for SIGINT in a background job
-    with pytest.raises(SystemExit) as exit_info:
-        main([*good, "--out", str(tmp_path / "result"), "--quiet"])
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*good, "--out", str(tmp_path / "result"), "--quiet"])
+        assert signal.getsignal(signum) == handler  # handlers restored
+    finally:
+        signal.signal(signum, previous)
     assert exit_info.value.code == code
     assert capsys.readouterr().err == f"dcc-register: {word}; nothing written\n"
     assert snapshot(tmp_path) == before
-    assert signal.getsignal(signum) == handler  # handlers restored
+
+
+def test_ignored_signal_stays_ignored(tmp_path, good, monkeypatch):
+    """A signal ignored when dcc-register starts (SIGINT in a background job) is not taken over:
+    the run goes on as the caller asked, and the handler is SIG_IGN afterwards."""
+    seen = []
+
+    def register(self, *args, **kwargs):
+        seen.append(signal.getsignal(signal.SIGINT))
+        raise SystemExit(3)
+
+    monkeypatch.setattr(XCoReg, "register", register)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with pytest.raises(SystemExit):
+            main([*good, "--out", str(tmp_path / "result"), "--quiet"])
+        assert seen == [signal.SIG_IGN]
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert not (tmp_path / "result").exists() and not list(tmp_path.glob(".result.*"))
 
 
 def test_sigterm_in_a_real_process(tmp_path, good):

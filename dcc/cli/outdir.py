@@ -97,7 +97,12 @@ class OutputFolder:
             raise InputError(f"--out {self.out}: cannot write there ({e.strerror})") from None
         self._previous = {}
         if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._abort) for s in SIGNALS}
+            # a signal ignored at start (SIGINT in a background job, ``nohup``) stays ignored
+            self._previous = {
+                s: signal.signal(s, self._abort)
+                for s in SIGNALS
+                if signal.getsignal(s) is not signal.SIG_IGN
+            }
         return self.tmp
 
     def __exit__(self, *exc) -> None:
