@@ -99,12 +99,13 @@ def parse_args(argv=None):
 def test_groups(model, args):
     """The MyoPS test dataset made with the checkpoint's saved data settings, and the indices
     of the groups taken."""
-    saved = torch.load(args.ckpt, map_location="cpu", weights_only=True).get(
-        "datamodule_hyper_parameters"
-    )
-    if not saved or "margin" not in saved:
+    try:
+        settings = data_settings(Path(args.ckpt), args.data)
+    except ValueError:  # no data settings saved
+        settings = {}
+    if "margin" not in settings:
         raise SystemExit(f"{args.ckpt}: not a checkpoint trained on MyoPS (no MyoPS data settings)")
-    settings = {**data_settings(Path(args.ckpt), args.data), "with_atlas": model.atlas}
+    settings["with_atlas"] = model.atlas
     root = args.root or os.environ.get("DCC_DATA_ROOT") or settings.get("root")
     settings["root"] = root
     data = MyoPSDataModule(**settings)
