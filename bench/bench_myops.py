@@ -1,17 +1,29 @@
-"""Benchmark: X-CoReg on real multi-sequence cardiac MR (MyoPS 2020) under known misalignments.
+"""Benchmark: X-CoReg (``dcc-register``) on real multi-sequence cardiac MR groups (MyoPS 2020).
 
-For each patient the mid-ventricular C0 / LGE / T2 slice (a 224-voxel box around the heart) is
-taken with its manual labels merged to myocardium / LV / RV. Each sequence gets its own random
-rigid map (+-10 deg, +-6 mm) composed with a smooth B-spline deformation of a few mm; images
-(bilinear) and labels (nearest) are warped, written as NIfTI into a temporary folder and
-registered with ``dcc-register --stages rigid,ffd``. Reported: mean pairwise Dice of the warped
-labels (labels 1-3) before and after registration, per label, and seconds per case.
+Every shared MyoPS patient, several seeds and two misalignment models, plus the aligned slices
+(the ceiling that one label map for three sequences allows):
 
-    python bench/bench_myops.py --out bench/results
-    python bench/bench_myops.py --cases 5 --out bench/results/try -- --iterations 300
+* ``smooth``: the mid-ventricular C0/LGE/T2 slice in a 224-voxel box, each sequence under its own
+  rigid map (+-10 deg, +-6 mm) composed with a 45 mm B-spline FFD (std 4 mm), warped with real
+  anatomy around the box (no padding). The model the earlier defaults were tuned on.
+* ``dense``: the slice with the most labelled voxels in a 192-voxel box at the native spacing,
+  each sequence under a rotation of up to +-10 deg, a shift of up to +-8 voxels and a smooth dense
+  deformation of up to 7 voxels from a 5x5 cubic control grid, edges replicated (the model of the
+  issue "X-CoReg that holds on groups it has never seen").
+* ``aligned``: the ``dense`` slices without misalignment (Dice 1 before; what registration does
+  to a group that needs nothing, and the ceiling of the Dice after registration).
 
-Arguments after ``--`` (or any unknown option) are passed on to ``dcc-register``, e.g.
-``--iterations``, ``--levels``, ``--ffd-spacing``, ``--lr``, ``-K``, ``--sample-rate``.
+Patients are split once: the ``tune`` patients (Case3001-3011 and Case3027, those every default
+was chosen on) and the ``test`` patients (the other 23, never used to choose a setting). Each
+group is registered by ``dcc-register --stages rigid,ffd`` with its defaults (plus the options
+after ``--``) in a worker process with one torch thread. Reported per split, model and seed: the
+mean pairwise label Dice before/after, the worst group, the groups that end below their start,
+the groups flagged by the per-image check, and seconds per group (``wall_time_s`` of
+``report.json``, and the whole command).
+
+    python bench/bench_myops.py --split tune --out results/myops_bench --tag main
+    python bench/bench_myops.py --split test --seeds 0,1,2,3,4 --workers 2 --out results/myops_bench
+    python bench/bench_myops.py --cases Case3012 --models dense --seeds 0 -- --iterations 100
 
 Data: ``$DCC_DATA_ROOT/myops2020`` (MyoPS 2020 training set; X. Zhuang, TPAMI 2019).
 """
@@ -23,94 +35,79 @@ import contextlib
 import io
 import json
 import math
-import shutil
+import multiprocessing
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from scipy import ndimage
 from tqdm.auto import tqdm
 
 from dcc.cli.register import main as dcc_register
 from dcc.data.cardiac import (
     LABEL_NAMES,
+    MIN_VOXELS,
     MYOPS_SEQUENCES,
+    crop_box,
     crop_grid,
     data_root,
+    load_myops_case,
     load_myops_slices,
     myops_cases,
 )
-from dcc.data.io import write_image
-from dcc.data.misalign import random_ffd, random_rigid, warp_images
+from dcc.data.io import slice_grid, write_image
+from dcc.data.misalign import random_dense_warp, random_ffd, random_rigid, warp_dense, warp_images
 from dcc.spatial.transforms import ComposedTransform
 
 MARGIN = 48  # voxels of real anatomy around the crop box while warping (> max displacement)
+MODELS = ("smooth", "dense", "aligned")
+# The patients every default of dcc-register was chosen on (this bench's ``tune`` split); the
+# other shared patients form the ``test`` split and are only reported.
+TUNE_CASES = tuple(f"Case30{i:02d}" for i in range(1, 12)) + ("Case3027",)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--cases",
-        default="all",
-        help="'all', the number of patients (first N), or case names (Case3002,Case3010)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of the misalignments")
-    p.add_argument(
-        "--preset", default="cardiac2d", help="dcc-register preset ('none': picked from the data)"
-    )
-    p.add_argument("--out", default="bench/results", help="folder for JSON, PNG and montage")
-    p.add_argument("--quick", action="store_true", help="3 cases (unless --cases is given)")
-    p.add_argument(
-        "--crop",
-        type=int,
-        default=224,
-        help="box around the heart (voxels; 224 = about 165 mm). A tight 160 box (117 mm) lets "
-        "large hearts fill the view, and the registration then fails more often",
-    )
-    p.add_argument("--max-angle", type=float, default=10.0, help="rigid rotation bound (deg)")
-    p.add_argument("--max-offset", type=float, default=6.0, help="rigid offset bound (mm)")
-    p.add_argument("--ffd-spacing-truth", type=float, default=45.0, help="misalignment FFD (mm)")
-    p.add_argument(
-        "--ffd-std-truth",
-        type=float,
-        default=4.0,
-        help="std of the misalignment FFD coefficients (mm); 4 mm at 45 mm spacing gives "
-        "displacements of about 2.3 mm on average, up to about 6 mm",
-    )
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch threads (default 1: on a shared CPU, intra-op threads that wait for busy "
-        "cores make each step 10-20x slower)",
-    )
-    p.add_argument("--keep", help="keep the per-case inputs/outputs in this folder")
+    p.add_argument("--split", choices=("tune", "test", "all"), default="all")
+    p.add_argument("--cases", help="case names (Case3002,Case3010) instead of --split")
+    p.add_argument("--models", default=",".join(MODELS), help=f"from {', '.join(MODELS)}")
+    p.add_argument("--seeds", default="0,1,2,3,4", help="misalignment seeds")
+    p.add_argument("--seed", type=int, help="one seed (as --seeds S)")
+    p.add_argument("--workers", type=int, default=2, help="parallel groups (one thread each)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    p.add_argument("--roi", type=float, help="heart ROI: the union of the misaligned labels "
+                   "dilated by this many mm, given to dcc-register as --roi")
+    p.add_argument("--preset", help="dcc-register preset (default: none, the data's defaults)")
+    p.add_argument("--out", default="results/myops_bench", help="folder for JSON, MD and PNG")
     p.add_argument("--tag", default="bench_myops", help="file name stem of the results")
+    p.add_argument("--keep", help="keep each group's inputs and outputs in this folder")
+    # the smooth model's parameters (also read by bench_coreg_devices.py / myops_objective.py)
+    p.add_argument("--crop", type=int, default=224, help="smooth: box around the heart (voxels)")
+    p.add_argument("--max-angle", type=float, default=10.0, help="smooth: rotation bound (deg)")
+    p.add_argument("--max-offset", type=float, default=6.0, help="smooth: offset bound (mm)")
+    p.add_argument("--ffd-spacing-truth", type=float, default=45.0, help="smooth: FFD (mm)")
+    p.add_argument("--ffd-std-truth", type=float, default=4.0, help="smooth: FFD std (mm)")
+    p.add_argument("--dense-crop", type=int, default=192, help="dense/aligned: box (voxels)")
     args, extra = p.parse_known_args(argv)
-    extra = [a for a in extra if a != "--"]
-    args.names = None
-    if args.cases == "all":
-        args.n_cases = 3 if args.quick else None
-    elif args.cases.lower().startswith("case"):
-        args.n_cases, args.names = None, [c.strip() for c in args.cases.split(",") if c.strip()]
-    else:
-        try:
-            args.n_cases = int(args.cases)
-        except ValueError:
-            p.error(f"--cases: expected 'all' or a number, got {args.cases!r}")
-    return args, extra
+    args.extra = [a for a in extra if a != "--"]
+    args.seed_list = [args.seed] if args.seed is not None else [
+        int(s) for s in args.seeds.split(",") if s.strip()]
+    args.model_list = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = set(args.model_list) - set(MODELS)
+    if unknown:
+        p.error(f"--models: unknown {', '.join(sorted(unknown))}; choose from {', '.join(MODELS)}")
+    return args, args.extra
 
 
+# ---------------------------------------------------------------------- the groups
 def misalign(case_dir: Path, seed: int, args):
-    """The case's slices under its own rigid o FFD per sequence, on the ``crop`` box.
-
-    The truth maps are defined on the ``crop x crop`` box around the heart, but the images are
-    warped on a box ``MARGIN`` voxels larger on each side and then cut to the crop box, so the
-    misaligned inputs hold real anatomy everywhere (no zero-padded corners, which would be a
-    spurious feature for the registration). Returns images, labels, grid, mean displacement.
-    """
+    """``smooth`` model: the case's slices under its own rigid o FFD per sequence, on the
+    ``crop`` box, warped on a box ``MARGIN`` voxels larger and cut (no padded corners).
+    Returns images, labels, grid, mean displacement (mm)."""
     big_images, big_labels, big_grid = load_myops_slices(case_dir, crop=args.crop + 2 * MARGIN)
     h, w = big_grid.shape
     m = MARGIN if min(h, w) >= args.crop + 2 * MARGIN else 0
@@ -130,189 +127,248 @@ def misalign(case_dir: Path, seed: int, args):
     )
 
 
-def write_group(case_dir: Path, index: int, folder: Path, args):
-    """The misaligned group of ``case_dir`` (:func:`misalign`, seeded by ``args.seed`` and the
-    case's ``index``) as NIfTI files ``<folder>/<sequence>.nii.gz`` and
-    ``<sequence>_labels.nii.gz``. Returns the image paths, the label paths, the grid and the
-    mean displacement of the misalignment (mm)."""
-    moved, moved_labels, grid, disp = misalign(case_dir, args.seed * 1000 + index, args)
+def most_labelled_slices(case_dir: Path, crop: int):
+    """C0/LGE/T2 and labels of the slice with the most labelled voxels (among those holding
+    myocardium, LV and RV), in a ``crop`` box around the heart at the native spacing."""
+    volumes, merged, grid3, _ = load_myops_case(case_dir)
+    counts = torch.stack([(merged == v).flatten(1).sum(1) for v in LABEL_NAMES], 1)
+    full = (counts >= MIN_VOXELS).all(1)
+    z = int(torch.where(full, counts.sum(1), -1).argmax())
+    (y0, x0), grid = crop_box(merged[z], slice_grid(grid3, 2, z), crop)
+    box = (slice(y0, y0 + grid.shape[0]), slice(x0, x0 + grid.shape[1]))
+    images = torch.from_numpy(volumes[:, z][(slice(None), *box)].astype(np.float32))
+    labels = merged[z][box].unsqueeze(0).repeat(len(MYOPS_SEQUENCES), 1, 1)
+    return images.contiguous(), labels.contiguous(), grid
+
+
+def make_group(model: str, case_dir: Path, seed: int, args):
+    """Images, labels (N, H, W), grid and mean true displacement (mm) of one bench group."""
+    if model == "smooth":
+        return misalign(case_dir, seed, args)
+    images, labels, grid = most_labelled_slices(case_dir, args.dense_crop)
+    if model == "aligned":
+        return images, labels, grid, 0.0
+    coords = random_dense_warp(len(images), grid.shape, seed=seed)
+    h, w = grid.shape
+    scale = torch.tensor([(w - 1) / 2 * grid.spacing[0], (h - 1) / 2 * grid.spacing[1]])
+    identity = random_dense_warp(1, grid.shape, 0, 0, 0, seed=0)
+    disp = float(((coords - identity) * scale).norm(dim=-1).mean())
+    return warp_dense(images, coords), warp_dense(labels, coords, mode="nearest"), grid, disp
+
+
+def write_group(case_dir: Path, index: int, folder: Path, args, model: str = "smooth"):
+    """The group of ``case_dir`` under ``model`` (seeded by ``args.seed`` and the case's
+    ``index``) as ``<folder>/<sequence>.nii.gz`` and ``<sequence>_labels.nii.gz`` (and
+    ``roi.nii.gz`` with ``args.roi``). Returns image paths, label paths, grid, displacement."""
+    images, labels, grid, disp = make_group(model, case_dir, (args.seed or 0) * 1000 + index, args)
+    folder.mkdir(parents=True, exist_ok=True)
     paths, label_paths = [], []
-    for name, image, lab in zip(MYOPS_SEQUENCES, moved, moved_labels, strict=True):
+    for name, image, lab in zip(MYOPS_SEQUENCES, images, labels, strict=True):
         paths.append(str(folder / f"{name}.nii.gz"))
         label_paths.append(str(folder / f"{name}_labels.nii.gz"))
         write_image(paths[-1], image, grid)
         write_image(label_paths[-1], lab.to(torch.int32), grid)
+    if getattr(args, "roi", None):
+        radius = [args.roi / s for s in reversed(grid.spacing)]  # (rows, cols) in voxels
+        yy, xx = np.ogrid[tuple(slice(-math.ceil(r), math.ceil(r) + 1) for r in radius)]
+        ball = (yy / radius[0]) ** 2 + (xx / radius[1]) ** 2 <= 1
+        roi = ndimage.binary_dilation((labels > 0).any(0).numpy(), structure=ball)
+        write_image(folder / "roi.nii.gz", torch.from_numpy(roi.astype(np.int32)), grid)
     return paths, label_paths, grid, disp
 
 
-def run_case(case_dir: Path, index: int, work: Path, args, extra) -> dict:
-    folder = work / case_dir.name
-    paths, label_paths, grid, disp = write_group(case_dir, index, folder, args)
-    out = folder / "out"
-    argv = [*paths, "--labels", *label_paths, "--out", str(out), "--overwrite", "--quiet"]
-    argv += ["--stages", "rigid,ffd", *extra]
-    if args.preset != "none":  # "none": dcc-register picks the settings from the data
-        argv += ["--preset", args.preset]
-    start = time.perf_counter()
-    log = io.StringIO()
-    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        code = dcc_register(argv)
-    seconds = time.perf_counter() - start
-    if code != 0:
-        raise RuntimeError(f"{case_dir.name}: dcc-register failed ({code}): {log.getvalue()}")
-    report = json.loads((out / "report.json").read_text())
+def run_group(task: dict) -> dict:
+    """Write one group, register it with ``dcc-register`` in this process, read its report."""
+    args = task["args"]
+    args.seed = task["seed"]
+    case_dir, model = Path(task["case_dir"]), task["model"]
+    with contextlib.ExitStack() as stack:
+        if args.keep:
+            work = Path(args.keep) / f"{model}_seed{args.seed}" / case_dir.name
+        else:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_myops.")))
+        paths, label_paths, grid, disp = write_group(case_dir, task["index"], work, args, model)
+        out = work / "out"
+        argv = [*paths, "--labels", *label_paths, "--out", str(out), "--overwrite", "--quiet"]
+        argv += ["--stages", "rigid,ffd", "--threads", str(args.threads), *args.extra]
+        if args.preset:
+            argv += ["--preset", args.preset]
+        if args.roi:
+            argv += ["--roi", str(work / "roi.nii.gz")]
+        log = io.StringIO()
+        start = time.perf_counter()
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            code = dcc_register(argv)
+        seconds = time.perf_counter() - start
+        if code != 0:
+            raise RuntimeError(f"{case_dir.name}: dcc-register failed ({code}): {log.getvalue()}")
+        report = json.loads((out / "report.json").read_text())
     before, after = report["dice_before"], report["dice_after"]
     return {
         "case": case_dir.name,
+        "split": "tune" if case_dir.name in TUNE_CASES else "test",
+        "model": model,
+        "seed": args.seed,
         "shape": list(grid.shape),
         "spacing_mm": list(grid.spacing),
         "mean_displacement_mm": disp,
         "dice_before": before["mean"],
         "dice_after": after["mean"],
-        "per_label_before": {LABEL_NAMES[int(k)]: v for k, v in before["per_label"].items()},
         "per_label_after": {LABEL_NAMES[int(k)]: v for k, v in after["per_label"].items()},
         "x_metric": report["x_metric"],
         "registration_s": report["wall_time_s"],
         "seconds": seconds,
-        "stages": report["stages"],
-        "diagnostics": report.get("diagnostics"),
+        "warnings": report.get("warnings", []),
         "settings": report["settings"],
-        "montage": str(out / "montage.png"),
     }
 
 
-def mean_std(values) -> tuple[float, float]:
-    values = [v for v in values if not math.isnan(v)]
-    if not values:
-        return float("nan"), float("nan")
-    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+# ---------------------------------------------------------------------- summary
+def summarise(rows: list[dict]) -> dict:
+    before = [r["dice_before"] for r in rows]
+    after = [r["dice_after"] for r in rows]
+    worse = [r for r in rows if r["dice_after"] < r["dice_before"] - 1e-6]
+    flagged = [r for r in rows if r["warnings"]]
+    worst = min(rows, key=lambda r: r["dice_after"])
+    return {
+        "groups": len(rows),
+        "dice_before": statistics.fmean(before),
+        "dice_after": statistics.fmean(after),
+        "worst_after": worst["dice_after"],
+        "worst_group": f"{worst['case']} seed {worst['seed']}",
+        "below_start": len(worse),
+        "below_start_groups": [f"{r['case']} s{r['seed']} {r['dice_before']:.2f}->"
+                               f"{r['dice_after']:.2f}" for r in worse],
+        "flagged": len(flagged),
+        "flagged_below_start": sum(bool(r["warnings"]) for r in worse),
+        "registration_s": statistics.fmean(r["registration_s"] for r in rows),
+        "seconds": statistics.fmean(r["seconds"] for r in rows),
+    }
 
 
-def summarise(results: list[dict]) -> dict:
-    summary = {"cases": len(results)}
-    for key in ("dice_before", "dice_after", "seconds", "registration_s", "mean_displacement_mm"):
-        summary[key] = mean_std([r[key] for r in results])
-    for name in LABEL_NAMES.values():
-        for when in ("before", "after"):
-            summary[f"{name}_{when}"] = mean_std([r[f"per_label_{when}"][name] for r in results])
-    summary["improved"] = sum(r["dice_after"] > r["dice_before"] for r in results)
-    return summary
-
-
-def table(summary: dict) -> str:
-    def fmt(pair, digits=3):
-        return f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
-
-    rows = [("mean (labels 1-3)", summary["dice_before"], summary["dice_after"])]
-    rows += [
-        (name, summary[f"{name}_before"], summary[f"{name}_after"]) for name in LABEL_NAMES.values()
+def table(results: list[dict]) -> tuple[str, dict]:
+    """Markdown table per split and model (with the seed-to-seed spread of the mean)."""
+    lines = [
+        "| split | model | groups | Dice before | Dice after | seed means (spread) | worst "
+        "group | below start | flagged (of them below start) | s/group (registration) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    lines = [f"{'Dice':<20}{'before':>18}{'after':>18}", "-" * 56]
-    lines += [f"{name:<20}{fmt(b):>18}{fmt(a):>18}" for name, b, a in rows]
-    lines += [
-        "-" * 56,
-        f"cases {summary['cases']}, improved {summary['improved']}; "
-        f"seconds per case {fmt(summary['seconds'], 1)} "
-        f"(registration {fmt(summary['registration_s'], 1)}); "
-        f"true mean displacement {fmt(summary['mean_displacement_mm'], 2)} mm",
-    ]
-    return "\n".join(lines)
+    summaries = {}
+    for split in ("tune", "test"):
+        for model in MODELS:
+            rows = [r for r in results if r["split"] == split and r["model"] == model]
+            if not rows:
+                continue
+            s = summarise(rows)
+            seeds = sorted({r["seed"] for r in rows})
+            means = [statistics.fmean(r["dice_after"] for r in rows if r["seed"] == k)
+                     for k in seeds]
+            s["seed_means"] = means
+            s["seed_spread"] = max(means) - min(means)
+            summaries[f"{split}/{model}"] = s
+            lines.append(
+                f"| {split} | {model} | {s['groups']} | {s['dice_before']:.3f} | "
+                f"**{s['dice_after']:.3f}** | {' '.join(f'{m:.3f}' for m in means)} "
+                f"({s['seed_spread']:.3f}) | {s['worst_after']:.3f} ({s['worst_group']}) | "
+                f"{s['below_start']} | {s['flagged']} ({s['flagged_below_start']}) | "
+                f"{s['seconds']:.1f} ({s['registration_s']:.2f}) |"
+            )
+    return "\n".join(lines), summaries
 
 
 def plot(results: list[dict], path: Path, title: str) -> None:
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(max(6.0, 0.28 * len(results) + 2), 3.6))
-    ax = fig.subplots()
-    x = range(len(results))
-    before = [r["dice_before"] for r in results]
-    after = [r["dice_after"] for r in results]
-    ax.vlines(list(x), before, after, color="0.7", lw=1)
-    ax.plot(list(x), before, "o", color="tab:red", label="before")
-    ax.plot(list(x), after, "o", color="tab:blue", label="after")
-    ax.set_xticks(list(x))
-    ax.set_xticklabels([r["case"].replace("Case", "") for r in results], rotation=90, fontsize=7)
-    ax.set_ylabel("mean pairwise Dice (labels 1-3)")
-    ax.set_ylim(min(before + after + [0.6]) - 0.02, 1.0)
-    ax.axhline(0.82, color="0.5", ls="--", lw=0.8)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    ax.set_title(title, fontsize=9)
+    models = [m for m in MODELS if any(r["model"] == m for r in results)]
+    fig = Figure(figsize=(4.2 * len(models), 4))
+    axes = np.atleast_1d(fig.subplots(1, len(models)))
+    for ax, model in zip(axes, models, strict=True):
+        for split, colour in (("tune", "tab:orange"), ("test", "tab:blue")):
+            rows = [r for r in results if r["model"] == model and r["split"] == split]
+            ax.scatter([r["dice_before"] for r in rows], [r["dice_after"] for r in rows], s=10,
+                       color=colour, alpha=0.7, label=f"{split} ({len(rows)})")
+            flagged = [r for r in rows if r["warnings"]]
+            ax.scatter([r["dice_before"] for r in flagged], [r["dice_after"] for r in flagged],
+                       s=40, facecolors="none", edgecolors="k", lw=0.8)
+        ax.plot([0.3, 1], [0.3, 1], color="0.6", lw=0.8, ls="--")
+        ax.set_xlim(0.3, 1.01)
+        ax.set_ylim(0.3, 1.01)
+        ax.set_xlabel("Dice before")
+        ax.set_ylabel("Dice after")
+        ax.set_title(f"{model} (circled: flagged)", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
 
 
 def main(argv=None) -> int:
-    args, extra = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args, _ = parse_args(argv)
     root = data_root()
     if root is None or not (root / "myops2020").is_dir():
         print("bench_myops: MyoPS data not found; set DCC_DATA_ROOT", file=sys.stderr)
         return 2
-    # a case keeps its index in the full list (it seeds the case's misalignment)
-    cases = list(enumerate(myops_cases(root)))[: args.n_cases]
-    if args.names is not None:
-        unknown = set(args.names) - {c.name for _, c in cases}
+    cases = list(enumerate(myops_cases(root)))  # a case keeps its index: it seeds the warp
+    if args.cases:
+        names = [c.strip() for c in args.cases.split(",") if c.strip()]
+        unknown = set(names) - {c.name for _, c in cases}
         if unknown:
             print(f"bench_myops: unknown cases {', '.join(sorted(unknown))}", file=sys.stderr)
             return 2
-        cases = [(i, c) for i, c in cases if c.name in args.names]
+        cases = [(i, c) for i, c in cases if c.name in names]
+    elif args.split != "all":
+        cases = [(i, c) for i, c in cases if (c.name in TUNE_CASES) == (args.split == "tune")]
+    tasks = [
+        {"args": args, "model": model, "seed": seed, "index": i, "case_dir": str(c)}
+        for model in args.model_list
+        for seed in (args.seed_list if model != "aligned" else args.seed_list[:1])
+        for i, c in cases
+    ]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
-    with contextlib.ExitStack() as stack:
-        if args.keep:
-            work = Path(args.keep)
-            work.mkdir(parents=True, exist_ok=True)
-        else:
-            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_myops.")))
-        for index, case_dir in tqdm(cases, desc="MyoPS", unit="case"):
-            r = run_case(case_dir, index, work, args, extra)
+    started = time.perf_counter()
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(args.workers, _init_worker, (args.threads,)) as pool:
+        for r in tqdm(pool.imap_unordered(run_group, tasks), total=len(tasks), desc="MyoPS"):
             results.append(r)
-            partial = [{k: v for k, v in x.items() if k != "montage"} for x in results]
-            (out / f"{args.tag}.partial.json").write_text(json.dumps(partial, indent=2))
-            tqdm.write(
-                f"{r['case']}: Dice {r['dice_before']:.3f} -> {r['dice_after']:.3f} "
-                + " ".join(
-                    f"{n} {r['per_label_before'][n]:.2f}->{r['per_label_after'][n]:.2f}"
-                    for n in LABEL_NAMES.values()
-                )
-                + f"  ({r['seconds']:.1f} s)"
-            )
-        # montage of the case closest to the median Dice after registration
-        median = sorted(results, key=lambda r: r["dice_after"])[len(results) // 2]
-        shutil.copy(median["montage"], out / f"{args.tag}_montage_{median['case']}.png")
-    summary = summarise(results)
-    print(table(summary))
-    for r in results:
-        r.pop("montage")
+            flag = f"  FLAGGED: {'; '.join(r['warnings'])}" if r["warnings"] else ""
+            tqdm.write(f"{r['model']:>7} s{r['seed']} {r['case']}: {r['dice_before']:.3f} -> "
+                       f"{r['dice_after']:.3f} ({r['registration_s']:.2f} s){flag}")
+    results.sort(key=lambda r: (r["model"], r["seed"], r["case"]))
+    md, summaries = table(results)
+    print(md)
     settings = results[0]["settings"] if results else {}
-    payload = {
-        "benchmark": "MyoPS 2020 C0/LGE/T2 mid-ventricular slices, known rigid+FFD misalignment",
-        "data_root": str(root),
-        "preset": args.preset,
-        "dcc_register_extra_args": extra,
-        "misalignment": {
-            "max_angle_deg": args.max_angle,
-            "max_offset_mm": args.max_offset,
-            "ffd_spacing_mm": args.ffd_spacing_truth,
-            "ffd_std_mm": args.ffd_std_truth,
-            "seed": args.seed,
-        },
-        "crop": args.crop,
-        "settings": settings,
-        "summary": summary,
-        "cases": [{k: v for k, v in r.items() if k != "settings"} for r in results],
-    }
-    (out / f"{args.tag}.json").write_text(json.dumps(payload, indent=2))
-    title = (
-        f"MyoPS C0/LGE/T2, {len(results)} cases: Dice {summary['dice_before'][0]:.3f} -> "
-        f"{summary['dice_after'][0]:.3f} ({args.preset} {' '.join(extra)})"
+    for r in results:
+        r.pop("settings")
+    header = (
+        f"# MyoPS bench `{args.tag}`\n\nCommand: `python bench/bench_myops.py "
+        f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
+        f"Hardware: {_hardware()}; {args.workers} worker(s) x {args.threads} torch thread(s); "
+        f"{len(results)} groups in {time.perf_counter() - started:.0f} s. "
+        f"Splits: tune = {', '.join(TUNE_CASES)}; test = the other shared patients.\n\n"
     )
-    plot(results, out / f"{args.tag}_dice.png", title)
-    print(f"bench_myops: wrote {out / (args.tag + '.json')} and {args.tag}_dice.png")
+    (out / f"{args.tag}.md").write_text(header + md + "\n")
+    payload = {"args": {k: v for k, v in vars(args).items()}, "settings": settings,
+               "summaries": summaries, "groups": results}
+    (out / f"{args.tag}.json").write_text(json.dumps(payload, indent=2, default=str))
+    plot(results, out / f"{args.tag}.png", f"MyoPS bench {args.tag}")
+    print(f"bench_myops: wrote {out / args.tag}.{{md,json,png}}")
     return 0
+
+
+def _hardware() -> str:
+    import platform
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
+                .splitlines() if line.startswith("model name")), platform.processor()) \
+        if Path("/proc/cpuinfo").exists() else platform.processor()
+    return f"{cpu}, {multiprocessing.cpu_count()} logical CPUs, torch {torch.__version__}"
 
 
 if __name__ == "__main__":

@@ -72,6 +72,10 @@ class XCoRegConfig:
     num_classes: int = 4  # K
     bins: int = 64  # L
     sample_rate: float = 0.1
+    # ... but at least this many voxels per step (all of a smaller level): on a 48^2 pyramid
+    # level or a 32^2 image a 10 % sample is 100-230 voxels, too few for the class-conditional
+    # histograms of Eq. (21) (L x K cells per image)
+    min_sample: int = 2048
     bending_weight: float = 0.001  # lambda
     reference: int | None = None  # None: unbiased (Eq. 37); j: group-to-reference
     # Convergence test: stop when the mean loss of the last `patience` steps differs from the
@@ -107,6 +111,8 @@ class XCoRegConfig:
             raise ValueError(f"num_classes (K) must be >= 2, got {self.num_classes}")
         if not 0 < self.sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
+        if self.min_sample < 0:
+            raise ValueError(f"min_sample must be >= 0, got {self.min_sample}")
         if not 0 <= self.min_overlap < 1:
             raise ValueError(f"min_overlap must be in [0, 1), got {self.min_overlap}")
         if self.restarts < 0 or self.inits < 1 or self.em_warmup < 0:

@@ -41,6 +41,9 @@ class _OverlapLost(RuntimeError):
 
 
 VALID = 0.999  # a warped validity mask above this means "inside the image's field of view"
+# EM of the Gamma initialisation and of the stage checks runs on at most this many overlap
+# voxels (a fixed subsample); the dense Gamma is then one E-step (Eq. 20) on the whole overlap
+EM_POINTS = 16384
 
 
 @dataclass
@@ -236,19 +239,16 @@ class XCoReg:
         ``inits`` random draws the one with the highest log-likelihood (Eq. 23) is kept."""
         cfg = self.config
         _, values, overlap = warp_group(transform, images, grid)
-        idx = overlap.nonzero().squeeze(1)
-        if idx.numel() == 0:
+        if not overlap.any():
             raise RegistrationError("the images do not overlap at the start")
         draws = cfg.inits if cfg.em_warmup > 0 and log_f_gt is None else 1
         best, scores = None, []
         for _ in range(draws):
             common = self._common_space(None, grid, log_f_gt, images.device)
-            loglik = float("nan")
-            for _ in range(cfg.em_warmup):
-                common, loglik = self._update_common(common, values, overlap, idx, bins, log_f_gt)
-            scores.append(loglik / idx.numel())
+            fit = self._fit_common(common, values, overlap, bins, log_f_gt, cfg.em_warmup)
+            scores.append(fit["log_likelihood"])
             if best is None or scores[-1] > max(scores[:-1]):
-                best = common
+                best = fit["common"]
         return best, {"draws": draws, "em_steps": cfg.em_warmup, "log_likelihood": scores}
 
     # ------------------------------------------------------------------ algorithm 1
@@ -376,38 +376,46 @@ class XCoReg:
         return common if common.grid == grid else common.resampled(grid)
 
     @torch.no_grad()
-    def _update_common(self, common, values, overlap, sample_idx, bins, log_f_gt):
-        """Eqs. (20), (12), (14): appearance model from gamma^[t] on the coordinate sample, then
-        gamma^[t+1] on the overlap region (unchanged elsewhere) and pi^[t+1].
+    def _fit_common(self, common, values, overlap, bins, log_f_gt, steps, points=EM_POINTS):
+        """``steps`` EM steps (Eqs. 12, 20, 14) from ``common`` on a fixed subsample of the
+        overlap region (at most ``points`` voxels, ``None``: all), then Gamma on the whole
+        overlap (``common``'s elsewhere).
 
-        Returns the new common space and the log-likelihood of Eq. (23).
+        Returns ``{"common", "x"}`` (X of Eq. 8 on the subsample), ``"log_likelihood"`` (Eq. 23
+        per voxel) and ``"overlap"`` (voxels). The subsample is drawn from a generator of its
+        own, so that X before and after a stage is measured on the same voxels.
         """
-        if log_f_gt is None:
-            log_f = XF.appearance_model(
-                values[:, sample_idx], common.log_gamma[sample_idx].exp(), bins
-            )
-        else:
-            log_f = log_f_gt
-        log_gamma, log_evidence = XF.posterior(values, log_f, common.log_pi)
-        inside = overlap.unsqueeze(-1)
-        log_gamma = torch.where(inside, log_gamma, common.log_gamma)
-        pi = XF.proportions(log_gamma.exp() * inside)
-        new = CommonSpace(common.grid, log_gamma, torch.log(pi.clamp_min(XF.EPS)))
-        return new, log_evidence[overlap].sum().item()
+        idx = overlap.nonzero().squeeze(1)
+        if points is not None and idx.numel() > points:
+            generator = torch.Generator().manual_seed(self.config.seed + 1)
+            idx = idx[torch.randperm(idx.numel(), generator=generator)[:points].to(idx.device)]
+        sub = values[:, idx]
+        log_gamma, log_pi, log_f, loglik = common.log_gamma[idx], common.log_pi, log_f_gt, None
+        for _ in range(max(1, steps)):
+            if log_f_gt is None:
+                log_f = XF.appearance_model(sub, log_gamma.exp(), bins)
+            log_gamma, log_evidence = XF.posterior(sub, log_f, log_pi)
+            log_pi = torch.log(XF.proportions(log_gamma.exp()).clamp_min(XF.EPS))
+            loglik = log_evidence.mean().item()
+        x = XF.x_metric(sub, log_gamma.exp(), bins).item()
+        dense, _ = XF.posterior(values, log_f, log_pi)
+        dense = torch.where(overlap.unsqueeze(-1), dense, common.log_gamma)
+        return {
+            "common": CommonSpace(common.grid, dense, log_pi),
+            "x": x,
+            "log_likelihood": loglik,
+            "overlap": int(overlap.sum()),
+        }
 
     @torch.no_grad()
     def _assess(self, transform, images, grid, bins, common, log_f_gt):
-        """X (Eq. 8) on the whole overlap at full resolution after ``em_warmup`` EM steps from
-        ``common``, and the overlap size (voxels)."""
+        """X (Eq. 8) at full resolution after ``em_warmup`` EM steps from ``common``
+        (:meth:`_fit_common`), and the overlap size (voxels)."""
         common = self._common_space(common, grid, log_f_gt, images.device)
         _, values, overlap = warp_group(transform, images, grid)
-        idx = overlap.nonzero().squeeze(1)
-        if idx.numel() == 0:
+        if not overlap.any():
             return {"x": float("-inf"), "overlap": 0, "common": common}
-        for _ in range(max(1, self.config.em_warmup)):
-            common, _ = self._update_common(common, values, overlap, idx, bins, log_f_gt)
-        x = XF.x_metric(values[:, idx], common.log_gamma[idx].exp(), bins).item()
-        return {"x": x, "overlap": idx.numel(), "common": common}
+        return self._fit_common(common, values, overlap, bins, log_f_gt, self.config.em_warmup)
 
     def _optimize(
         self,
@@ -424,25 +432,50 @@ class XCoReg:
         start_fraction,
         trial,
     ):
+        """``iterations`` steps of Algorithm 1 on one level, all on the coordinate sample.
+
+        The posterior of a voxel depends only on its warped intensities, the appearance model
+        f and pi (Eq. 20), so the E-step needs no dense Gamma: each step draws Omega_S from the
+        lattice, warps the images only there, takes Gamma^[t] there from the previous step's
+        (f, pi) (from ``common`` at the first step), steps on -X + lambda R with it (Eqs. 15-17)
+        and fits (f, pi) on it for the next step (Eqs. 12, 14).
+        The dense Gamma is computed once, at the end of the level (for the next level, the
+        checks and the output). The overlap guard uses the sampled fraction of the overlap.
+        """
         cfg = self.config
         optimizer = schedule.optimizer  # Adam, its step decayed by cosine_factor
         losses: list[float] = []
         x_value = float("nan")
         intensities = images[:, :1]
+        log_f, log_pi = log_f_gt, common.log_pi
+        rate = max(cfg.sample_rate, cfg.min_sample / grid.numel)
         for step in range(1, iterations + 1):
-            normalized, values, overlap = warp_group(transform, images, grid)
+            drawn = coordinate_sample(None, rate, self.generator, grid.numel, images.device)
+            normalized = grid.world_to_normalized(transform.lattice_at(grid, drawn))  # (N, m, d)
+            with torch.no_grad():
+                warped_all = sample(images, normalized.detach())  # (N, 2, m)
+            inside = (warped_all[:, 1] > VALID).all(0)
             # overlap as a fraction of the level grid, relative to the stage start's
-            ratio = overlap.sum().item() / grid.numel / start_fraction
+            ratio = inside.float().mean().item() / start_fraction
             trial["min_overlap_fraction"] = min(trial["min_overlap_fraction"], round(ratio, 4))
             if ratio < cfg.min_overlap:
                 bar.update(iterations - step + 1)
                 raise _OverlapLost(f"overlap fell to {ratio:.2f} of its size at the stage start")
-            idx = coordinate_sample(overlap, cfg.sample_rate, self.generator)
-            if idx.numel() == 0:
+            keep = inside.nonzero().squeeze(1)
+            if keep.numel() == 0:
                 raise RegistrationError("the images no longer overlap; lower the step size (--lr)")
-            common, _ = self._update_common(common, values, overlap, idx, bins, log_f_gt)
-            warped = sample(intensities, normalized[:, idx])[:, 0]  # (N, m) with gradient
-            x = XF.x_metric(warped, common.log_gamma[idx].exp(), bins)  # Eqs. (17), (21)
+            values = warped_all[:, 0, keep]
+            with torch.no_grad():  # E-step (Eq. 20) with the previous step's f and pi
+                if log_f is None:  # first step: Gamma^[0] of the level
+                    log_gamma = common.log_gamma[drawn[keep]]
+                else:
+                    log_gamma, _ = XF.posterior(values, log_f, log_pi)
+                gamma = log_gamma.exp()
+                if log_f_gt is None:  # M-step for the next step (Eqs. 12, 14)
+                    next_log_f = XF.appearance_model(values, gamma, bins)
+                next_log_pi = torch.log(XF.proportions(gamma).clamp_min(XF.EPS))
+            warped = sample(intensities, normalized[:, keep])[:, 0]  # (N, m) with gradient
+            x = XF.x_metric(warped, gamma, bins)  # Eqs. (17), (21)
             loss = -x + cfg.bending_weight * stage.regularization()  # Eq. (15)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -452,6 +485,9 @@ class XCoReg:
                 project_unbiased(transform, grid.center)  # Eq. (37) on the composed phi
             else:
                 stage.reset_(cfg.reference)
+            if log_f_gt is None:
+                log_f = next_log_f
+            log_pi = next_log_pi
             x_value = x.item()
             losses.append(loss.item())
             bar.update(1)
@@ -459,8 +495,22 @@ class XCoReg:
                 bar.set_postfix(stage=type(stage).__name__, X=f"{x_value:.4f}")
             if self._converged(losses):
                 bar.update(iterations - step)
-                return step, x_value, common
-        return iterations, x_value, common
+                iterations = step
+                break
+        return iterations, x_value, self._dense_common(
+            common, transform, images, grid, log_f, log_pi
+        )
+
+    @torch.no_grad()
+    def _dense_common(self, common, transform, images, grid, log_f, log_pi) -> CommonSpace:
+        """Gamma on the whole overlap from the appearance model ``log_f`` and ``log_pi``
+        (Eq. 20); ``common``'s Gamma elsewhere."""
+        if log_f is None:
+            return common
+        _, values, overlap = warp_group(transform, images, grid)
+        log_gamma, _ = XF.posterior(values, log_f, log_pi)
+        log_gamma = torch.where(overlap.unsqueeze(-1), log_gamma, common.log_gamma)
+        return CommonSpace(common.grid, log_gamma, log_pi)
 
     def _converged(self, losses):
         p = self.config.patience
@@ -475,10 +525,8 @@ class XCoReg:
         """One last common-space update at full resolution; X on all overlapping voxels."""
         common = common if common.grid == grid else common.resampled(grid)
         _, values, overlap = warp_group(transform, images, grid)
-        idx = overlap.nonzero().squeeze(1)
-        common, loglik = self._update_common(common, values, overlap, idx, bins, log_f_gt)
-        x = XF.x_metric(values[:, idx], common.log_gamma[idx].exp(), bins).item()
-        return x, loglik, common
+        fit = self._fit_common(common, values, overlap, bins, log_f_gt, 1, points=None)
+        return fit["x"], fit["log_likelihood"] * fit["overlap"], fit["common"]
 
 
 @contextlib.contextmanager
@@ -529,12 +577,19 @@ def warp_group(transform: SpatialTransform, images: torch.Tensor, grid: Grid):
 
 
 def coordinate_sample(
-    overlap: torch.Tensor, rate: float, generator: torch.Generator | None = None
+    overlap: torch.Tensor | None,
+    rate: float,
+    generator: torch.Generator | None = None,
+    size: int | None = None,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """The coordinate sample Omega_S: indices of the overlapping voxels, each kept with
-    probability ``rate`` (all of them for ``rate >= 1``). The uniforms come from
+    """The coordinate sample Omega_S: indices of the voxels each kept with probability ``rate``
+    (all of them for ``rate >= 1``), among the ``overlap`` voxels ``(M,)`` or, with ``overlap``
+    ``None``, among all ``size`` voxels of the lattice (on ``device``). The uniforms come from
     :func:`~dcc.similarity.functional.seeded_draw`: a seeded CPU generator selects the same
     voxels whatever the device."""
+    if overlap is None:
+        overlap = torch.ones(size, dtype=torch.bool, device=device)
     if rate >= 1:
         return overlap.nonzero().squeeze(1)
     u = XF.seeded_draw(torch.rand, tuple(overlap.shape), generator, overlap.device)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from scipy import ndimage
 
 from dcc.data.phantom import brain_phantom
 from dcc.evaluation.metrics import registration_error, warping_index
@@ -49,6 +51,53 @@ def warp_images(
     """Resample each image ``(N, *grid.shape)`` at phi_j(x): the misaligned image U_j o phi_j."""
     normalized = grid.world_to_normalized(transform.lattice(grid))
     out = sample(images.unsqueeze(1).float(), normalized, mode=mode)[:, 0]
+    return out.to(images.dtype) if mode == "nearest" else out
+
+
+def random_dense_warp(
+    groups: int,
+    shape: tuple[int, int],
+    max_angle: float = 10.0,
+    max_shift: float = 8.0,
+    max_deformation: float = 7.0,
+    control: int = 5,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Voxel-space misalignments of a 2D ``shape``: a rotation about the image centre uniform in
+    +-``max_angle`` degrees, a shift uniform in +-``max_shift`` voxels per axis and a smooth
+    dense deformation interpolated (cubic splines) from a ``control x control`` grid of uniform
+    random displacements, scaled so that its largest magnitude is ``max_deformation`` voxels.
+
+    Returns ``grid_sample`` coordinates ``(groups, H, W, 2)`` (``align_corners=True``): image j
+    is misaligned as ``U_j(T_j(x))`` with ``T_j(x) = R_j (x + d_j(x) - c) + c + t_j``. Use
+    :func:`warp_dense` to apply them (edges replicated).
+    """
+    if len(shape) != 2:
+        raise ValueError(f"random_dense_warp: expected a 2D shape (H, W), got {tuple(shape)}")
+    rng = np.random.default_rng(seed)
+    h, w = shape
+    rows, cols = np.meshgrid(np.arange(h, dtype=float), np.arange(w, dtype=float), indexing="ij")
+    centre = np.array([(h - 1) / 2, (w - 1) / 2])
+    out = []
+    for _ in range(groups):
+        coarse = rng.uniform(-1, 1, size=(2, control, control))
+        field = np.stack([ndimage.zoom(c, (h / control, w / control), order=3) for c in coarse])
+        field = field[:, :h, :w]
+        field *= max_deformation / max(np.linalg.norm(field, axis=0).max(), 1e-12)
+        angle = np.radians(rng.uniform(-max_angle, max_angle))
+        shift = rng.uniform(-max_shift, max_shift, size=2)
+        y, x = rows + field[0] - centre[0], cols + field[1] - centre[1]
+        cos, sin = np.cos(angle), np.sin(angle)
+        ys = cos * y - sin * x + centre[0] + shift[0]
+        xs = sin * y + cos * x + centre[1] + shift[1]
+        out.append(np.stack([2 * xs / max(w - 1, 1) - 1, 2 * ys / max(h - 1, 1) - 1], -1))
+    return torch.from_numpy(np.stack(out)).float()
+
+
+@torch.no_grad()
+def warp_dense(images: torch.Tensor, coords: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """Images ``(N, H, W)`` sampled at :func:`random_dense_warp` coordinates, edges replicated."""
+    out = sample(images.unsqueeze(1).float(), coords, mode=mode, padding="border")[:, 0]
     return out.to(images.dtype) if mode == "nearest" else out
 
 

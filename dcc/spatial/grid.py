@@ -208,7 +208,8 @@ class Grid:
 
 
 @functools.lru_cache(maxsize=32)
-def _lattice_points(grid: Grid, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def lattice_points(grid: Grid, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``grid.points()`` cached per grid, device and dtype (read-only: do not modify)."""
     axes = [torch.arange(n, dtype=torch.float64, device=device) for n in grid.shape]
     index = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).flip(-1)  # (x, y, z)
     matrix = torch.as_tensor(grid.index_to_world_matrix(), device=device)

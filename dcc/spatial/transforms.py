@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from dcc.spatial import functional as SF
-from dcc.spatial.grid import Grid
+from dcc.spatial.grid import Grid, lattice_points
 
 
 class SpatialTransform(nn.Module):
@@ -38,7 +38,8 @@ class SpatialTransform(nn.Module):
         """Point maps always run in float32 (see :func:`dcc.spatial.functional.full_precision`):
         under autocast, half-precision coordinates would be off by up to half a millimetre."""
         super().__init_subclass__(**kwargs)
-        for name in ("forward", "lattice", "linear", "displacement", "regularization"):
+        names = ("forward", "lattice", "lattice_at", "linear", "displacement", "displacement_at")
+        for name in (*names, "regularization"):
             if name in cls.__dict__:
                 setattr(cls, name, SF.full_precision(cls.__dict__[name]))
 
@@ -65,7 +66,12 @@ class SpatialTransform(nn.Module):
     def _grid_points(self, grid: Grid) -> torch.Tensor:
         """Voxel centres of ``grid`` on the parameters' device and dtype."""
         reference = self._reference()
-        return grid.points(device=reference.device, dtype=reference.dtype)
+        return lattice_points(grid, reference.device, reference.dtype)
+
+    def lattice_at(self, grid: Grid, index: torch.Tensor) -> torch.Tensor:
+        """phi_j at the voxel centres of ``grid`` with flat indices ``index`` ``(M,)`` (e.g. a
+        coordinate sample): ``(N, M, d)``, the same as ``lattice(grid)`` at those voxels."""
+        return self(self._grid_points(grid).reshape(-1, self.ndim)[index])
 
     @torch.no_grad()
     def zero_mean_(self) -> None:
@@ -311,6 +317,21 @@ class BSplineFFD(SpatialTransform):
         disp = disp.movedim(1, -1)
         return self._grid_points(grid).unsqueeze(0) + disp
 
+    def displacement_at(self, grid: Grid, index: torch.Tensor) -> torch.Tensor:
+        """Displacements ``(N, M, d)`` at the voxels ``index`` of a 2D ``grid`` with the
+        domain's direction, from the rows of the separable B-spline matrices (a small dense
+        contraction per point); other grids through :meth:`displacement`."""
+        if grid.ndim != 2 or not np.allclose(grid.direction, self.domain.direction, atol=1e-6):
+            return self.displacement(self._grid_points(grid).reshape(-1, self.ndim)[index])
+        rows_matrix, cols_matrix = self._axis_matrices(grid)  # tensor axes y, x
+        width = grid.shape[1]
+        rows, cols = rows_matrix[index // width], cols_matrix[index % width]
+        return torch.einsum("ndyx,my,mx->nmd", self.coefficients, rows, cols)
+
+    def lattice_at(self, grid: Grid, index: torch.Tensor) -> torch.Tensor:
+        points = self._grid_points(grid).reshape(-1, self.ndim)[index]
+        return points.unsqueeze(0) + self.displacement_at(grid, index)
+
     def _axis_matrices(self, grid: Grid) -> list[torch.Tensor]:
         key = (grid, self.coefficients.device, self.coefficients.dtype)
         if key not in self._axis_cache:
@@ -376,6 +397,10 @@ class MultiLevelFFD(SpatialTransform):
         base = self._grid_points(grid).unsqueeze(0)
         return base + sum(level.lattice(grid) - base for level in self.levels)
 
+    def lattice_at(self, grid, index):
+        points = self._grid_points(grid).reshape(-1, self.ndim)[index].unsqueeze(0)
+        return points + sum(level.displacement_at(grid, index) for level in self.levels)
+
     def regularization(self):
         return sum(level.regularization() for level in self.levels)
 
@@ -413,6 +438,12 @@ class DisplacementField(SpatialTransform):
         if grid.same_geometry(self.grid, tol=1e-6):
             return self._grid_points(grid).unsqueeze(0) + self.field
         return super().lattice(grid)
+
+    def lattice_at(self, grid, index):
+        if grid.same_geometry(self.grid, tol=1e-6):
+            points = self._grid_points(grid).reshape(-1, self.ndim)[index]
+            return points.unsqueeze(0) + self.field.reshape(self.groups, -1, self.ndim)[:, index]
+        return super().lattice_at(grid, index)
 
     @torch.no_grad()
     def zero_mean_(self):
@@ -459,6 +490,14 @@ class ComposedTransform(SpatialTransform):
         for stage in reversed(self.stages[:-1]):
             points = stage(points)
         return points.reshape(self.groups, *grid.shape, self.ndim)
+
+    def lattice_at(self, grid, index):
+        if not self.stages:
+            return super().lattice_at(grid, index)
+        points = self.stages[-1].lattice_at(grid, index)
+        for stage in reversed(self.stages[:-1]):
+            points = stage(points)
+        return points
 
     def regularization(self):
         return sum((s.regularization() for s in self.stages), super().regularization())
