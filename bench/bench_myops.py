@@ -219,6 +219,7 @@ def run_group(task: dict) -> dict:
         "registration_s": report["wall_time_s"],
         "seconds": seconds,
         "warnings": report.get("warnings", []),
+        "diagnostics": report.get("diagnostics"),
         "settings": report["settings"],
     }
 

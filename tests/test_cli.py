@@ -363,7 +363,7 @@ def test_cuda_device_must_exist(tmp_path, capsys, good):
 
 def test_phantom_with_files_or_labels(tmp_path, capsys, good):
     expect_error(tmp_path, capsys, [*good, "--phantom", "2"], "either image files or --phantom")
-    expect_error(tmp_path, capsys, ["--phantom", "2", "--labels", *good], "own labels")
+    expect_error(tmp_path, capsys, ["--phantom", "2", "--labels", *good], "takes none of them")
 
 
 def test_unknown_option(tmp_path, capsys, good):

@@ -311,3 +311,123 @@ def test_cosine_step_decay_and_its_validation():
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match="lr_final"):
             StageConfig(lr_final=bad)
+
+
+# ---------------------------------------------------------------------- masks and roi
+def _translation_config(**kw):
+    stages = [StageConfig(name="translation", iterations=15, lr=0.3, levels=1)]
+    return XCoRegConfig(stages=stages, progress=False, mask_zero_fill=False, **kw)
+
+
+def test_roi_everywhere_is_no_roi(ffd_group):
+    config = XCoRegConfig(
+        stages=[StageConfig(name="ffd", iterations=10, lr=0.2, ffd_spacing=40.0)],
+        progress=False, mask_zero_fill=False, em_warmup=3, inits=1,
+    )
+    plain = XCoReg(config).register(ffd_group.images, ffd_group.grid)
+    everywhere = torch.ones(ffd_group.grid.shape, dtype=torch.bool)
+    with_roi = XCoReg(config).register(ffd_group.images, ffd_group.grid, roi=everywhere)
+    grid = ffd_group.grid
+    assert torch.equal(plain.transform.lattice(grid), with_roi.transform.lattice(grid))
+    assert plain.x_metric == with_roi.x_metric
+
+
+def test_voxels_outside_the_roi_change_nothing(ffd_group):
+    """Image content far (> the largest motion) outside a common-space roi is never read."""
+    images, grid = ffd_group.images, ffd_group.grid
+    roi = torch.zeros(grid.shape, dtype=torch.bool)
+    h, w = grid.shape
+    roi[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = True
+    far = torch.ones(grid.shape, dtype=torch.bool)
+    far[h // 4 - 5 : 3 * h // 4 + 5, w // 4 - 5 : 3 * w // 4 + 5] = False
+    noisy = images.clone()
+    noisy[:, far] = torch.rand(images.shape[0], int(far.sum())) * images.max()
+    config = _translation_config()
+    a = XCoReg(config).register(images, grid, roi=roi)
+    b = XCoReg(config).register(noisy, grid, roi=roi)
+    assert a.transform.stages[0].offset.abs().max() < 4.0  # motion well inside the 5-voxel band
+    assert torch.equal(a.transform.stages[0].offset, b.transform.stages[0].offset)
+    assert a.x_metric == b.x_metric
+    c = XCoReg(config).register(noisy, grid)  # without the roi the noise is registered too
+    assert not torch.equal(a.transform.stages[0].offset, c.transform.stages[0].offset)
+
+
+def test_voxels_outside_the_masks_change_nothing(ffd_group):
+    """Per-image masks (multiplied into ``valid``): voxels two or more voxels outside image j's
+    mask never enter its histograms, posterior or sample, so changing them changes nothing."""
+    images, grid = ffd_group.images, ffd_group.grid
+    n, (h, w) = images.shape[0], grid.shape
+    masks = torch.zeros(images.shape)
+    for j in range(n):  # a different box per image
+        masks[j, 3 + j : h - 6 + j, 4 : w - 4 - j] = 1
+    far = torch.nn.functional.max_pool2d(masks[:, None], 5, stride=1, padding=2)[:, 0] == 0
+    noisy = torch.where(far, torch.rand(images.shape) * images.max(), images)
+    config = _translation_config()
+    a = XCoReg(config).register(images, grid, valid=masks)
+    b = XCoReg(config).register(noisy, grid, valid=masks)
+    assert torch.equal(a.transform.stages[0].offset, b.transform.stages[0].offset)
+    c = XCoReg(config).register(noisy, grid)
+    assert not torch.equal(a.transform.stages[0].offset, c.transform.stages[0].offset)
+
+
+def test_roi_is_checked(ffd_group):
+    with pytest.raises(ValueError, match="roi must have the grid's shape"):
+        XCoReg(_translation_config()).register(
+            ffd_group.images, ffd_group.grid, roi=torch.ones(3, 3, dtype=torch.bool)
+        )
+    with pytest.raises(ValueError, match="roi.*empty"):
+        XCoReg(_translation_config()).register(
+            ffd_group.images, ffd_group.grid, roi=torch.zeros(ffd_group.grid.shape, dtype=bool)
+        )
+
+
+# ---------------------------------------------------------------------- several tries
+def test_tries_keep_the_medoid_and_warn_when_they_disagree(ffd_group):
+    """Of several tries the one closest to the others is kept (not the highest X); a rejected
+    try votes for the start; a spread above spread_warning names the image."""
+    from dcc.spatial.transforms import Translation
+
+    grid, n = ffd_group.grid, 3
+
+    def moved(offsets):
+        stage = Translation(n, 2)
+        with torch.no_grad():
+            stage.offset.copy_(torch.tensor(offsets, dtype=torch.float32))
+        return stage
+
+    near = [[1.0, 0.0], [0.0, 0.0], [-1.0, 0.0]]
+    nearer = [[1.2, 0.0], [0.0, 0.0], [-1.2, 0.0]]
+    far = [[1.0, 0.0], [0.0, 0.0], [-13.0, 0.0]]
+    engine = XCoReg(_translation_config())
+    cfg = StageConfig(name="translation", tries=3, spread_warning=5.0)
+    # the far try has the highest X but the two near ones agree
+    candidates = [(1.0, moved(near), None, None), (9.0, moved(far), None, None),
+                  (1.1, moved(nearer), None, None)]
+    record = {}
+    chosen = engine._choose(candidates, record, grid, n, "cpu", cfg)
+    assert chosen is candidates[0] or chosen is candidates[2]
+    assert record["chosen_try"] in (0, 2)
+    assert record["warnings"][0]["image"] == 2  # 13 mm from the medoid on image 2
+    assert record["spread_mm"][2] > 10 and record["spread_mm"][0] < 1
+    # two rejected tries (votes for the start) outvote one accepted far try
+    record = {}
+    assert engine._choose([None, (9.0, moved(far), None, None), None], record, grid, n, "cpu",
+                          cfg) is None
+    # tries that agree raise no warning
+    record = {}
+    engine._choose([(1.0, moved(near), None, None), (1.0, moved(nearer), None, None)], record,
+                   grid, n, "cpu", cfg)
+    assert "warnings" not in record
+
+
+def test_settings_from_a_yaml_file(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("num_classes: 5\nstages:\n  - {name: rigid, iterations: 7, tries: 3}\n")
+    config = load_preset(str(path), seed=4)
+    assert config.num_classes == 5 and config.seed == 4
+    assert config.stages[0].name == "rigid" and config.stages[0].tries == 3
+    (tmp_path / "bad.yaml").write_text("num_clases: 5\n")
+    with pytest.raises(ValueError, match="unknown settings num_clases"):
+        load_preset(str(tmp_path / "bad.yaml"))
+    with pytest.raises(ValueError, match="settings file not found"):
+        load_preset(str(tmp_path / "missing.yaml"))

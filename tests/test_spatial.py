@@ -858,3 +858,26 @@ def test_transform_points_follow_the_device_it_was_moved_to(make):
     assert transform.lattice(OBLIQUE2D).device.type == "meta"
     assert transform(torch.zeros(7, 2, device="meta")).device.type == "meta"
     assert "_anchor" not in transform.state_dict()
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_lattice_at_equals_the_lattice_at_those_voxels(ndim):
+    """lattice_at (the engine's per-step warp of the coordinate sample) is lattice() indexed."""
+    shape = (7, 9, 8)[-ndim:]
+    grid = Grid(shape, (1.5, 2.0, 2.5)[:ndim], (3.0, -4.0, 1.0)[:ndim], tuple(np.eye(ndim).ravel()))
+    n = 3
+    torch.manual_seed(0)
+    ffd = MultiLevelFFD(n, grid, 6.0)
+    ffd.add_level()
+    rigid = Rigid(n, ndim, center=grid.center)
+    field = DisplacementField(n, grid, torch.randn(n, *shape, ndim))
+    with torch.no_grad():
+        for level in ffd.levels:
+            level.coefficients.normal_()
+        rigid.angles.normal_(std=0.2)
+        rigid.offset.normal_()
+    index = torch.randperm(grid.numel)[:25]
+    transforms = [ffd, ffd.levels[0], rigid, field, ComposedTransform(n, ndim, [rigid, ffd])]
+    for transform in transforms:
+        dense = transform.lattice(grid).reshape(n, -1, ndim)[:, index]
+        torch.testing.assert_close(transform.lattice_at(grid, index), dense, atol=1e-4, rtol=0)

@@ -23,6 +23,33 @@ from dcc.spatial.grid import Grid
 PROG = "dcc-register"
 
 
+# the presets dcc-register picks by itself: 2D groups, 3D groups, the --phantom 2 demo
+AUTO_PRESETS = {"2D": "cardiac2d", "3D": "rire3d", "phantom": "brain2d"}
+
+
+def preset_defaults(key: str) -> str:
+    """What ``key`` is in each preset that ``dcc-register`` picks by itself, for ``--help``:
+    a top-level setting (e.g. ``bins``), or a stage setting per stage (e.g. ``lr``, with its
+    cosine decay factor)."""
+    parts = []
+    for label, name in AUTO_PRESETS.items():
+        config = load_preset(name)
+        if hasattr(config, key):
+            parts.append(f"{label}: {getattr(config, key):g}")
+            continue
+        values = []
+        for stage in config.stages:
+            if key.startswith("ffd_") and stage.name != "ffd":
+                continue
+            value = f"{getattr(stage, key):g}"
+            if key == "lr" and stage.lr_final < 1:
+                value += f" -> x{stage.lr_final:g}"
+            values.append(f"{stage.name} {value}")
+        if values:
+            parts.append(f"{label}: {', '.join(values)}")
+    return "; ".join(parts)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
@@ -46,6 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--labels", nargs="+", help="one label map per image, on its image's grid")
     p.add_argument(
+        "--masks",
+        nargs="+",
+        help="one mask per image, on its image's grid (nonzero = use): voxels outside it count "
+        "as outside that image (histograms, posterior and sample), as elastix/ANTs masks",
+    )
+    p.add_argument(
+        "--roi",
+        help="a region of interest in the common space (a mask on the grid of the first image, "
+        "or of --reference): X-CoReg measures the group only there (e.g. a dilated heart)",
+    )
+    p.add_argument(
         "--preset",
         help=f"named settings shipped with dcc ({', '.join(available_presets())}). Without one "
         "the settings are picked from the data: a 2D group gets cardiac2d (rigid on a pyramid "
@@ -65,51 +103,56 @@ def build_parser() -> argparse.ArgumentParser:
         "--classes",
         type=int,
         dest="num_classes",
-        help="K, the number of tissue classes of the common anatomy (default 6 in 2D, 8 in 3D, "
-        "4 for the brain phantom)",
+        help="K, the number of tissue classes of the common anatomy (default "
+        f"{preset_defaults('num_classes')})",
     )
     p.add_argument(
         "--bins",
         type=int,
-        help="L, intensity levels of the histograms (default 32 in 2D, 64 in 3D and brain)",
+        help=f"L, intensity levels of the histograms (default {preset_defaults('bins')})",
     )
     p.add_argument(
         "--sample-rate",
         type=float,
-        help="fraction of the overlap region sampled at each step, Omega_S (default 0.1)",
+        help="fraction of the overlap region sampled at each step, Omega_S, at least "
+        f"{XCoRegConfig.min_sample} voxels (default {preset_defaults('sample_rate')})",
     )
     p.add_argument(
         "--levels",
         type=int,
-        help="resolution levels (image pyramid) per stage (default: rigid 2D as many as keep "
-        "48 voxels per axis, FFD 1)",
+        help="resolution levels (image pyramid) per stage (default "
+        f"{preset_defaults('levels')}; a 2D pyramid is cut to the levels that keep 48 voxels "
+        "per axis)",
     )
     p.add_argument(
         "--iterations",
         type=int,
-        help="T, Adam steps per stage (default: rigid 300, FFD 200, 3D translation 200 / rigid "
-        "400)",
+        help=f"T, Adam steps per stage (default {preset_defaults('iterations')})",
     )
     p.add_argument(
         "--lr",
         type=float,
-        help="eta, Adam step size for every stage, in mm per step (rotations: 0.01 rad per mm) "
-        "(default: rigid 0.5, FFD 0.1; brain phantom FFD 0.3)",
+        help="eta, Adam step size for every stage, in mm per step (rotations: 0.01 rad per mm), "
+        "decayed by a cosine to the factor after 'x' (default "
+        f"{preset_defaults('lr')})",
     )
     p.add_argument(
         "--ffd-spacing",
         type=float,
-        help="control-point spacing of the first FFD level in mm (default 50; brain 20)",
+        help="control-point spacing of the first FFD level in mm (default "
+        f"{preset_defaults('ffd_spacing')})",
     )
     p.add_argument(
-        "--ffd-levels", type=int, help="FFD levels, each halving the spacing (default 1)"
+        "--ffd-levels",
+        type=int,
+        help=f"FFD levels, each halving the spacing (default {preset_defaults('ffd_levels')})",
     )
     p.add_argument(
         "--lambda",
         type=float,
         dest="bending_weight",
         help="lambda, weight of the bending energy R of the FFD, in control-point index units "
-        "(default: the preset's, 0.001 as the paper's BrainWeb)",
+        f"(default {preset_defaults('bending_weight')})",
     )
     p.add_argument("--reference", type=int, help="index of the fixed image (group-to-reference)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
@@ -214,6 +257,29 @@ def load_group(paths, label_paths, reference):
     return originals, labels, common, images, valid, warped_labels
 
 
+def apply_masks(args, paths, originals, common: Grid, valid: torch.Tensor):
+    """``valid`` times the ``--masks`` (each read on its image's grid, carried onto the common
+    grid by nearest neighbour) and the ``--roi`` on the common grid (``None`` without one)."""
+    if args.masks is not None:
+        if len(args.masks) != len(paths):
+            raise InputError(
+                f"--masks: got {len(args.masks)} masks for {len(paths)} images (need one each)"
+            )
+        masks = [read_labels(m, like=g) for m, (_, g) in zip(args.masks, originals, strict=True)]
+        _, _, on_common = resample_group(originals, common, masks)
+        valid = valid * (on_common > 0)
+        for mask, path, inside in zip(args.masks, paths, valid, strict=True):
+            if not inside.any():
+                raise InputError(f"{mask}: the mask of {path} lies outside the common grid")
+    roi = None
+    if args.roi is not None:
+        roi = read_labels(args.roi, like=common) > 0
+        if not (roi & (valid > 0).all(0)).any():
+            raise InputError(f"{args.roi}: the region of interest holds no voxel where the "
+                             "images (and masks) overlap")
+    return valid, roi
+
+
 def write_outputs(
     tmp: Path,
     args,
@@ -273,6 +339,11 @@ def write_outputs(
     diagnostics = getattr(result, "diagnostics", None)  # engine diagnostics, if it gives any
     if diagnostics is not None:
         report["diagnostics"] = diagnostics
+        report["warnings"] = [
+            f"{names[w['image']]}: {w['message']}"
+            for stage in diagnostics.get("stages", [])
+            for w in stage.get("warnings", [])
+        ]
     report.update(extra)
     write_report(tmp, report)
     return report
@@ -297,13 +368,14 @@ def run(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     if args.phantom and args.images:
         raise InputError("give either image files or --phantom, not both")
-    if args.phantom and args.labels:
-        raise InputError("--labels: the phantom brings its own labels; drop --labels")
+    if args.phantom and (args.labels or args.masks or args.roi):
+        raise InputError("--labels/--masks/--roi: the phantom demo takes none of them")
     config = make_config(args)
     check_device(config.device)
     if config.method == "xcoreg-gt" and args.labels is None and not args.phantom:
         raise InputError("--method xcoreg-gt needs --labels (one label map per image)")
-    output = OutputFolder(args.out, [*args.images, *(args.labels or [])], args.overwrite, PROG)
+    inputs = [*args.images, *(args.labels or []), *(args.masks or []), *filter(None, [args.roi])]
+    output = OutputFolder(args.out, inputs, args.overwrite, PROG)
     with output as tmp:
         report = _register_into(tmp, args, config)
         output.commit()
@@ -331,9 +403,13 @@ def _register_into(tmp: Path, args: argparse.Namespace, config: XCoRegConfig) ->
     extra["initial_overlap"] = check_overlap(
         valid, paths, config.reference or 0, args.min_initial_overlap
     )
+    valid, roi = apply_masks(args, paths, originals, common, valid)
+    extra.update({"masks": args.masks, "roi": args.roi})
     names = unique_names(paths)
     start = time.perf_counter()
-    result = XCoReg(config).register(images, common, valid=valid, labels=warped_labels)
+    result = XCoReg(config).register(
+        images, common, valid=valid, labels=warped_labels, roi=roi
+    )
     seconds = time.perf_counter() - start
     if phantom is not None:
         extra["gwi_before_mm"] = phantom.warping_index()
@@ -377,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{PROG}: mean Dice of the labels {report['dice_before']['mean']:.3f} -> "
             f"{report['dice_after']['mean']:.3f}"
         )
+    for warning in report.get("warnings", []):
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
     if "gwi_after_mm" in report:
         print(
             f"{PROG}: phantom gWI {report['gwi_before_mm']:.3f} mm -> "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -38,9 +38,12 @@ class StageConfig:
     # With a fresh coordinate sample every step the gradient is noisy; a decaying step lets the
     # last iterations settle instead of jittering at the full step size.
     lr_final: float = 1.0
-    # independent tries of the stage from its start (fresh coordinate samples); the accepted
-    # one with the highest X (Gamma re-estimated on the whole overlap) is kept
+    # independent tries of the stage from its start (fresh coordinate samples); of several,
+    # the medoid is kept (the try closest to the others; a rejected try counts as the start)
+    # and a warning names the image on which even the medoid is `spread_warning` mm from
+    # another try (XCoReg._choose)
     tries: int = 1
+    spread_warning: float = 5.0
 
     def __post_init__(self):
         if self.name not in STAGES:
@@ -134,13 +137,29 @@ def available_presets() -> list[str]:
 
 
 def load_preset(name: str, **overrides) -> XCoRegConfig:
-    """Build an :class:`XCoRegConfig` from the preset ``<name>.yaml`` plus keyword overrides."""
-    path = preset_dir() / f"{name}.yaml"
-    if not path.is_file():
-        raise ValueError(
-            f"unknown preset '{name}'; available: {', '.join(available_presets()) or 'none'}"
-        )
-    values = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    """Build an :class:`XCoRegConfig` from the preset ``<name>.yaml`` shipped with dcc, or from
+    a YAML file of the same keys (``name`` ending in ``.yaml``/``.yml``, like an elastix
+    parameter file), plus keyword overrides."""
+    if name.endswith((".yaml", ".yml")):
+        path = Path(name)
+        if not path.is_file():
+            raise ValueError(f"{name}: settings file not found")
+    else:
+        path = preset_dir() / f"{name}.yaml"
+        if not path.is_file():
+            raise ValueError(
+                f"unknown preset '{name}'; available: {', '.join(available_presets()) or 'none'}"
+                " (or a path to a .yaml file of settings)"
+            )
+    try:
+        values = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except Exception as error:  # a YAML syntax error: name the file, not the parser's frame
+        raise ValueError(f"{path}: cannot read the settings: {error}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of settings, got {type(values).__name__}")
+    unknown = set(values) - {f.name for f in fields(XCoRegConfig)}
+    if unknown:
+        raise ValueError(f"{path}: unknown settings {', '.join(sorted(unknown))}")
     values.update({k: v for k, v in overrides.items() if v is not None})
     return XCoRegConfig(**values)
 

@@ -101,8 +101,11 @@ class XCoReg:
 
     ``register(images, grid)`` aligns ``N`` images given on one common ``grid`` (tensor
     ``(N, *grid.shape)``); ``valid`` ``(N, *grid.shape)`` marks each image's field of view
-    (default: everywhere) and ``labels`` integer maps ``(N, *grid.shape)`` give the ground-truth
-    appearance model of X-Reg-GT (Eq. 48), required for ``method="xcoreg-gt"``.
+    (default: everywhere; multiply in a mask per image to leave out what is not of interest),
+    ``roi`` ``grid.shape`` a region of interest of the common space (histograms, posterior
+    and coordinate sample are restricted to it; voxels outside change nothing) and ``labels``
+    integer maps ``(N, *grid.shape)`` give the ground-truth appearance model of X-Reg-GT
+    (Eq. 48), required for ``method="xcoreg-gt"``.
 
     Beyond Algorithm 1, three safeguards keep a registration from making a group worse
     (settings in :class:`XCoRegConfig`, outcome in ``result.diagnostics``):
@@ -131,16 +134,19 @@ class XCoReg:
         valid: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         transform: ComposedTransform | None = None,
+        roi: torch.Tensor | None = None,
     ) -> CoRegResult:
         cuda = torch.device(self.config.device).type == "cuda"
         with deterministic_kernels(self.config.deterministic and cuda):
-            return self._register(images, grid, valid, labels, transform)
+            return self._register(images, grid, valid, labels, transform, roi)
 
-    def _register(self, images, grid, valid, labels, transform) -> CoRegResult:
+    def _register(self, images, grid, valid, labels, transform, roi) -> CoRegResult:
         cfg = self.config
         n = images.shape[0]
-        self._check_inputs(images, grid, valid, labels)
+        self._check_inputs(images, grid, valid, labels, roi)
         device = torch.device(cfg.device)
+        self._roi = {} if roi is None else {grid: roi.to(device).reshape(-1).bool()}
+        self._roi_source = (None if roi is None else roi.to(device).float(), grid)
         torch.manual_seed(cfg.seed)
         # random draws come from a CPU generator and are moved to the device: the same seed
         # gives the same Gamma^[0] and coordinate samples on every device
@@ -149,6 +155,8 @@ class XCoReg:
         if cfg.mask_zero_fill:  # zero-filled regions are outside the field of view
             valid = valid * ~padding_mask(images)
         images, valid = images.float().to(device), valid.to(device)
+        # the intensity range of each image (its histogram bins) from inside the roi only
+        in_roi = valid if roi is None else valid * roi.to(device)
         transform = transform or ComposedTransform(n, grid.ndim)
         transform.to(device)
         start = time.perf_counter()
@@ -159,7 +167,7 @@ class XCoReg:
         with tqdm(total=total, disable=not cfg.progress, desc="X-CoReg", leave=False) as bar:
             for stage_cfg in cfg.stages:
                 bins = stage_cfg.bins or cfg.bins
-                stacked = torch.stack([XF.normalize_intensities(images, bins, valid), valid], 1)
+                stacked = torch.stack([XF.normalize_intensities(images, bins, in_roi), valid], 1)
                 log_f_gt = self._label_appearance(stacked, labels, bins)
                 if common is None:
                     common, diagnostics["gamma_init"] = self._initial_common(
@@ -186,8 +194,15 @@ class XCoReg:
         )
 
     # ------------------------------------------------------------------ set-up
-    def _check_inputs(self, images, grid, valid, labels):
+    def _check_inputs(self, images, grid, valid, labels, roi=None):
         n = images.shape[0]
+        if roi is not None:
+            if tuple(roi.shape) != grid.shape:
+                raise ValueError(
+                    f"XCoReg: roi must have the grid's shape {grid.shape}, got {tuple(roi.shape)}"
+                )
+            if not roi.any():
+                raise ValueError("XCoReg: the region of interest (roi) is empty")
         if images.dim() != grid.ndim + 1 or tuple(images.shape[1:]) != grid.shape:
             raise ValueError(
                 f"XCoReg: expected images of shape (N, {', '.join(map(str, grid.shape))}), got "
@@ -208,6 +223,24 @@ class XCoReg:
                     f"XCoReg: method 'xcoreg-gt' needs label maps of shape "
                     f"{tuple(images.shape)}, got {None if labels is None else tuple(labels.shape)}"
                 )
+
+    def _roi_on(self, grid: Grid) -> torch.Tensor | None:
+        """The region of interest on the lattice of ``grid`` ``(M,)`` (``None``: everywhere);
+        on a pyramid level, the voxels whose centre lies inside it (linear interpolation > 0.5)."""
+        source, base = self._roi_source
+        if source is None:
+            return None
+        if grid not in self._roi:
+            points = grid.points(device=source.device).reshape(1, -1, grid.ndim)
+            inside = sample(source[None, None], base.world_to_normalized(points))
+            self._roi[grid] = inside.reshape(-1) > 0.5
+        return self._roi[grid]
+
+    def _region(self, transform, images, grid):
+        """:func:`warp_group` with the overlap region restricted to the region of interest."""
+        normalized, values, overlap = warp_group(transform, images, grid)
+        roi = self._roi_on(grid)
+        return normalized, values, overlap if roi is None else overlap & roi
 
     def _label_appearance(self, stacked, labels, bins):
         """Ground-truth appearance model f_jk of Eq. (48) from each image's own labels."""
@@ -238,9 +271,9 @@ class XCoReg:
         """Gamma^[0] (Eq. 22), then ``em_warmup`` EM steps on the initial alignment; of
         ``inits`` random draws the one with the highest log-likelihood (Eq. 23) is kept."""
         cfg = self.config
-        _, values, overlap = warp_group(transform, images, grid)
+        _, values, overlap = self._region(transform, images, grid)
         if not overlap.any():
-            raise RegistrationError("the images do not overlap at the start")
+            raise RegistrationError("the images do not overlap (in the roi) at the start")
         draws = cfg.inits if cfg.em_warmup > 0 and log_f_gt is None else 1
         best, scores = None, []
         for _ in range(draws):
@@ -253,16 +286,17 @@ class XCoReg:
 
     # ------------------------------------------------------------------ algorithm 1
     def _run_stage(self, cfg, transform, stacked, grid, bins, common, log_f_gt, bar):
-        """One stage with the overlap guard, the objective check, restarts and ``cfg.tries``
-        independent tries ranked by X (see class doc)."""
+        """One stage with the overlap guard, the objective check, restarts (one try) or
+        ``cfg.tries`` independent tries of which the medoid is kept (:meth:`_choose`)."""
         top = self.config
         t0 = time.perf_counter()
         n = stacked.shape[0]
         transform.append(self._make_stage(cfg, n, grid).to(stacked.device))
         before = self._assess(transform, stacked, grid, bins, common, log_f_gt)
         record = {"name": cfg.name, "x_before": before["x"], "tries": [], "accepted": False}
-        lr, restarts, best = cfg.lr, 0, None
-        while True:
+        lr, restarts = cfg.lr, 0
+        candidates: list = []  # per try: (X, stage, common, report), or None if rejected
+        while len(candidates) < cfg.tries:
             stage = self._make_stage(cfg, n, grid).to(stacked.device)
             transform.stages[-1] = stage
             report = StageReport(cfg.name, 0)
@@ -287,33 +321,66 @@ class XCoReg:
                 # many more steps during the stage than before it, which favours "after"
                 transform.stages[-1] = self._make_stage(cfg, n, grid).to(stacked.device)
                 again = self._assess(transform, stacked, grid, bins, end_common, log_f_gt)
-                trial["x_start"] = max(before["x"], again["x"])
+                start_terms = again if again["x"] > before["x"] else before
+                trial["x_start"] = start_terms["x"]
                 trial["x_after"] = after["x"]
+                trial["x_images_start"] = [round(v, 4) for v in start_terms["x_images"]]
+                trial["x_images_after"] = [round(v, 4) for v in after["x_images"]]
+                trial["moved_mm"] = [round(v, 2) for v in stage_motion(stage, grid)]
                 trial["overlap_fraction"] = after["overlap"] / before["overlap"]
                 accepted = after["x"] >= trial["x_start"]
                 trial["outcome"] = "accepted" if accepted else "objective decreased"
             except _OverlapLost as lost:
                 accepted, trial["outcome"] = False, str(lost)
             record["tries"].append(trial)
-            if accepted and (best is None or after["x"] > best[0]):
-                best = (after["x"], stage, after["common"], report)
-            if accepted:
-                if sum(t["outcome"] == "accepted" for t in record["tries"]) >= cfg.tries:
-                    break
-            elif restarts < top.restarts:
+            if not accepted and cfg.tries == 1 and restarts < top.restarts:
                 restarts, lr = restarts + 1, lr * 0.5
-            else:
-                break
-        if best is None:  # no try accepted: the stage does nothing
+                continue
+            candidates.append((after["x"], stage, after["common"], report) if accepted else None)
+        chosen = self._choose(candidates, record, grid, n, stacked.device, cfg)
+        if chosen is None:  # the start was chosen (no try accepted): the stage does nothing
             transform.stages[-1] = self._make_stage(cfg, n, grid).to(stacked.device)
             common = before["common"]
         else:
             record["accepted"] = True
-            _, transform.stages[-1], common, report = best
-            record["chosen_x"] = best[0]
+            _, transform.stages[-1], common, report = chosen
+            record["chosen_x"] = chosen[0]
         record["restarts"] = restarts
         report.seconds = time.perf_counter() - t0
         return report, common, record
+
+    def _choose(self, candidates, record, grid, n, device, cfg):
+        """The try kept: the only one, or of several the medoid, the try whose maps lie closest
+        to the others' (mean |S_a(x) - S_b(x)| over the lattice, the largest over the images);
+        a rejected try counts as the start (no motion).
+
+        X does not rank tries: on real groups a far-off alignment can score as high as the
+        right one (MyoPS, results/myops_bench), while independent tries (fresh coordinate
+        samples) that land in the same place agree. When even the medoid lies more than
+        ``cfg.spread_warning`` mm from another try, a warning names the image.
+        """
+        if len(candidates) == 1:
+            return candidates[0]
+        identity = grid.points(device=device).unsqueeze(0)
+        with torch.no_grad():
+            maps = [identity.expand(n, *identity.shape[1:]) if c is None else
+                    c[1].lattice(grid) for c in candidates]
+            # distance[a, b, j]: mean |S_a(x) - S_b(x)| of image j
+            distance = torch.stack([torch.stack([
+                (a - b).norm(dim=-1).flatten(1).mean(1) for b in maps]) for a in maps])
+        total = distance.amax(-1).sum(1)
+        best = int(total.argmin())
+        spread = distance[best].amax(0)  # per image: the farthest try from the medoid
+        record["chosen_try"] = best
+        record["spread_mm"] = [round(v, 2) for v in spread.tolist()]
+        worst = int(spread.argmax())
+        if spread[worst] > cfg.spread_warning:
+            record.setdefault("warnings", []).append({
+                "image": worst,
+                "message": f"{cfg.name} tries disagree by {spread[worst]:.1f} mm on this image "
+                           "(the alignment is ambiguous for the X-metric); check it",
+            })
+        return candidates[best]
 
     def _schedule(
         self,
@@ -334,7 +401,7 @@ class XCoReg:
         sublevels = max(cfg.levels, cfg.ffd_levels if cfg.name == "ffd" else 1)
         pyramid = image_pyramid(images, grid, cfg.levels)
         with torch.no_grad():  # overlap at the stage start, per level (the guard's reference)
-            start = [warp_group(transform, x, g)[2].float().mean().item() for x, g in pyramid]
+            start = [self._region(transform, x, g)[2].float().mean().item() for x, g in pyramid]
         per_level = [
             cfg.iterations // sublevels + (i < cfg.iterations % sublevels) for i in range(sublevels)
         ]
@@ -376,10 +443,12 @@ class XCoReg:
         return common if common.grid == grid else common.resampled(grid)
 
     @torch.no_grad()
-    def _fit_common(self, common, values, overlap, bins, log_f_gt, steps, points=EM_POINTS):
+    def _fit_common(
+        self, common, values, overlap, bins, log_f_gt, steps, points=EM_POINTS, dense=None
+    ):
         """``steps`` EM steps (Eqs. 12, 20, 14) from ``common`` on a fixed subsample of the
-        overlap region (at most ``points`` voxels, ``None``: all), then Gamma on the whole
-        overlap (``common``'s elsewhere).
+        ``overlap`` region (at most ``points`` voxels, ``None``: all), then Gamma on the whole
+        of it, or of ``dense`` if given (``common``'s elsewhere).
 
         Returns ``{"common", "x"}`` (X of Eq. 8 on the subsample), ``"log_likelihood"`` (Eq. 23
         per voxel) and ``"overlap"`` (voxels). The subsample is drawn from a generator of its
@@ -397,12 +466,14 @@ class XCoReg:
             log_gamma, log_evidence = XF.posterior(sub, log_f, log_pi)
             log_pi = torch.log(XF.proportions(log_gamma.exp()).clamp_min(XF.EPS))
             loglik = log_evidence.mean().item()
-        x = XF.x_metric(sub, log_gamma.exp(), bins).item()
-        dense, _ = XF.posterior(values, log_f, log_pi)
-        dense = torch.where(overlap.unsqueeze(-1), dense, common.log_gamma)
+        terms = XF.x_metric(sub, log_gamma.exp(), bins, reduction="none")  # I(U_j; Z) per image
+        log_gamma, _ = XF.posterior(values, log_f, log_pi)
+        where = overlap if dense is None else dense
+        log_gamma = torch.where(where.unsqueeze(-1), log_gamma, common.log_gamma)
         return {
-            "common": CommonSpace(common.grid, dense, log_pi),
-            "x": x,
+            "common": CommonSpace(common.grid, log_gamma, log_pi),
+            "x": terms.sum().item(),
+            "x_images": terms.tolist(),
             "log_likelihood": loglik,
             "overlap": int(overlap.sum()),
         }
@@ -412,9 +483,11 @@ class XCoReg:
         """X (Eq. 8) at full resolution after ``em_warmup`` EM steps from ``common``
         (:meth:`_fit_common`), and the overlap size (voxels)."""
         common = self._common_space(common, grid, log_f_gt, images.device)
-        _, values, overlap = warp_group(transform, images, grid)
+        _, values, overlap = self._region(transform, images, grid)
         if not overlap.any():
-            return {"x": float("-inf"), "overlap": 0, "common": common}
+            n = images.shape[0]
+            return {"x": float("-inf"), "x_images": [float("-inf")] * n, "overlap": 0,
+                    "common": common}
         return self._fit_common(common, values, overlap, bins, log_f_gt, self.config.em_warmup)
 
     def _optimize(
@@ -448,15 +521,17 @@ class XCoReg:
         x_value = float("nan")
         intensities = images[:, :1]
         log_f, log_pi = log_f_gt, common.log_pi
-        rate = max(cfg.sample_rate, cfg.min_sample / grid.numel)
+        roi = self._roi_on(grid)
+        region = grid.numel if roi is None else int(roi.sum())
+        rate = min(1.0, max(cfg.sample_rate, cfg.min_sample / region))
         for step in range(1, iterations + 1):
-            drawn = coordinate_sample(None, rate, self.generator, grid.numel, images.device)
+            drawn = coordinate_sample(roi, rate, self.generator, grid.numel, images.device)
             normalized = grid.world_to_normalized(transform.lattice_at(grid, drawn))  # (N, m, d)
             with torch.no_grad():
                 warped_all = sample(images, normalized.detach())  # (N, 2, m)
             inside = (warped_all[:, 1] > VALID).all(0)
-            # overlap as a fraction of the level grid, relative to the stage start's
-            ratio = inside.float().mean().item() / start_fraction
+            # overlap as a fraction of the level grid (or roi), relative to the stage start's
+            ratio = inside.float().mean().item() * region / grid.numel / start_fraction
             trial["min_overlap_fraction"] = min(trial["min_overlap_fraction"], round(ratio, 4))
             if ratio < cfg.min_overlap:
                 bar.update(iterations - step + 1)
@@ -525,7 +600,9 @@ class XCoReg:
         """One last common-space update at full resolution; X on all overlapping voxels."""
         common = common if common.grid == grid else common.resampled(grid)
         _, values, overlap = warp_group(transform, images, grid)
-        fit = self._fit_common(common, values, overlap, bins, log_f_gt, 1, points=None)
+        roi = self._roi_on(grid)
+        region = overlap if roi is None else overlap & roi
+        fit = self._fit_common(common, values, region, bins, log_f_gt, 1, None, overlap)
         return fit["x"], fit["log_likelihood"] * fit["overlap"], fit["common"]
 
 
@@ -686,6 +763,14 @@ def _knot_residual(level: BSplineFFD, a, b, eye) -> torch.Tensor:
     knots = origin + (index * spacing) @ rot.T  # (*knots, d)
     residual = knots @ (eye - a.mean(0)).T - b.mean(0)
     return residual.movedim(-1, 0)
+
+
+@torch.no_grad()
+def stage_motion(stage: SpatialTransform, grid: Grid) -> list[float]:
+    """Mean |S_j(x) - x| over the lattice of ``grid`` per image, in mm: how far a stage moved
+    each image."""
+    points = grid.points(device=next(stage.parameters()).device)
+    return (stage.lattice(grid) - points).norm(dim=-1).flatten(1).mean(1).tolist()
 
 
 @torch.no_grad()
