@@ -535,3 +535,63 @@ def test_presets_ship_with_the_package():
         p.relative_to(folder).as_posix() for pattern in patterns for p in folder.glob(pattern)
     }
     assert {f"presets/{n}" for n in names} <= shipped
+
+
+# ---------------------------------------------------------------------- masks and roi
+def test_masks_and_roi(tmp_path, capsys, good):
+    """--masks (one per image, on its grid) and --roi (common space) reach the engine: the
+    report names them, and content outside the roi does not change the result."""
+    folder = tmp_path / "inputs"
+    box = np.zeros((SIZE, SIZE), np.int32)
+    box[6:26, 6:26] = 1
+    masks = [write(folder / f"mask{i}.nii.gz", box) for i in range(2)]
+    roi = write(folder / "roi.nii.gz", box)
+    args = ["--stages", "translation", "--iterations", "8", "--lr", "0.2"]
+    code, out = register(tmp_path / "a", *good, "--masks", *masks, "--roi", roi, *args)
+    assert code == 0, capsys.readouterr()
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert report["masks"] == masks and report["roi"] == roi
+    assert report["warnings"] == []
+    # the same group with noise far outside the roi: the same transforms
+    noisy = []
+    for i, path in enumerate(good):
+        image = nib.load(path).get_fdata().T.copy()  # nibabel (x, y) -> tensor (y, x)
+        far = np.ones_like(box, dtype=bool)
+        far[2:30, 2:30] = False
+        image[far] = np.random.default_rng(i).uniform(0, 300, far.sum())
+        noisy.append(write(folder / f"noisy{i}.nii.gz", image.astype(np.float32)))
+    code, out_noisy = register(tmp_path / "b", *noisy, "--roi", roi, *args)
+    assert code == 0
+    noisy_report = json.loads((out_noisy / "report.json").read_text(encoding="utf-8"))
+    code, out_plain = register(tmp_path / "c", *good, "--roi", roi, *args)
+    plain = json.loads((out_plain / "report.json").read_text(encoding="utf-8"))
+    assert noisy_report["x_metric"] == plain["x_metric"]
+
+
+def test_bad_masks_and_roi(tmp_path, capsys, good):
+    folder = tmp_path / "inputs"
+    box = np.zeros((SIZE, SIZE), np.int32)
+    box[6:26, 6:26] = 1
+    mask = write(folder / "mask.nii.gz", box)
+    empty = write(folder / "empty.nii.gz", np.zeros((SIZE, SIZE), np.int32))
+    elsewhere = write(folder / "elsewhere.nii.gz", box, moved_grid(3.0))
+    expect_error(tmp_path, capsys, [*good, "--masks", mask], "--masks: got 1 masks for 2 images")
+    expect_error(tmp_path, capsys, [*good, "--masks", mask, empty], "empty.nii.gz", "empty")
+    expect_error(tmp_path, capsys, [*good, "--roi", empty], "empty.nii.gz", "empty")
+    expect_error(tmp_path, capsys, [*good, "--roi", elsewhere], "elsewhere.nii.gz", "differs")
+
+
+def test_help_states_the_defaults_of_the_presets(capsys):
+    """--help prints the step sizes, iterations, K and L of the presets actually used."""
+    from dcc.coreg import load_preset
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    cardiac = load_preset("cardiac2d")
+    rigid, ffd = cardiac.stages
+    assert f"rigid {rigid.lr:g} -> x{rigid.lr_final:g}, ffd {ffd.lr:g} -> x{ffd.lr_final:g}" in text
+    assert f"2D: rigid {rigid.iterations}, ffd {ffd.iterations}" in text
+    classes_3d = load_preset("rire3d").num_classes
+    assert f"(default 2D: {cardiac.num_classes:g}; 3D: {classes_3d:g}" in text
+    assert f"(default 2D: {cardiac.bins:g};" in text

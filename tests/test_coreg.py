@@ -431,3 +431,23 @@ def test_settings_from_a_yaml_file(tmp_path):
         load_preset(str(tmp_path / "bad.yaml"))
     with pytest.raises(ValueError, match="settings file not found"):
         load_preset(str(tmp_path / "missing.yaml"))
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_ffd_after_a_rejected_linear_stage_is_skipped_and_flagged(ffd_group, skip):
+    stages = [
+        StageConfig.named("translation", iterations=10, lr=40.0),  # trips the overlap guard
+        StageConfig(name="ffd", iterations=10, lr=0.2, ffd_spacing=40.0),
+    ]
+    result = run(ffd_group, stages=stages, restarts=0, min_overlap=0.9, em_warmup=2, inits=1,
+                 skip_ffd_after_rejected_linear=skip)
+    translation, ffd = result.diagnostics["stages"]
+    assert not translation["accepted"]
+    if skip:
+        assert ffd["skipped"] and not ffd["accepted"] and len(result.transform.stages) == 1
+        assert "translation stage was rejected" in ffd["warnings"][0]["message"]
+        assert result.stages[1].iterations == 0
+    else:
+        assert "skipped" not in ffd
+        assert result.transform.stages[1].levels[0].coefficients.abs().max() > 0
+    json.dumps(result.diagnostics)

@@ -340,7 +340,7 @@ def write_outputs(
     if diagnostics is not None:
         report["diagnostics"] = diagnostics
         report["warnings"] = [
-            f"{names[w['image']]}: {w['message']}"
+            f"{names[w['image']] if 'image' in w else 'group'}: {w['message']}"
             for stage in diagnostics.get("stages", [])
             for w in stage.get("warnings", [])
         ]

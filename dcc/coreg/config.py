@@ -106,6 +106,11 @@ class XCoRegConfig:
     # `restarts` times, and left at its start (no change) if every try is rejected.
     min_overlap: float = 0.7
     restarts: int = 1
+    # An FFD stage after a linear stage that no try got past the safeguards is skipped (and the
+    # group flagged): on MyoPS groups whose rigid stage was rejected, the FFD then moved the
+    # images by 4-6 mm, doing the rigid's work, and ended below the start in 3 of 6 groups
+    # (results/myops_bench.md)
+    skip_ffd_after_rejected_linear: bool = True
 
     def __post_init__(self):
         if self.method not in METHODS:

@@ -166,6 +166,13 @@ class XCoReg:
         total = sum(s.iterations for s in cfg.stages)
         with tqdm(total=total, disable=not cfg.progress, desc="X-CoReg", leave=False) as bar:
             for stage_cfg in cfg.stages:
+                rejected = [r for r in diagnostics["stages"] if r["name"] != "ffd"]
+                if (stage_cfg.name == "ffd" and cfg.skip_ffd_after_rejected_linear
+                        and rejected and not rejected[-1]["accepted"]):
+                    diagnostics["stages"].append(skipped_ffd(rejected[-1]["name"]))
+                    reports.append(StageReport("ffd", 0))
+                    bar.update(stage_cfg.iterations)
+                    continue
                 bins = stage_cfg.bins or cfg.bins
                 stacked = torch.stack([XF.normalize_intensities(images, bins, in_roi), valid], 1)
                 log_f_gt = self._label_appearance(stacked, labels, bins)
@@ -631,6 +638,17 @@ def deterministic_kernels(enabled: bool = True):
             yield
     finally:
         torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+
+
+def skipped_ffd(linear: str) -> dict:
+    """The diagnostics record of an FFD stage skipped after a rejected ``linear`` stage."""
+    return {
+        "name": "ffd", "accepted": False, "tries": [], "skipped": True,
+        "warnings": [{"message": f"the {linear} stage was rejected by the safeguards on every "
+                                 "try, so the FFD was skipped (it would have had to do the "
+                                 f"{linear} stage's work); the group may be misaligned beyond "
+                                 "what the safeguards allow: check it, or give a --roi"}],
+    }
 
 
 def cosine_factor(step: int, steps: int, final: float) -> float:
