@@ -334,9 +334,15 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results = []
     started = time.perf_counter()
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(args.workers, _init_worker, (args.threads,)) as pool:
-        for r in tqdm(pool.imap_unordered(run_group, tasks), total=len(tasks), desc="MyoPS"):
+    with contextlib.ExitStack() as stack:
+        if args.workers > 1:
+            context = multiprocessing.get_context("spawn")
+            pool = stack.enter_context(context.Pool(args.workers, _init_worker, (args.threads,)))
+            groups = pool.imap_unordered(run_group, tasks)
+        else:  # in this process (no pickling: also when imported from a file path)
+            _init_worker(args.threads)
+            groups = map(run_group, tasks)
+        for r in tqdm(groups, total=len(tasks), desc="MyoPS"):
             results.append(r)
             flag = f"  FLAGGED: {'; '.join(r['warnings'])}" if r["warnings"] else ""
             tqdm.write(f"{r['model']:>7} s{r['seed']} {r['case']}: {r['dice_before']:.3f} -> "

@@ -1,0 +1,63 @@
+"""The MyoPS bench of dcc-register: its misalignment models, and the command end to end on one
+patient (the latter needs the real data; skipped with the reason when absent)."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from dcc.data.cardiac import data_root
+from dcc.data.misalign import random_dense_warp, warp_dense
+
+ROOT = data_root()
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_myops.py"
+
+
+def test_dense_warp_has_the_stated_bounds():
+    shape = (48, 40)
+    coords = random_dense_warp(4, shape, max_angle=10, max_shift=8, max_deformation=7, seed=1)
+    identity = random_dense_warp(1, shape, 0, 0, 0, seed=0)
+    h, w = shape
+    scale = torch.tensor([(w - 1) / 2, (h - 1) / 2])  # normalised -> voxels (x, y)
+    # no motion at all gives the identity sampling
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    torch.testing.assert_close((identity[0] + 1) * scale, torch.stack([cols, rows], -1).float())
+    # the deformation alone peaks at exactly max_deformation voxels
+    only = random_dense_warp(2, shape, 0, 0, 7.0, seed=3)
+    peak = ((only - identity) * scale).norm(dim=-1).flatten(1).amax(1)
+    torch.testing.assert_close(peak, torch.full((2,), 7.0), atol=1e-4, rtol=0)
+    # rotation + shift + deformation stay within their sum at the image centre
+    centre = ((coords - identity) * scale)[:, h // 2, w // 2].norm(dim=-1)
+    assert (centre <= 7 + 8 * math.sqrt(2) + 1).all()
+    # edges replicated: a constant image stays constant, with no zero padding
+    warped = warp_dense(torch.full((4, h, w), 3.0), coords)
+    torch.testing.assert_close(warped, torch.full_like(warped, 3.0))
+    # seeded
+    torch.testing.assert_close(coords, random_dense_warp(4, shape, 10, 8, 7, seed=1))
+
+
+@pytest.mark.data
+@pytest.mark.skipif(
+    ROOT is None or not (ROOT / "myops2020").is_dir(),
+    reason="MyoPS data not found: set DCC_DATA_ROOT (CI uses ../shared/data)",
+)
+def test_bench_runs_one_patient(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_myops", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = ["--cases", "Case3012", "--seeds", "0", "--models", "dense,aligned", "--workers", "1",
+            "--roi", "10", "--out", str(tmp_path), "--tag", "t", "--", "--iterations", "4"]
+    assert bench.main(argv) == 0
+    payload = json.loads((tmp_path / "t.json").read_text())
+    groups = payload["groups"]
+    assert {g["model"] for g in groups} == {"dense", "aligned"}
+    assert all(g["split"] == "test" for g in groups)  # Case3012 was not used for tuning
+    aligned = next(g for g in groups if g["model"] == "aligned")
+    assert aligned["dice_before"] == 1.0 and aligned["mean_displacement_mm"] == 0.0
+    dense = next(g for g in groups if g["model"] == "dense")
+    assert 0 < dense["dice_before"] < 1 and dense["mean_displacement_mm"] > 1
+    assert "| test | dense | 1 |" in (tmp_path / "t.md").read_text()
+    assert (tmp_path / "t.png").stat().st_size > 0
