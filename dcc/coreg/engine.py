@@ -43,7 +43,7 @@ class _OverlapLost(RuntimeError):
 VALID = 0.999  # a warped validity mask above this means "inside the image's field of view"
 # EM of the Gamma initialisation and of the stage checks runs on at most this many overlap
 # voxels (a fixed subsample); the dense Gamma is then one E-step (Eq. 20) on the whole overlap
-EM_POINTS = 16384
+EM_POINTS = 8192
 
 
 @dataclass
@@ -406,7 +406,8 @@ class XCoReg:
     ):
         """Resolution levels (and FFD levels) of one try of a stage; fills ``report``."""
         sublevels = max(cfg.levels, cfg.ffd_levels if cfg.name == "ffd" else 1)
-        pyramid = image_pyramid(images, grid, cfg.levels)
+        drop = int(math.log2(cfg.shrink))  # the finest levels a shrunk stage leaves out
+        pyramid = image_pyramid(images, grid, cfg.levels + drop)[: cfg.levels]
         with torch.no_grad():  # overlap at the stage start, per level (the guard's reference)
             start = [self._region(transform, x, g)[2].float().mean().item() for x, g in pyramid]
         per_level = [
@@ -553,11 +554,15 @@ class XCoReg:
                 else:
                     log_gamma, _ = XF.posterior(values, log_f, log_pi)
                 gamma = log_gamma.exp()
-                if log_f_gt is None:  # M-step for the next step (Eqs. 12, 14)
-                    next_log_f = XF.appearance_model(values, gamma, bins)
-                next_log_pi = torch.log(XF.proportions(gamma).clamp_min(XF.EPS))
+                log_pi = torch.log(XF.proportions(gamma).clamp_min(XF.EPS))  # Eq. (14)
             warped = sample(intensities, normalized[:, keep])[:, 0]  # (N, m) with gradient
-            x = XF.x_metric(warped, gamma, bins)  # Eqs. (17), (21)
+            # one Parzen histogram serves X (Eqs. 17, 21) and, detached, the next step's
+            # appearance model (Eq. 12): both are taken on the same sample with the same Gamma
+            counts = XF.joint_histogram(warped, gamma, bins, normalize=False)
+            pmf = counts / counts.sum((-2, -1), keepdim=True).clamp_min(XF.EPS)
+            x = XF.mutual_information(pmf).sum()
+            if log_f_gt is None:
+                log_f = XF.log_pmf(counts.detach())
             loss = -x + cfg.bending_weight * stage.regularization()  # Eq. (15)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -567,9 +572,6 @@ class XCoReg:
                 project_unbiased(transform, grid.center)  # Eq. (37) on the composed phi
             else:
                 stage.reset_(cfg.reference)
-            if log_f_gt is None:
-                log_f = next_log_f
-            log_pi = next_log_pi
             x_value = x.item()
             losses.append(loss.item())
             bar.update(1)

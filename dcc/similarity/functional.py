@@ -234,9 +234,14 @@ def appearance_model(
     intensity (``f = 1``). With one-hot label maps as ``posterior`` this is the ground-truth
     model of Eq. (48).
     """
-    hist = joint_histogram(values, posterior, bins, normalize=False)
-    mass = hist.sum(-2, keepdim=True)
-    return torch.log(hist + eps / bins) - torch.log(mass + eps)
+    return log_pmf(joint_histogram(values, posterior, bins, normalize=False), eps)
+
+
+def log_pmf(counts: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """log f_jk(mu) from Parzen counts ``(*B, N, L, K)`` (see :func:`appearance_model`)."""
+    bins = counts.shape[-2]
+    mass = counts.sum(-2, keepdim=True)
+    return torch.log(counts + eps / bins) - torch.log(mass + eps)
 
 
 # Coefficients of the four beta_3 weights of cubic_bspline_weights (offsets -1..2, rows) as
