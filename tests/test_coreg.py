@@ -228,6 +228,7 @@ def test_auto_config_follows_the_data():
     assert (crop.num_classes, crop.bins, crop.seed) == (preset.num_classes, preset.bins, 2)
     full = auto_config(Grid.from_shape((511, 511), 0.75))
     assert full.stages[0].levels == 4  # coarsest level still 63 voxels wide
+    assert full.stages[1].levels == preset.stages[1].levels  # the FFD's pyramid is the preset's
     small = auto_config(Grid.from_shape((60, 60), 1.0))
     assert [s.name for s in small.stages] == ["rigid"] and small.stages[0].levels == 1
     volume = auto_config(Grid.from_shape((40, 64, 64), 2.0))

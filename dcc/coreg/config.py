@@ -192,9 +192,10 @@ def auto_config(grid: Grid, **overrides) -> XCoRegConfig:
     """Settings picked from the data (dimension and size of ``grid``) when no preset is named.
 
     * 2D (e.g. a multi-sequence cardiac slice): the ``cardiac2d`` preset, tuned on real MyoPS
-      groups: rigid over a pyramid, then one 50 mm FFD level, K = 6, L = 32. Its pyramid gets as
-      many levels as keep the coarsest one at least 48 voxels wide (3 for 224 voxels, 4 for a
-      511-voxel slice); the FFD is skipped for images narrower than two control spacings.
+      groups: rigid over a pyramid, then one 50 mm FFD level over two, K = 8, L = 32. The rigid
+      pyramid gets as many levels as keep the coarsest one at least 48 voxels wide (3 for 192
+      or 224 voxels, 4 for a 511-voxel slice); the FFD is skipped for images narrower than two
+      control spacings.
     * 3D: the ``rire3d`` preset (translation, then rigid with an optimisable centre; K = 8), as
       the paper's RIRE experiment (Sec. 4.2), with the pyramids shortened for small volumes.
 
@@ -202,9 +203,10 @@ def auto_config(grid: Grid, **overrides) -> XCoRegConfig:
     """
     config = load_preset("cardiac2d" if grid.ndim == 2 else "rire3d", **overrides)
     levels = pyramid_levels(grid)
-    for stage in config.stages:
+    for stage in config.stages:  # a 2D linear stage gets the whole pyramid; others are capped
         if stage.levels > 1:
-            stage.levels = levels if grid.ndim == 2 else min(stage.levels, levels)
+            whole = grid.ndim == 2 and stage.name != "ffd"
+            stage.levels = levels if whole else min(stage.levels, levels)
     if grid.ndim == 2 and min(grid.extent) < 2 * max(
         (s.ffd_spacing for s in config.stages if s.name == "ffd"), default=0
     ):
