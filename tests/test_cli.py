@@ -595,3 +595,18 @@ def test_help_states_the_defaults_of_the_presets(capsys):
     classes_3d = load_preset("rire3d").num_classes
     assert f"(default 2D: {cardiac.num_classes:g}; 3D: {classes_3d:g}" in text
     assert f"(default 2D: {cardiac.bins:g};" in text
+
+
+def test_a_group_that_may_have_gone_wrong_is_flagged(tmp_path, capsys, good):
+    """Rigid steps of 10 mm trip the overlap guard on every try: the FFD is skipped, and the
+    screen and report.json name the image and say why."""
+    code, out = register(tmp_path, *good, "--stages", "rigid,ffd", "--lr", "10",
+                         "--iterations", "10")
+    err = capsys.readouterr().err
+    assert code == 0
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert len(report["warnings"]) == 1
+    name, message = report["warnings"][0].split(": ", 1)
+    assert name in report["names"] and "rigid stage was rejected" in message
+    assert f"dcc-register: warning: {report['warnings'][0]}" in err
+    assert report["stages"][1]["iterations"] == 0

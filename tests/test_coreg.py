@@ -446,7 +446,10 @@ def test_ffd_after_a_rejected_linear_stage_is_skipped_and_flagged(ffd_group, ski
     assert not translation["accepted"]
     if skip:
         assert ffd["skipped"] and not ffd["accepted"] and len(result.transform.stages) == 1
-        assert "translation stage was rejected" in ffd["warnings"][0]["message"]
+        warning = ffd["warnings"][0]
+        assert "translation stage was rejected" in warning["message"]
+        assert "slid out of the overlap" in warning["message"]
+        assert warning["image"] in {t["image"] for t in translation["tries"]}
         assert result.stages[1].iterations == 0
     else:
         assert "skipped" not in ffd

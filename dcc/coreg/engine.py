@@ -169,7 +169,7 @@ class XCoReg:
                 rejected = [r for r in diagnostics["stages"] if r["name"] != "ffd"]
                 if (stage_cfg.name == "ffd" and cfg.skip_ffd_after_rejected_linear
                         and rejected and not rejected[-1]["accepted"]):
-                    diagnostics["stages"].append(skipped_ffd(rejected[-1]["name"]))
+                    diagnostics["stages"].append(skipped_ffd(rejected[-1]))
                     reports.append(StageReport("ffd", 0))
                     bar.update(stage_cfg.iterations)
                     continue
@@ -543,6 +543,9 @@ class XCoReg:
             trial["min_overlap_fraction"] = min(trial["min_overlap_fraction"], round(ratio, 4))
             if ratio < cfg.min_overlap:
                 bar.update(iterations - step + 1)
+                # the image that covers least of the sample is the one that slid out
+                covered = (warped_all[:, 1] > VALID).float().mean(1)
+                trial["image"] = int(covered.argmin())
                 raise _OverlapLost(f"overlap fell to {ratio:.2f} of its size at the stage start")
             keep = inside.nonzero().squeeze(1)
             if keep.numel() == 0:
@@ -642,15 +645,20 @@ def deterministic_kernels(enabled: bool = True):
         torch.use_deterministic_algorithms(mode, warn_only=warn_only)
 
 
-def skipped_ffd(linear: str) -> dict:
-    """The diagnostics record of an FFD stage skipped after a rejected ``linear`` stage."""
-    return {
-        "name": "ffd", "accepted": False, "tries": [], "skipped": True,
-        "warnings": [{"message": f"the {linear} stage was rejected by the safeguards on every "
-                                 "try, so the FFD was skipped (it would have had to do the "
-                                 f"{linear} stage's work); the group may be misaligned beyond "
-                                 "what the safeguards allow: check it, or give a --roi"}],
-    }
+def skipped_ffd(linear: dict) -> dict:
+    """The diagnostics record of an FFD stage skipped after the rejected ``linear`` stage (its
+    record), with a warning naming the image that slid out of the overlap most often."""
+    name = linear["name"]
+    warning = {"message": f"the {name} stage was rejected by the safeguards on every try "
+                          f"({linear['tries'][-1]['outcome']}), so the FFD was skipped (it would "
+                          f"have had to do the {name} stage's work); the group may be misaligned "
+                          "beyond what the safeguards allow: check it, or give a --roi"}
+    slid = [t["image"] for t in linear["tries"] if "image" in t]
+    if slid:
+        warning["image"] = max(set(slid), key=slid.count)
+        warning["message"] = "slid out of the overlap; " + warning["message"]
+    return {"name": "ffd", "accepted": False, "tries": [], "skipped": True,
+            "warnings": [warning]}
 
 
 def cosine_factor(step: int, steps: int, final: float) -> float:
