@@ -177,8 +177,7 @@ class Grid:
 
     def world_to_normalized(self, points: torch.Tensor) -> torch.Tensor:
         """Map physical points ``(..., d)`` to ``grid_sample`` coordinates ``(..., d)``."""
-        m = torch.as_tensor(self.world_to_normalized_matrix(), dtype=points.dtype)
-        return apply_matrix(m.to(points.device), points)
+        return apply_matrix(_normalizing_matrix(self, points.device, points.dtype), points)
 
     # ------------------------------------------------------------------ derived grids
     def downsample(self, factor: int = 2) -> Grid:
@@ -205,6 +204,12 @@ class Grid:
             "origin": list(self.origin),
             "direction": list(self.direction),
         }
+
+
+@functools.lru_cache(maxsize=64)
+def _normalizing_matrix(grid: Grid, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``grid.world_to_normalized_matrix()`` as a tensor, cached (read-only)."""
+    return torch.as_tensor(grid.world_to_normalized_matrix(), dtype=dtype, device=device)
 
 
 @functools.lru_cache(maxsize=32)
