@@ -266,3 +266,14 @@ def test_slice_of_3d_stacks_with_a_2d_model(tmp_path, capsys, ckpt, files):
     assert written(tmp_path / "a") == layout(report["names"], labels=True)
     _fails(capsys, cfg(ckpt, tmp_path / "b", stacks, slice=3), "predict.slice 3", "3 slices")
     _fails(capsys, cfg(ckpt, tmp_path / "b", stacks), "3D", "predict.slice=K")
+
+
+def test_overlap_refusal_names_this_modes_setting(tmp_path, capsys, ckpt, files):
+    """A group whose images do not overlap is refused naming predict.min_initial_overlap (the
+    setting of this mode), not dcc-register's option."""
+    images, _, _ = files
+    array = sitk.GetArrayFromImage(sitk.ReadImage(images[1]))
+    far = tmp_path / "far.nii.gz"
+    write_image(far, array, Grid.from_shape(array.shape, 150.0 / 40, origin=(500.0, 0.0)))
+    _fails(capsys, cfg(ckpt, tmp_path / "out", [images[0], str(far)]), str(far),
+           "covers only", "(predict.min_initial_overlap)")

@@ -134,16 +134,23 @@ def overlap_fractions(valid: torch.Tensor) -> tuple[float, list[float]]:
     return inside.all(0).float().mean().item(), inside.float().mean(1).tolist()
 
 
-def check_overlap(valid: torch.Tensor, paths: list[str], reference: int, minimum: float) -> dict:
+def check_overlap(
+    valid: torch.Tensor,
+    paths: list[str],
+    reference: int,
+    minimum: float,
+    option: str = "--min-initial-overlap",
+) -> dict:
     """Refuse a group whose common overlap is below ``minimum`` (naming the image that covers
-    the least of the common grid); return the fractions for ``report.json``."""
+    the least of the common grid, and the ``option`` that sets the minimum); return the
+    fractions for ``report.json``."""
     together, each = overlap_fractions(valid)
     if together < minimum:
         j = min(range(len(each)), key=each.__getitem__)
         raise InputError(
             f"{paths[j]}: covers only {each[j]:.0%} of the common grid (the grid of "
             f"{paths[reference]}), all images together {together:.0%}; need at least "
-            f"{minimum:.0%} (--min-initial-overlap): check the images' origins and orientations, "
+            f"{minimum:.0%} ({option}): check the images' origins and orientations, "
             "or list the image with the smallest field of view first"
         )
     return {"all": round(together, 4), "per_image": [round(f, 4) for f in each]}

@@ -241,7 +241,8 @@ def run_prediction(cfg: Mapping[str, Any]) -> dict:
     originals, labels, common, images, valid, labels_before = _read_group(
         model, paths, label_paths, str(p.get("grid", "model")), p.get("slice")
     )
-    overlap = check_overlap(valid, paths, 0, float(p.get("min_initial_overlap", 0.25)))
+    overlap = check_overlap(valid, paths, 0, float(p.get("min_initial_overlap", 0.25)),
+                            option="predict.min_initial_overlap")
     start = time.perf_counter()
     result = predict_group(model, images, domains, refine_iterations, common.spacing)
     seconds = time.perf_counter() - start
