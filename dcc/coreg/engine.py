@@ -107,7 +107,7 @@ class XCoReg:
     integer maps ``(N, *grid.shape)`` give the ground-truth appearance model of X-Reg-GT
     (Eq. 48), required for ``method="xcoreg-gt"``.
 
-    Beyond Algorithm 1, three safeguards keep a registration from making a group worse
+    Beyond Algorithm 1, safeguards keep a registration from making a group worse
     (settings in :class:`XCoRegConfig`, outcome in ``result.diagnostics``):
 
     * Gamma^[0] is not used raw: ``em_warmup`` EM steps (Eqs. 20, 12, 14) on the initial
@@ -116,9 +116,13 @@ class XCoReg:
     * Overlap guard: a stage stops as soon as the overlap region Omega^phi (Eq. 14) falls below
       ``min_overlap`` of its size at the stage start (MI rewards cutting away what it cannot
       explain).
-    * Objective check: X with Gamma re-estimated on the whole overlap must not be lower after a
-      stage than before it. A rejected stage restarts from its start with half the step size,
-      at most ``restarts`` times, and is left at its start if no try is accepted.
+    * Objective check: X with Gamma re-estimated on the overlap must not be lower after a stage
+      than before it. A rejected stage restarts from its start with half the step size, at most
+      ``restarts`` times, and is left at its start if no try is accepted.
+    * An FFD stage after a linear stage that no try got past these checks is skipped and the
+      group flagged (``skip_ffd_after_rejected_linear``); with ``StageConfig.tries > 1`` the
+      medoid of the tries is kept and a disagreement beyond ``spread_warning`` mm is flagged.
+      Flags are ``warnings`` in the stage records of ``result.diagnostics``.
 
     In unbiased mode Eq. (37) holds for the composed phi (all stages), not for each stage alone.
     """
