@@ -4,6 +4,7 @@ With no arguments: DCC+All on the embedded cardiac phantom, on CPU, then the tes
 """
 
 import os
+import sys
 from pathlib import Path
 
 import hydra
@@ -20,6 +21,12 @@ def main(cfg: DictConfig) -> float | None:
 
     tolerant_console()
     result = run_training(cfg)
+    if result["interrupted"]:  # exit 128 + SIGTERM, as a killed process, with the resume line
+        last = result["last_ckpt"]
+        resume = (f"resume with ckpt_path={last} (and the same overrides)" if last
+                  else "no checkpoint was written yet, nothing to resume")
+        print(f"train.py: terminated (SIGTERM); {resume}", file=sys.stderr)
+        sys.exit(143)
     print(format_summary(result, "test" if cfg.get("test", True) else "val"))
     # the value an optimisation sweep maximises
     return result["metrics"].get("val/reg_dsc")

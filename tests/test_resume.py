@@ -5,11 +5,16 @@ with the same seed ends."""
 from __future__ import annotations
 
 import csv
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import torch
 from test_configs import compose_cfg
-from tiny_runs import TINY_CLI
+from tiny_runs import ROOT, TINY_CLI
 
 from dcc.lit.train import run_training
 
@@ -59,3 +64,26 @@ def test_without_saved_random_state_the_data_differ(tmp_path):
     a = torch.load(full["last_ckpt"], weights_only=True)["state_dict"]
     b = torch.load(resumed["last_ckpt"], weights_only=True)["state_dict"]
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_exits_143_with_the_resume_line(tmp_path):
+    """A scheduler's SIGTERM: training stops, no test of the cut-short run, exit 143 (not 0) and
+    one line that says how to resume from last.ckpt."""
+    run = tmp_path / "run"
+    args = [*TINY_CLI, "trainer.max_epochs=1000", f"hydra.run.dir={run}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    last = run / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 180
+    while not last.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert last.exists(), "no epoch finished in time"
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err[-2000:]
+    line = err.strip().splitlines()[-1]
+    assert line == f"train.py: terminated (SIGTERM); resume with ckpt_path={last} (and the same " \
+                   "overrides)"
+    assert not (run / "metrics" / "test_groups.csv").exists()  # the cut-short run is not tested

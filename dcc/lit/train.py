@@ -13,6 +13,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from dcc.coreg.refine import check_iterations
 from dcc.lit.module import DCCModule
@@ -105,8 +106,9 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     """Fit the model on the data of ``cfg``, then test the best checkpoint (by ``val/reg_dsc``).
 
     Returns ``{"metrics": {name: value}, "best_ckpt": path or None, "last_ckpt": path or None,
-    "output_dir": run folder}``; the metrics hold the last validation values and, with
-    ``cfg.test``, the test values.
+    "output_dir": run folder, "interrupted": bool}``; the metrics hold the last validation values
+    and, with ``cfg.test``, the test values. A run stopped by SIGTERM is ``interrupted`` and not
+    tested.
     """
     _setup(cfg)
     datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data)
@@ -121,13 +123,17 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     os.makedirs(trainer.default_root_dir, exist_ok=True)
     _log_config(trainer, cfg)
     metrics: dict[str, float] = {}
+    interrupted = False
     if cfg.get("train", True):
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        try:
+            trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        except SIGTERMException:  # Lightning's clean stop on SIGTERM (a SystemExit with code 0)
+            interrupted = True
         metrics.update(_metrics(trainer))
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path if checkpoint is not None else ""
     last = checkpoint.last_model_path if checkpoint is not None else ""
-    if cfg.get("test", True):
+    if cfg.get("test", True) and not interrupted:  # no test of a run cut short by SIGTERM
         # fast_dev_run and runs without a checkpoint callback test the weights in memory
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
         metrics.update(_metrics(trainer))
@@ -136,6 +142,7 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         "best_ckpt": best or None,
         "last_ckpt": last or None,
         "output_dir": trainer.default_root_dir,
+        "interrupted": interrupted,
     }
 
 
