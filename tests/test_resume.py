@@ -74,7 +74,8 @@ def test_sigterm_exits_143_with_the_resume_line(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True, encoding="utf-8",
+                               errors="replace")
     last = run / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 180
     while not last.exists() and process.poll() is None and time.monotonic() < deadline:
