@@ -147,3 +147,21 @@ def test_run_folder_under_outputs():
         cfg = compose(config_name="train.yaml", return_hydra_config=True)
     assert cfg.hydra.run.dir.startswith(f"{cfg.paths.root_dir}/outputs/train/runs/")
     assert "outputs/train/multiruns/" in cfg.hydra.sweep.dir
+
+
+def test_another_data_group_replaces_the_default_experiments_data(tmp_path):
+    """`python train.py data=myops` (a README command): the MyoPS module with its own settings,
+    none of the default experiment's phantom sizes (they once made it fail with a TypeError)."""
+    default = compose_cfg(tmp_path, []).data
+    assert default._target_.endswith("CardiacPhantomDataModule")
+    assert (default.image_size, default.num_train, default.num_val, default.num_test) == (
+        64, 64, 8, 40)
+    myops = compose_cfg(tmp_path, ["data=myops"]).data
+    assert myops._target_.endswith("MyoPSDataModule")
+    assert "num_train" not in myops and myops.image_size == 128
+    import inspect
+
+    from dcc.lit.datamodules import MyoPSDataModule
+
+    accepted = set(inspect.signature(MyoPSDataModule.__init__).parameters)
+    assert set(myops) - {"_target_", "_convert_"} <= accepted
