@@ -190,3 +190,22 @@ def test_table5_gathers_the_run(trained, tmp_path):
     assert "| DCC+BS | missing |" in text and str(trained["best_ckpt"]) in text
     assert (tmp_path / "table5.csv").is_file() and (tmp_path / "table5_ttests.csv").is_file()
     assert (tmp_path / "table5_median.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_readme_command_train_on_myops(tmp_path):
+    """`DCC_DATA_ROOT=... python train.py data=myops` as the README shows it (a tiny budget):
+    the default experiment's phantom sizes no longer reach the MyoPS module."""
+    from tiny_runs import run_script
+
+    run = tmp_path / "run"
+    proc = run_script(
+        "train.py",
+        ["data=myops", "trainer.max_epochs=1", "++trainer.limit_train_batches=2",
+         "++trainer.limit_val_batches=1", "++trainer.limit_test_batches=1", "threads=1",
+         f"hydra.run.dir={run}"],
+        tmp_path,
+        env={"DCC_DATA_ROOT": str(ROOT)},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (run / "checkpoints" / "last.ckpt").exists()
+    assert "Reg DSC mean" in proc.stdout
