@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import sys
 import time
 from pathlib import Path
@@ -27,13 +28,18 @@ PROG = "dcc-register"
 AUTO_PRESETS = {"2D": "cardiac2d", "3D": "rire3d", "phantom": "brain2d"}
 
 
+@functools.cache
+def _auto_presets() -> dict:
+    """The presets of :data:`AUTO_PRESETS`, read once (``--help`` asks for nine settings)."""
+    return {label: load_preset(name) for label, name in AUTO_PRESETS.items()}
+
+
 def preset_defaults(key: str) -> str:
     """What ``key`` is in each preset that ``dcc-register`` picks by itself, for ``--help``:
     a top-level setting (e.g. ``bins``), or a stage setting per stage (e.g. ``lr``, with its
     cosine decay factor)."""
     parts = []
-    for label, name in AUTO_PRESETS.items():
-        config = load_preset(name)
+    for label, config in _auto_presets().items():
         if hasattr(config, key):
             parts.append(f"{label}: {getattr(config, key):g}")
             continue

@@ -29,9 +29,6 @@ class StageConfig:
     iterations: int = 200
     lr: float = 0.1  # Adam step; mm for offsets, centres and FFD coefficients
     levels: int = 1  # resolution levels of the image pyramid
-    # shrink factor of the finest level (a power of 2): 2 leaves the full resolution to the
-    # next stage (a rigid stage on 48^2 and 96^2 of a 192^2 group, the FFD at 192^2)
-    shrink: int = 1
     bins: int | None = None  # overrides XCoRegConfig.bins for this stage
     angle_scale: float = 0.01  # rigid: rotation step = lr * angle_scale (radians)
     matrix_scale: float = 0.01  # affine: matrix step = lr * matrix_scale
@@ -53,8 +50,6 @@ class StageConfig:
             raise ValueError(f"unknown stage '{self.name}'; choose from {', '.join(STAGES)}")
         if self.iterations < 1 or self.levels < 1 or self.ffd_levels < 1 or self.tries < 1:
             raise ValueError(f"stage '{self.name}': iterations, levels and tries must be >= 1")
-        if self.shrink < 1 or self.shrink & (self.shrink - 1):
-            raise ValueError(f"stage '{self.name}': shrink must be a power of 2, got {self.shrink}")
         if self.lr <= 0 or self.ffd_spacing <= 0:
             raise ValueError(f"stage '{self.name}': lr and ffd_spacing must be positive")
         if not 0 < self.lr_final <= 1:
@@ -114,7 +109,7 @@ class XCoRegConfig:
     # An FFD stage after a linear stage that no try got past the safeguards is skipped (and the
     # group flagged): on MyoPS groups whose rigid stage was rejected, the FFD then moved the
     # images by 4-6 mm, doing the rigid's work, and ended below the start in 3 of 6 groups
-    # (results/myops_bench.md)
+    # (results/myops_bench/README.md)
     skip_ffd_after_rejected_linear: bool = True
 
     def __post_init__(self):

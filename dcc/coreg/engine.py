@@ -149,8 +149,8 @@ class XCoReg:
         n = images.shape[0]
         self._check_inputs(images, grid, valid, labels, roi)
         device = torch.device(cfg.device)
-        self._roi = {} if roi is None else {grid: roi.to(device).reshape(-1).bool()}
         self._roi_source = (None if roi is None else roi.to(device).float(), grid)
+        self._roi_cache: dict = {}  # the roi on each level's lattice
         torch.manual_seed(cfg.seed)
         # random draws come from a CPU generator and are moved to the device: the same seed
         # gives the same Gamma^[0] and coordinate samples on every device
@@ -170,10 +170,10 @@ class XCoReg:
         total = sum(s.iterations for s in cfg.stages)
         with tqdm(total=total, disable=not cfg.progress, desc="X-CoReg", leave=False) as bar:
             for stage_cfg in cfg.stages:
-                rejected = [r for r in diagnostics["stages"] if r["name"] != "ffd"]
+                linear = [r for r in diagnostics["stages"] if r["name"] != "ffd"]
                 if (stage_cfg.name == "ffd" and cfg.skip_ffd_after_rejected_linear
-                        and rejected and not rejected[-1]["accepted"]):
-                    diagnostics["stages"].append(skipped_ffd(rejected[-1]))
+                        and linear and not linear[-1]["accepted"]):
+                    diagnostics["stages"].append(skipped_ffd(linear[-1]))
                     reports.append(StageReport("ffd", 0))
                     bar.update(stage_cfg.iterations)
                     continue
@@ -241,11 +241,11 @@ class XCoReg:
         source, base = self._roi_source
         if source is None:
             return None
-        if grid not in self._roi:
+        if grid not in self._roi_cache:  # on the roi's own grid this gives the roi exactly
             points = grid.points(device=source.device).reshape(1, -1, grid.ndim)
             inside = sample(source[None, None], base.world_to_normalized(points))
-            self._roi[grid] = inside.reshape(-1) > 0.5
-        return self._roi[grid]
+            self._roi_cache[grid] = inside.reshape(-1) > 0.5
+        return self._roi_cache[grid]
 
     def _region(self, transform, images, grid):
         """:func:`warp_group` with the overlap region restricted to the region of interest."""
@@ -410,8 +410,7 @@ class XCoReg:
     ):
         """Resolution levels (and FFD levels) of one try of a stage; fills ``report``."""
         sublevels = max(cfg.levels, cfg.ffd_levels if cfg.name == "ffd" else 1)
-        drop = int(math.log2(cfg.shrink))  # the finest levels a shrunk stage leaves out
-        pyramid = image_pyramid(images, grid, cfg.levels + drop)[: cfg.levels]
+        pyramid = image_pyramid(images, grid, cfg.levels)
         with torch.no_grad():  # overlap at the stage start, per level (the guard's reference)
             start = [self._region(transform, x, g)[2].float().mean().item() for x, g in pyramid]
         per_level = [
@@ -479,11 +478,9 @@ class XCoReg:
             log_pi = torch.log(XF.proportions(log_gamma.exp()).clamp_min(XF.EPS))
             loglik = log_evidence.mean().item()
         terms = XF.x_metric(sub, log_gamma.exp(), bins, reduction="none")  # I(U_j; Z) per image
-        log_gamma, _ = XF.posterior(values, log_f, log_pi)
         where = overlap if dense is None else dense
-        log_gamma = torch.where(where.unsqueeze(-1), log_gamma, common.log_gamma)
         return {
-            "common": CommonSpace(common.grid, log_gamma, log_pi),
+            "common": dense_posterior(common, values, where, log_f, log_pi),
             "x": terms.sum().item(),
             "x_images": terms.tolist(),
             "log_likelihood": loglik,
@@ -599,9 +596,7 @@ class XCoReg:
         if log_f is None:
             return common
         _, values, overlap = warp_group(transform, images, grid)
-        log_gamma, _ = XF.posterior(values, log_f, log_pi)
-        log_gamma = torch.where(overlap.unsqueeze(-1), log_gamma, common.log_gamma)
-        return CommonSpace(common.grid, log_gamma, log_pi)
+        return dense_posterior(common, values, overlap, log_f, log_pi)
 
     def _converged(self, losses):
         p = self.config.patience
@@ -647,6 +642,15 @@ def deterministic_kernels(enabled: bool = True):
             yield
     finally:
         torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+
+
+@torch.no_grad()
+def dense_posterior(common: CommonSpace, values, where, log_f, log_pi) -> CommonSpace:
+    """Gamma (Eq. 20) of warped ``values`` ``(N, M)`` from ``log_f`` and ``log_pi`` where
+    ``where`` ``(M,)`` holds, ``common``'s Gamma elsewhere."""
+    log_gamma, _ = XF.posterior(values, log_f, log_pi)
+    log_gamma = torch.where(where.unsqueeze(-1), log_gamma, common.log_gamma)
+    return CommonSpace(common.grid, log_gamma, log_pi)
 
 
 def skipped_ffd(linear: dict) -> dict:
