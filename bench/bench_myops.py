@@ -357,7 +357,8 @@ def main(argv=None) -> int:
         f"# MyoPS bench `{args.tag}`\n\nCommand: `python bench/bench_myops.py "
         f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
         f"Hardware: {_hardware()}; {args.workers} worker(s) x {args.threads} torch thread(s); "
-        f"{len(results)} groups in {time.perf_counter() - started:.0f} s. "
+        f"{len(results)} groups in {time.perf_counter() - started:.0f} s.\n\n"
+        f"Budget per group: {budget(settings)}.\n\n"
         f"Splits: tune = {', '.join(TUNE_CASES)}; test = the other shared patients.\n\n"
     )
     (out / f"{args.tag}.md").write_text(header + md + "\n")
@@ -367,6 +368,15 @@ def main(argv=None) -> int:
     plot(results, out / f"{args.tag}.png", f"MyoPS bench {args.tag}")
     print(f"bench_myops: wrote {out / args.tag}.{{md,json,png}}")
     return 0
+
+
+def budget(settings: dict) -> str:
+    """The registration work per group, from the settings in ``report.json``."""
+    stages = ", ".join(
+        f"{s['name']} {s['iterations']} steps over {s['levels']} level(s)"
+        for s in settings.get("stages", [])
+    )
+    return f"K = {settings.get('num_classes')}, L = {settings.get('bins')}, {stages}"
 
 
 def _hardware() -> str:
