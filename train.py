@@ -1,6 +1,7 @@
 """Train deep combined computing: ``python train.py [overrides]`` (Hydra, conf/train.yaml).
 
 With no arguments: DCC+All on the embedded cardiac phantom, on CPU, then the test Dice.
+Bad input (data, settings, checkpoints) stops before anything is written: one line, exit 2.
 """
 
 import os
@@ -17,10 +18,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train.yaml")
 def main(cfg: DictConfig) -> float | None:
-    from dcc.lit.train import format_summary, run_training, tolerant_console
+    from dcc.lit.entry import exit_on_bad_input
+    from dcc.lit.train import format_summary, prepare_training, run_training, tolerant_console
 
     tolerant_console()
-    result = run_training(cfg)
+    with exit_on_bad_input():
+        prepared = prepare_training(cfg)
+    result = run_training(cfg, prepared)
     if result["interrupted"]:  # exit 128 + SIGTERM, as a killed process, with the resume line
         last = result["last_ckpt"]
         resume = (f"resume with ckpt_path={last} (and the same overrides)" if last

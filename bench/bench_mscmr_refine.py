@@ -47,8 +47,8 @@ from dcc.coreg import XCoReg
 from dcc.coreg.config import auto_config
 from dcc.coreg.refine import FFD_SPACING, LR, refine_group
 from dcc.evaluation.metrics import pairwise_dice
+from dcc.lit.checkpoints import load_checkpoint
 from dcc.lit.datamodules import MyoPSDataModule
-from dcc.lit.predict import load_checkpoint
 from dcc.spatial.fields import warp
 from dcc.spatial.grid import Grid
 

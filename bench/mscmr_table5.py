@@ -150,19 +150,14 @@ def read_groups(path: Path) -> dict[str, dict[str, float]]:
 
 
 def data_settings(checkpoint: Path, data: Sequence[str] = ()) -> dict[str, Any]:
-    """The data-module settings a checkpoint was trained with (``datamodule_hyper_parameters``),
-    with a moved data root or a missing cache folder dropped and ``data`` (``key=value``,
+    """The data-module settings a checkpoint was trained with, without its places (data root,
+    split file, cache: :func:`dcc.lit.checkpoints.data_settings`), with ``data`` (``key=value``,
     YAML values) applied; the test groups of the Table are made from these."""
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=True).get(
-        "datamodule_hyper_parameters"
-    )
+    from dcc.lit.checkpoints import data_settings as checkpoint_data_settings
+
+    saved = checkpoint_data_settings(torch.load(checkpoint, map_location="cpu", weights_only=True))
     if not saved:
         raise ValueError(f"{checkpoint}: no data-module settings saved; cannot rebuild its data")
-    saved = dict(saved)
-    if saved.get("root") and not Path(saved["root"]).is_dir():
-        saved["root"] = None  # moved data: $DCC_DATA_ROOT or ../shared/data
-    if saved.get("cache_dir") and not Path(saved["cache_dir"]).parent.is_dir():
-        saved["cache_dir"] = None
     for item in data:
         key, sep, value = item.partition("=")
         if not sep or key not in saved:
@@ -623,7 +618,7 @@ def median_figure(
     """The median group registered by every strategy (PNG like the paper's Fig. 10), and each
     model's time for one group (median of ``repeats`` forward passes + EM, batch of one)."""
     from dcc.evaluation.figures import _draw_label_contours, _label_colours, _normalise, _save
-    from dcc.lit.predict import load_checkpoint
+    from dcc.lit.checkpoints import load_checkpoint
     from dcc.spatial.fields import warp
 
     chosen = median_case(runs)

@@ -169,6 +169,8 @@ def test_myops_datamodule(tmp_path):
         split_file=split, image_size=48, spacing=3.0, batch_size=2, with_atlas=True, num_ffds=2
     )
     dm.setup("fit")
+    assert "test" not in dm.datasets  # read when a stage needs it
+    dm.setup("test")
     train, val = dm.datasets["train"], dm.datasets["val"]
     assert len(val) == len(val.slices) * 4 * 2  # 4 FFD levels x num_ffds fixed groups per slice
     assert {s.case for s in train.slices} == {cases[0]}
@@ -196,7 +198,7 @@ def test_myops_datamodule(tmp_path):
     # a validation subset: 2 of the 8 groups of every slice, one per half of the bank; test intact
     sub = MyoPSDataModule(split_file=split, image_size=48, spacing=3.0, num_ffds=2,
                           val_groups_per_slice=2)
-    sub.setup("fit")
+    sub.setup()  # every split
     names = [sub.datasets["val"][i]["case"] for i in range(len(sub.datasets["val"]))]
     assert len(names) == 2 * len(val.slices)
     assert names[:2] == [val[0]["case"], val[4]["case"]]

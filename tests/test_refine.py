@@ -15,8 +15,9 @@ from dcc.coreg.refine import check_iterations, refine_batch, refine_group
 from dcc.data.cardiac_phantom import cardiac_phantom
 from dcc.data.io import write_image
 from dcc.evaluation.metrics import pairwise_dice
+from dcc.lit.checkpoints import load_checkpoint
 from dcc.lit.datamodules import CardiacPhantomDataModule
-from dcc.lit.predict import load_checkpoint, main, run_prediction
+from dcc.lit.predict import main, run_prediction
 from dcc.spatial.fields import compose_displacements, warp
 from dcc.spatial.grid import Grid
 

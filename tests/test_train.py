@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 import torch
 from test_configs import compose_cfg
 
+from dcc.data.io import InputError
 from dcc.lit.datamodules import CardiacPhantomDataModule
 from dcc.lit.module import DCCModule
 from dcc.lit.train import format_summary, run_evaluation, run_training, warm_start
@@ -247,7 +248,7 @@ def test_init_from_warm_starts_the_weights_only(trained, tmp_path):
     assert torch.equal(weight[-1], torch.ones_like(weight[-1]))
     assert torch.equal(atlas.state_dict()["net.encoder.0.convs.0.weight"],
                        state["net.encoder.0.convs.0.weight"])
-    with pytest.raises(FileNotFoundError, match="init_from=.*no such checkpoint"):
+    with pytest.raises(InputError, match="init_from=.*checkpoint file not found"):
         warm_start(model, str(tmp_path / "missing.ckpt"))
 
 

@@ -89,3 +89,63 @@ def tiny_checkpoint(tmp_path_factory, strategy: str = "dcc_all") -> Path:
         torch.save(checkpoint, path)
         _CHECKPOINTS[strategy] = path
     return _CHECKPOINTS[strategy]
+
+
+def write_myops_case(root: Path, case: str, shape: tuple[int, int, int] = (3, 48, 48)) -> Path:
+    """A tiny MyoPS-like case ``root/myops2020/<case>/<case>_{C0,LGE,T2,gd}.nii.gz``: ``shape``
+    (slices, rows, columns) at 2 x 2 x 8 mm, LV blood pool (500) in a myocardial ring (200)
+    beside an RV (600) on every slice, each sequence with its own intensities and noise."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    folder = root / "myops2020" / case
+    folder.mkdir(parents=True, exist_ok=True)
+    z, y, x = np.meshgrid(*(np.arange(n) for n in shape), indexing="ij")
+    cy, cx = shape[1] / 2, shape[2] / 2 - 4
+    r = np.hypot(y - cy, x - cx)
+    labels = np.zeros(shape, np.int16)
+    labels[r < 10] = 200
+    labels[r < 6] = 500
+    labels[(np.hypot(y - cy, x - cx - 15) < 6) & (labels == 0)] = 600
+    rng = np.random.default_rng(sum(map(ord, case)))
+    means = {"C0": (0.2, 0.4, 1.0, 0.9), "LGE": (0.3, 0.2, 0.8, 0.7), "T2": (0.1, 0.6, 0.5, 0.6)}
+    values = {0: 0, 200: 1, 500: 2, 600: 3}
+    index = np.vectorize(values.get)(labels)
+    for name, mean in {**means, "gd": None}.items():
+        array = labels if mean is None else (
+            np.asarray(mean)[index] * 500 + rng.normal(0, 10, shape)).astype(np.float32)
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing((2.0, 2.0, 8.0))
+        sitk.WriteImage(image, str(folder / f"{case}_{name}.nii.gz"))
+    return folder
+
+
+def write_myops_tree(root: Path, cases: dict[str, list[str]]) -> Path:
+    """:func:`write_myops_case` for every case of ``cases`` (``{"train": [...], "val": [...],
+    "test": [...]}``) and that split as ``root/split.json``; returns the split file."""
+    import json
+
+    for names in cases.values():
+        for case in names:
+            write_myops_case(root, case)
+    split = root / "split.json"
+    split.write_text(json.dumps(cases), encoding="utf-8")
+    return split
+
+
+# a tiny MyoPS run on write_myops_tree's data: 32x32 at 3 mm, C = 4, L_R = 2
+TINY_MYOPS_CLI = [
+    "data=myops",
+    "data.image_size=32",
+    "data.spacing=3.0",
+    "data.margin=5",
+    "data.num_ffds=1",
+    "data.batch_size=2",
+    "model.net.channels=4",
+    "model.net.levels=2",
+    "model.figure_every=0",
+    "threads=1",
+    "~callbacks.rich_progress_bar",
+    "+trainer.enable_progress_bar=false",
+    "+trainer.enable_model_summary=false",
+]

@@ -25,6 +25,7 @@ test items are fixed by ``seed`` and the item index.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -481,16 +482,23 @@ class MyoPSSliceDataset(Dataset):
 
 
 def _cached_slices(case_dir: Path, cache_dir: str | os.PathLike | None, **kwargs) -> list:
-    """:func:`myops_roi_slices`, kept in ``cache_dir`` (a ``.pt`` file per case and setting)."""
+    """:func:`myops_roi_slices`, kept in ``cache_dir``: one ``.pt`` file per case, keyed by what
+    it was made from (the case folder's absolute path, the name, size and modification time of
+    each of its files) and the settings ``kwargs``, so that another folder with a case of the
+    same name, an edited file or another setting is read afresh, never served from the cache."""
     if cache_dir is None:
         return myops_roi_slices(case_dir, **kwargs)
-    key = "_".join(f"{v}" for v in kwargs.values())
-    path = Path(cache_dir) / f"myops_{case_dir.name}_{key}.pt"
+    folder = Path(case_dir).resolve()
+    files = [(p.name, p.stat().st_size, p.stat().st_mtime_ns)
+             for p in sorted(folder.iterdir()) if p.is_file()]
+    source = json.dumps([str(folder), files, sorted(kwargs.items())], default=str)
+    key = hashlib.sha256(source.encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"myops_{folder.name}_{key}.pt"
     if path.is_file():
         return [MyoPSSlice(**d) for d in torch.load(path)]
     slices = myops_roi_slices(case_dir, **kwargs)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
     torch.save([vars(s) for s in slices], tmp)
     tmp.replace(path)
     return slices

@@ -254,7 +254,14 @@ class MyoPSDataModule(_GroupDataModule):
         return root
 
     def setup(self, stage: str | None = None) -> None:
-        if self.datasets:
+        """Read the cases of the splits ``stage`` needs (``fit``: train and val, ``test``: test;
+        ``None``: all), and the training cases also for the ``dcc_at`` atlas."""
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",),
+                  "predict": ("test",)}.get(stage or "", ("train", "val", "test"))
+        if self.with_atlas:
+            wanted = ("train", *wanted)
+        wanted = [split for split in dict.fromkeys(wanted) if split not in self.datasets]
+        if not wanted:
             return
         root, splits = self.data_folder(), read_split(self.split_file)
         kwargs = dict(
@@ -267,18 +274,20 @@ class MyoPSDataModule(_GroupDataModule):
             tau=self.tau,
             cache_dir=self.cache_dir,
         )
-        train = MyoPSSliceDataset(
-            splits["train"], "train", augmentation=self.augmentation, **kwargs
-        )
-        if self.with_atlas:
-            self.atlas = train.atlas_from_c0()
-            train.atlas = self.atlas
-        self.datasets["train"] = train
-        for split in ("val", "test"):
-            self.datasets[split] = MyoPSSliceDataset(
-                splits[split], split, atlas=self.atlas, **kwargs
+        if "train" in wanted:
+            train = MyoPSSliceDataset(
+                splits["train"], "train", augmentation=self.augmentation, **kwargs
             )
-        if self.val_groups_per_slice is not None:
+            if self.with_atlas:
+                self.atlas = train.atlas_from_c0()
+                train.atlas = self.atlas
+            self.datasets["train"] = train
+        for split in ("val", "test"):
+            if split in wanted:
+                self.datasets[split] = MyoPSSliceDataset(
+                    splits[split], split, atlas=self.atlas, **kwargs
+                )
+        if "val" in wanted and self.val_groups_per_slice is not None:
             val = self.datasets["val"]
             per_slice = len(val.combinations)
             picks = [round(i * per_slice / self.val_groups_per_slice)

@@ -27,6 +27,7 @@ import torch
 from dcc.coreg.refine import refine_batch
 from dcc.evaluation.figures import save_montage
 from dcc.evaluation.metrics import dice, pairwise_dice
+from dcc.lit.checkpoints import DATAMODULE_CLASS_KEY
 from dcc.losses import DCCLoss, DCCLossOutput
 from dcc.nets import DCCNet, DCCOutput
 from dcc.spatial.fields import compose_displacements, folding_count, warp, zero_mean
@@ -318,12 +319,23 @@ class DCCModule(pl.LightningModule):
 
     def configure_optimizers(self) -> list[Optimizer]:
         """[(E, D_s) optimizer, D_r optimizer] (paper: Adam, 1e-3 and 1e-4)."""
-        make_seg = self.optimizer_seg or (lambda p: torch.optim.Adam(p, lr=1e-3, fused=True))
-        make_reg = self.optimizer_reg or (lambda p: torch.optim.Adam(p, lr=1e-4, fused=True))
-        return [
-            make_seg(self.net.segmentation_parameters()),
-            make_reg(self.net.registration_parameters()),
-        ]
+        made = []
+        for name, make, lr, params in (
+            ("optimizer_seg", self.optimizer_seg, 1e-3, self.net.segmentation_parameters()),
+            ("optimizer_reg", self.optimizer_reg, 1e-4, self.net.registration_parameters()),
+        ):
+            try:
+                made.append(make(params) if make else torch.optim.Adam(params, lr, fused=True))
+            except ValueError as error:  # a bad setting (torch: "Invalid learning rate: -0.1")
+                raise ValueError(f"model.{name}: {error}") from None
+        return made
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the data module's class beside its settings (a resume of another data set is
+        refused: :func:`dcc.lit.checkpoints.check_resume`)."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
+        if datamodule is not None:
+            checkpoint[DATAMODULE_CLASS_KEY] = type(datamodule).__name__
 
     # ------------------------------------------------------------------ figures
     @property

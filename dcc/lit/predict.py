@@ -37,43 +37,16 @@ from dcc.evaluation.outputs import (
     write_group,
     write_report,
 )
+from dcc.lit.checkpoints import load_checkpoint
+from dcc.lit.entry import exit_on_bad_input, remove_run_folder
 from dcc.lit.module import DCCModule
 from dcc.spatial.fields import folding_count
 from dcc.spatial.grid import Grid
 
-__all__ = ["load_checkpoint", "model_grid", "predict_group", "run_prediction", "main"]
+__all__ = ["model_grid", "predict_group", "run_prediction", "main"]
 
 PROG = "evaluate.py mode=predict"
 GRIDS = ("model", "image")
-
-
-def load_checkpoint(path: str | None, device: str = "cpu") -> DCCModule:
-    """The DCC model of a checkpoint, in eval mode; :class:`InputError` naming the file when it
-    is missing, cannot be read, or is not a DCC checkpoint."""
-    if not path:
-        raise InputError("ckpt_path: give the checkpoint to predict with (ckpt_path=PATH)")
-    if not Path(path).is_file():
-        raise InputError(f"ckpt_path {path}: checkpoint file not found")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle, zip and torch errors alike: not a readable checkpoint
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(f"ckpt_path {path}: cannot read the checkpoint ({reason})") from None
-    if not isinstance(checkpoint, Mapping) or not {"state_dict", "hyper_parameters"} <= set(
-        checkpoint
-    ):
-        raise InputError(
-            f"ckpt_path {path}: not a DCC checkpoint (no state_dict and hyper_parameters); "
-            "use a checkpoint written by train.py (checkpoints/*.ckpt)"
-        )
-    hparams = dict(checkpoint["hyper_parameters"])
-    try:
-        model = DCCModule(**hparams)
-        model.load_state_dict(checkpoint["state_dict"])
-    except (TypeError, ValueError, RuntimeError, KeyError) as error:
-        reason = str(error).strip().splitlines()[0]
-        raise InputError(f"ckpt_path {path}: not a DCC model checkpoint ({reason})") from None
-    return model.to(device).eval()
 
 
 def model_grid(first: Grid, spacing: Sequence[float] | None) -> Grid:
@@ -293,11 +266,13 @@ def run_prediction(cfg: Mapping[str, Any]) -> dict:
 def main(cfg: Mapping[str, Any]) -> dict:
     """``evaluate.py mode=predict``: one clear line and exit status 2 on bad input."""
     try:
-        report = run_prediction(cfg)
-    except (InputError, ValueError) as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+        with exit_on_bad_input(PROG):
+            try:
+                report = run_prediction(cfg)
+            except ValueError as error:
+                raise InputError(str(error)) from None
     except KeyboardInterrupt:  # while the output folder is open, it handles Ctrl-C itself
+        remove_run_folder()
         print(f"{PROG}: interrupted; nothing written", file=sys.stderr)
         raise SystemExit(130) from None
     out = cfg["predict"]["out"]

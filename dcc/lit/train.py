@@ -6,20 +6,32 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from dcc.coreg.refine import check_iterations
+from dcc.data.io import InputError
+from dcc.lit.checkpoints import (
+    DATAMODULE_CLASS_KEY,
+    check_resume,
+    data_settings,
+    load_checkpoint,
+    network_mismatch,
+    read_checkpoint,
+)
 from dcc.lit.module import DCCModule
 
 __all__ = [
-    "instantiate_list", "run_training", "run_evaluation", "format_summary", "tolerant_console"
+    "instantiate_list", "instantiate_setting", "warm_start", "PreparedRun", "prepare_training",
+    "run_training", "prepare_evaluation", "run_evaluation", "format_summary", "tolerant_console",
 ]
 
 STRUCTURES = ("myocardium", "LV", "RV")
@@ -69,52 +81,85 @@ def _metrics(trainer: pl.Trainer) -> dict[str, float]:
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
+def instantiate_setting(node: DictConfig, name: str, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate(node)``, with a bad setting (the class refuses a value or an
+    argument) as an :class:`InputError` naming the config group ``name``."""
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except InstantiationException as error:
+        cause = error.__cause__
+        if isinstance(cause, InputError):
+            raise cause from None
+        if isinstance(cause, (ValueError, TypeError)):
+            raise InputError(f"{name}: {cause}") from None
+        raise
+
+
 def warm_start(model: DCCModule, path: str) -> None:
     """Load the network weights of the checkpoint ``path`` into ``model`` (nothing else: the
     optimisers, the timer and the epoch count start fresh, unlike ``ckpt_path``).
 
     The networks must match, except that ``model`` may have more domains (the DCC+AT atlas
     beside the sequences): their domain-specific norms keep their fresh initialisation and the
-    shared ones are copied. Any other difference raises a ``ValueError`` naming the tensors.
+    shared ones are copied. Any other difference raises an :class:`InputError` naming the tensors.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"init_from={path}: no such checkpoint")
-    state = torch.load(path, map_location="cpu", weights_only=True).get("state_dict")
-    if state is None:
-        raise ValueError(f"init_from={path}: not a Lightning checkpoint (no state_dict)")
+    state = read_checkpoint(path, "init_from")["state_dict"]
     own = model.state_dict()
-    problems = sorted(set(own) ^ set(state))
-    for key in sorted(set(own) & set(state)):
-        mine, theirs = own[key], state[key]
-        if mine.shape == theirs.shape:
-            continue
-        domain_norm = ".norms." in key and mine.dim() == 2 == theirs.dim()  # (domains, C)
-        if domain_norm and mine.shape[1] == theirs.shape[1] and mine.shape[0] > theirs.shape[0]:
-            state[key] = torch.cat([theirs, mine[theirs.shape[0]:]])  # extra domains: fresh
-            continue
-        problems.append(f"{key} {tuple(theirs.shape)} -> {tuple(mine.shape)}")
+    problems = network_mismatch(own, state, extra_domains=True)
     if problems:
-        raise ValueError(
+        raise InputError(
             f"init_from={path}: the checkpoint's network does not match model.net (channels, "
             f"levels, classes, sequences): {', '.join(problems[:5])}"
             + (f" and {len(problems) - 5} more" if len(problems) > 5 else "")
         )
+    for key, theirs in state.items():
+        if own[key].shape != theirs.shape:  # extra domains: the shared norms, the rest fresh
+            state[key] = torch.cat([theirs, own[key][theirs.shape[0]:]])
     model.load_state_dict(state)
 
 
-def run_training(cfg: DictConfig) -> dict[str, Any]:
+@dataclass
+class PreparedRun:
+    """What a run needs once its input has been checked: the data (set up) and the model."""
+
+    datamodule: pl.LightningDataModule
+    model: DCCModule
+
+
+def prepare_training(cfg: DictConfig) -> PreparedRun:
+    """Everything that can be wrong with a training run's input, checked before a trainer, a
+    logger or a file exists: the data settings and the data themselves (read and
+    preprocessed), the model and optimiser settings, ``init_from`` and the resume checkpoint
+    ``ckpt_path`` (:func:`dcc.lit.checkpoints.check_resume`). Raises :class:`InputError`."""
+    _setup(cfg)
+    datamodule = instantiate_setting(cfg.data, "data")
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    if cfg.get("test", True):  # a missing test case is named now, not after the training
+        datamodule.setup("test")
+    model: DCCModule = instantiate_setting(cfg.model, "model")
+    try:
+        model.configure_optimizers()
+    except ValueError as error:
+        raise InputError(str(error)) from None
+    if cfg.get("init_from"):
+        warm_start(model, cfg.init_from)
+    if cfg.get("ckpt_path"):
+        check_resume(cfg.ckpt_path, model, datamodule)
+    return PreparedRun(datamodule, model)
+
+
+def run_training(cfg: DictConfig, prepared: PreparedRun | None = None) -> dict[str, Any]:
     """Fit the model on the data of ``cfg``, then test the best checkpoint (by ``val/reg_dsc``).
 
+    ``prepared``: the checked input (:func:`prepare_training`, called here when not given).
     Returns ``{"metrics": {name: value}, "best_ckpt": path or None, "last_ckpt": path or None,
     "output_dir": run folder, "interrupted": bool}``; the metrics hold the last validation values
     and, with ``cfg.test``, the test values. A run stopped by SIGTERM is ``interrupted`` and not
     tested.
     """
-    _setup(cfg)
-    datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data)
-    model: DCCModule = hydra.utils.instantiate(cfg.model)
-    if cfg.get("init_from"):
-        warm_start(model, cfg.init_from)
+    prepared = prepared or prepare_training(cfg)
+    datamodule, model = prepared.datamodule, prepared.model
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer,
         callbacks=instantiate_list(cfg.get("callbacks")),
@@ -146,52 +191,70 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def _data_from_checkpoint(cfg: DictConfig, path: str) -> None:
-    """Test on data made like the checkpoint's (image size, spacing, misalignment, ...): its
-    saved data-module settings replace the data group's defaults, except the keys given on the
-    command line (``data.num_test=...``) and unless another data group is chosen
-    (``data=myops``)."""
-    saved = torch.load(path, map_location="cpu", weights_only=True).get(
-        "datamodule_hyper_parameters"
-    )
+def _apply_data_settings(cfg: DictConfig, checkpoint: dict[str, Any], path: str) -> None:
+    """Test on data made like the checkpoint's: its saved settings that describe the data (image
+    size, spacing, misalignment, ...) replace the data group's, except the keys given on the
+    command line (``data.num_test=...``); the places (root, split file, cache) stay this
+    config's (:func:`dcc.lit.checkpoints.data_settings`). A checkpoint of another data set than
+    the data group's is tested on the group's own settings when the group was chosen
+    (``data=...`` or ``experiment=...``), and refused when it was not."""
     given = set()
     if HydraConfig.initialized():
         given = {o.split("=")[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
-    if not saved or "data" in given:
+    chosen = bool({"data", "experiment"} & given)
+    saved_class = checkpoint.get(DATAMODULE_CLASS_KEY)
+    data_class = str(cfg.data.get("_target_", "")).rsplit(".", 1)[-1]
+    if saved_class is None and "data" in given:  # an older checkpoint: the group decides
         return
+    if saved_class and saved_class != data_class:
+        if chosen:
+            return
+        raise InputError(
+            f"ckpt_path={path}: trained on {saved_class}, the data group is {data_class}; "
+            "choose its data with experiment=... (the training experiment) or data=..."
+        )
     with open_dict(cfg):
-        for key, value in saved.items():
-            if key in cfg.data and key != "with_atlas" and f"data.{key}" not in given:
+        for key, value in data_settings(checkpoint, set(cfg.data)).items():
+            if f"data.{key}" not in given:
                 cfg.data[key] = value
 
 
-def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
-    """Test the checkpoint ``cfg.ckpt_path`` on the test split of ``cfg.data``.
-
-    The model is rebuilt from the checkpoint alone; the data module follows the checkpoint's
-    sequences and strategy (an atlas member for ``dcc_at``) and its saved data settings
-    (:func:`_data_from_checkpoint`). With ``cfg.refine_iterations`` = N > 0 the network's fields
-    are refined by N X-CoReg FFD steps before every test metric (:mod:`dcc.coreg.refine`).
-    Returns like :func:`run_training`.
-    """
+def prepare_evaluation(cfg: DictConfig) -> PreparedRun:
+    """The checked input of :func:`run_evaluation`: the model rebuilt from the checkpoint
+    ``cfg.ckpt_path`` alone, the data module set up for its test split, following the
+    checkpoint's sequences and strategy (an atlas member for ``dcc_at``) and its data settings
+    (:func:`_apply_data_settings`). Raises :class:`InputError`."""
     _setup(cfg)
-    path = cfg.get("ckpt_path")
-    if not path or not os.path.isfile(path):
-        raise ValueError(f"ckpt_path: no checkpoint file at {path!r}")
-    model = DCCModule.load_from_checkpoint(path, map_location="cpu")
-    model.refine_iterations = check_iterations(cfg.get("refine_iterations", 0))
-    _data_from_checkpoint(cfg, path)
-    datamodule = hydra.utils.instantiate(cfg.data, with_atlas=model.atlas)
+    try:
+        iterations = check_iterations(cfg.get("refine_iterations", 0))
+    except ValueError as error:
+        raise InputError(str(error)) from None
+    path = OmegaConf.select(cfg, "ckpt_path", throw_on_missing=False)
+    model = load_checkpoint(path)
+    model.refine_iterations = iterations
+    _apply_data_settings(cfg, read_checkpoint(path), path)
+    datamodule = instantiate_setting(cfg.data, "data", with_atlas=model.atlas)
+    datamodule.setup("test")
+    return PreparedRun(datamodule, model)
+
+
+def run_evaluation(cfg: DictConfig, prepared: PreparedRun | None = None) -> dict[str, Any]:
+    """Test the checkpoint ``cfg.ckpt_path`` on the test split of ``cfg.data``
+    (:func:`prepare_evaluation`, called here when ``prepared`` is not given). With
+    ``cfg.refine_iterations`` = N > 0 the network's fields are refined by N X-CoReg FFD steps
+    before every test metric (:mod:`dcc.coreg.refine`). Returns like :func:`run_training`.
+    """
+    prepared = prepared or prepare_evaluation(cfg)
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer,
         callbacks=instantiate_list(cfg.get("callbacks")),
         logger=instantiate_list(cfg.get("logger")) or False,
     )
     _log_config(trainer, cfg)
-    trainer.test(model, datamodule=datamodule)
+    trainer.test(prepared.model, datamodule=prepared.datamodule)
     return {
         "metrics": _metrics(trainer),
-        "best_ckpt": path,
+        "best_ckpt": cfg.ckpt_path,
         "last_ckpt": None,
         "output_dir": trainer.default_root_dir,
     }
