@@ -46,10 +46,10 @@ from tqdm.auto import tqdm
 from dcc.coreg import XCoReg
 from dcc.coreg.config import auto_config
 from dcc.coreg.refine import FFD_SPACING, LR, refine_group
-from dcc.evaluation.metrics import pairwise_dice
 from dcc.lit.checkpoints import load_checkpoint
 from dcc.lit.datamodules import MyoPSDataModule
-from dcc.spatial.fields import warp
+from dcc.metrics import pairwise_dice
+from dcc.spatial.fields import points_to_displacement, warp
 from dcc.spatial.grid import Grid
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -125,9 +125,7 @@ def xcoreg_fields(images, grid: Grid, members) -> tuple[torch.Tensor, float]:
     """X-CoReg rigid + FFD (dcc-register's 2D settings) on the members; voxel-unit fields."""
     result = XCoReg(auto_config(grid, progress=False)).register(images[members], grid)
     with torch.no_grad():
-        points = grid.points()
-        spacing = torch.tensor(grid.spacing)
-        field = ((result.transform.lattice(grid) - points) / spacing).movedim(-1, 1)
+        field = points_to_displacement(result.transform.lattice(grid), grid)
     full = torch.zeros(images.shape[0], grid.ndim, *grid.shape)
     full[members] = field.float()
     return full, result.seconds

@@ -60,7 +60,13 @@ from dcc.data.cardiac import (
     myops_cases,
 )
 from dcc.data.io import slice_grid, write_image
-from dcc.data.misalign import random_dense_warp, random_ffd, random_rigid, warp_dense, warp_images
+from dcc.data.misalignment import (
+    random_dense_warp,
+    random_ffd,
+    random_rigid,
+    warp_dense,
+    warp_images,
+)
 from dcc.spatial.transforms import ComposedTransform
 
 MARGIN = 48  # voxels of real anatomy around the crop box while warping (> max displacement)

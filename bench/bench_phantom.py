@@ -33,10 +33,10 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from dcc.coreg import XCoReg, load_preset  # noqa: E402
-from dcc.data.misalign import MisalignedGroup, random_ffd, warp_images  # noqa: E402
+from dcc.data.misalignment import MisalignedGroup, random_ffd, warp_images  # noqa: E402
 from dcc.data.phantom import brain_phantom  # noqa: E402
 from dcc.evaluation.figures import save_montage  # noqa: E402
-from dcc.evaluation.metrics import (  # noqa: E402
+from dcc.metrics import (  # noqa: E402
     pairwise_dice,
 )
 

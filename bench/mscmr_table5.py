@@ -15,7 +15,7 @@ One command gathers the test metrics of the runs ``mscmr_dgr``, ``mscmr_dcc_at``
   warped label contours, and the posterior segmentation (Eq. 53).
 
 Each strategy is a run folder (its best checkpoint in ``checkpoints/`` and, after its test,
-``metrics/test_groups.csv`` of :class:`dcc.lit.evaluation.MetricsTable`) or a checkpoint file.
+``metrics/test_groups.csv`` of :class:`dcc.lit.metrics_table.MetricsTable`) or a checkpoint file.
 A run without a test table (or a checkpoint, or ``--reevaluate``) is tested here with
 :func:`dcc.lit.train.run_evaluation` on data made like its checkpoint's (into
 ``<run>/table5_eval/``, or ``--eval-dir``). Missing strategies are reported as missing.
@@ -134,7 +134,7 @@ def best_checkpoint(folder: Path) -> Path | None:
 
 
 def read_groups(path: Path) -> dict[str, dict[str, float]]:
-    """``test_groups.csv`` of :class:`dcc.lit.evaluation.MetricsTable`: case -> column -> value
+    """``test_groups.csv`` of :class:`dcc.lit.metrics_table.MetricsTable`: case -> column -> value
     (empty cells are NaN)."""
     rows = {}
     with open(path, newline="", encoding="utf-8") as f:

@@ -29,7 +29,7 @@ import torch
 
 from dcc.coreg.engine import padding_mask
 from dcc.data.cardiac import MYOPS_SEQUENCES, data_root, load_myops_slices
-from dcc.evaluation.metrics import pairwise_dice
+from dcc.metrics import pairwise_dice
 
 
 def _image(array: np.ndarray, spacing) -> sitk.Image:

@@ -32,8 +32,8 @@ import torch
 from dcc.coreg import XCoReg, load_preset
 from dcc.coreg.engine import padding_mask
 from dcc.data.cardiac import data_root, myops_cases
-from dcc.data.misalign import random_ffd, random_rigid, warp_images
-from dcc.evaluation.metrics import pairwise_dice
+from dcc.data.misalignment import random_ffd, random_rigid, warp_images
+from dcc.metrics import pairwise_dice
 from dcc.similarity import functional as XF
 from dcc.spatial.transforms import ComposedTransform, DisplacementField
 

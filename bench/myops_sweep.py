@@ -31,8 +31,8 @@ import bench_myops as bm  # noqa: E402
 from dcc.coreg import XCoReg  # noqa: E402
 from dcc.coreg.config import auto_config  # noqa: E402
 from dcc.data.cardiac import data_root, myops_cases  # noqa: E402
-from dcc.data.misalign import warp_images  # noqa: E402
-from dcc.evaluation.metrics import pairwise_dice  # noqa: E402
+from dcc.data.misalignment import warp_images  # noqa: E402
+from dcc.metrics import pairwise_dice  # noqa: E402
 from dcc.spatial.transforms import ComposedTransform  # noqa: E402
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dcc.data.cardiac import data_root
-from dcc.data.misalign import random_dense_warp, warp_dense
+from dcc.data.misalignment import random_dense_warp, warp_dense
 
 ROOT = data_root()
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_myops.py"

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from dcc.data.augment import FOLDING_BOUND, RandomFFDMisalignment
 from dcc.data.cardiac import LV, MYOCARDIUM, RV
 from dcc.data.cardiac_phantom import SEQUENCES, cardiac_phantom
-from dcc.evaluation.metrics import pairwise_dice
+from dcc.data.misalignment import FOLDING_BOUND, RandomFFDMisalignment
+from dcc.metrics import pairwise_dice
 from dcc.spatial.grid import Grid
 
 
@@ -178,7 +178,7 @@ def _orientation_and_area(mask: torch.Tensor) -> tuple[float, float]:
 def test_group_augmentation_rotates_scales_the_whole_group():
     """One rotation and scaling for every member (the group stays aligned), by the angle and
     scale drawn from ``rng``; rho stays a distribution that follows the labels."""
-    from dcc.data.augment import GroupAugmentation
+    from dcc.data.augmentation import GroupAugmentation
 
     grid = Grid.from_shape((64, 64), (1.5, 1.5))
     yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
@@ -203,7 +203,7 @@ def test_group_augmentation_rotates_scales_the_whole_group():
 
 
 def test_group_augmentation_gamma_and_identity():
-    from dcc.data.augment import GroupAugmentation
+    from dcc.data.augmentation import GroupAugmentation
 
     grid = Grid.from_shape((32, 32))
     images, labels = torch.randn(3, 32, 32), torch.randint(0, 4, (3, 32, 32))

@@ -21,7 +21,7 @@ from dcc.cli.register import main
 from dcc.coreg import XCoReg
 from dcc.coreg.engine import CoRegResult
 from dcc.data.io import write_image
-from dcc.data.misalign import misaligned_phantom
+from dcc.data.misalignment import misaligned_phantom
 from dcc.spatial.grid import Grid
 
 

@@ -8,8 +8,8 @@ import torch
 from dcc.coreg import StageConfig, XCoReg, XCoRegConfig, load_preset
 from dcc.coreg.config import auto_config, available_presets
 from dcc.coreg.engine import padding_mask
-from dcc.data.misalign import misaligned_phantom, warp_images
-from dcc.evaluation.metrics import pairwise_dice
+from dcc.data.misalignment import misaligned_phantom, warp_images
+from dcc.metrics import pairwise_dice
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from tiny_runs import TINY_CLI, run_script, tiny_checkpoint
 
-from dcc.lit.evaluation import summarise, write_tables
+from dcc.lit.metrics_table import summarise, write_tables
 
 STRUCTURES = ("myocardium", "LV", "RV")
 SEQUENCES = ("C0", "LGE", "T2")

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from dcc.data.misalign import misaligned_phantom
+from dcc.data.misalignment import misaligned_phantom
 from dcc.evaluation.figures import save_montage, save_overlay
-from dcc.evaluation.metrics import (
+from dcc.metrics import (
     dice,
     foreground_mask,
     groupwise_registration_error,

@@ -159,3 +159,24 @@ def test_bad_shapes_raise_value_errors():
         fields.warp(torch.zeros(1, 3, 1, 8, 8), torch.zeros(1, 2, 2, 8, 8))
     with pytest.raises(ValueError, match="at least 3 voxels"):
         fields.bending_energy_dense(torch.zeros(1, 1, 2, 2, 8))
+
+
+def test_points_and_displacement_round_trip_on_an_oblique_grid():
+    """u = index(phi(x)) - x for any grid direction (the old copies divided world offsets by
+    the spacing, right only for an axis-aligned grid), and its inverse."""
+    import math
+
+    from dcc.spatial.fields import displacement_to_points, points_to_displacement
+    from dcc.spatial.grid import Grid
+
+    angle = math.radians(30)
+    direction = (math.cos(angle), -math.sin(angle), math.sin(angle), math.cos(angle))
+    grid = Grid((12, 10), (2.0, 3.0), (5.0, -4.0), direction)
+    points = (grid.points(dtype=torch.float64) + torch.tensor([4.0, 0.0]))[None]  # 4 mm along x
+    u = points_to_displacement(points, grid)
+    # 4 mm along world x is (4 cos 30 / 2, -4 sin 30 / 3) voxels along the grid's own axes
+    expected = torch.tensor([4 * math.cos(angle) / 2, -4 * math.sin(angle) / 3])
+    assert torch.allclose(u[0, :, 3, 4].float(), expected, atol=1e-5)
+    assert torch.allclose(displacement_to_points(u, grid), points.double(), atol=1e-9)
+    with pytest.raises(ValueError, match="expected points"):
+        points_to_displacement(points[..., :1], grid)

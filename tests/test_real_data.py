@@ -22,8 +22,8 @@ from dcc.data.cardiac import (
     myops_cases,
 )
 from dcc.data.io import InputError, read_image, resample_to_grid
-from dcc.data.misalign import random_rigid, warp_images
-from dcc.evaluation.metrics import pairwise_dice
+from dcc.data.misalignment import random_rigid, warp_images
+from dcc.metrics import pairwise_dice
 from dcc.spatial.grid import Grid
 
 ROOT = data_root()

@@ -14,10 +14,10 @@ from tiny_runs import run_script, tiny_checkpoint
 from dcc.coreg.refine import check_iterations, refine_batch, refine_group
 from dcc.data.cardiac_phantom import cardiac_phantom
 from dcc.data.io import write_image
-from dcc.evaluation.metrics import pairwise_dice
 from dcc.lit.checkpoints import load_checkpoint
 from dcc.lit.datamodules import CardiacPhantomDataModule
 from dcc.lit.predict import main, run_prediction
+from dcc.metrics import pairwise_dice
 from dcc.spatial.fields import compose_displacements, warp
 from dcc.spatial.grid import Grid
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from dcc.data.misalign import warp_images
+from dcc.data.misalignment import warp_images
 from dcc.similarity import XMetric
 from dcc.similarity import functional as XF
 from dcc.spatial.grid import Grid

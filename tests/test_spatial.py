@@ -16,7 +16,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from dcc.data.misalign import warp_images
+from dcc.data.misalignment import warp_images
 from dcc.spatial import functional as SF
 from dcc.spatial.grid import Grid
 from dcc.spatial.pyramid import image_pyramid

@@ -17,7 +17,7 @@ from dcc.coreg import StageConfig, XCoReg, XCoRegConfig, load_preset
 from dcc.coreg.config import METHODS, STAGES, auto_config, available_presets
 from dcc.coreg.engine import RegistrationError
 from dcc.data.io import InputError, read_image, read_labels, resample_group, write_image
-from dcc.data.misalign import MisalignedGroup, misaligned_phantom
+from dcc.data.misalignment import MisalignedGroup, misaligned_phantom
 from dcc.evaluation.outputs import peak_memory_mb, unique_names, write_group, write_report
 from dcc.spatial.grid import Grid
 

@@ -33,6 +33,7 @@ from scipy import ndimage
 
 from dcc.coreg.engine import coordinate_sample, padding_mask, warp_group
 from dcc.similarity import functional as XF
+from dcc.spatial.fields import points_to_displacement
 from dcc.spatial.functional import sample
 from dcc.spatial.grid import Grid
 from dcc.spatial.transforms import ComposedTransform, MultiLevelFFD
@@ -177,9 +178,7 @@ def register_mvmm(
         trace.append(loglik.item())
     after, log_gamma = assess()
     with torch.no_grad():
-        points = grid.points(device=device)
-        scale = torch.tensor(spacing, device=device)
-        displacement = ((transform.lattice(grid) - points) / scale).movedim(-1, 1).cpu()
+        displacement = points_to_displacement(transform.lattice(grid), grid).cpu()
     return MvMMResult(
         displacement,
         transform,

@@ -28,7 +28,13 @@ import torch
 
 from dcc.coreg.config import StageConfig, XCoRegConfig, load_preset
 from dcc.coreg.engine import XCoReg
-from dcc.spatial.fields import compose_displacements, inside_mask, warp, zero_mean
+from dcc.spatial.fields import (
+    compose_displacements,
+    inside_mask,
+    points_to_displacement,
+    warp,
+    zero_mean,
+)
 from dcc.spatial.grid import Grid
 
 __all__ = ["RefineResult", "check_iterations", "refine_batch", "refine_config", "refine_group"]
@@ -126,9 +132,7 @@ def refine_group(
         valid = inside_mask(net[None])[0]
         result = XCoReg(config).register(warped[0, :, 0].cpu(), grid, valid=valid.cpu())
     with torch.no_grad():
-        points = grid.points()
-        scale = torch.tensor(spacing)
-        ffd = ((result.transform.lattice(grid).cpu() - points) / scale).movedim(-1, 1)
+        ffd = points_to_displacement(result.transform.lattice(grid).cpu(), grid)
         refined = zero_mean(compose_displacements(net[None], ffd.to(net)[None]))[0]
     stage = result.diagnostics["stages"][0]
     return RefineResult(

@@ -6,7 +6,7 @@ myocardium, bright fat), ``"LGE"`` (nulled myocardium with optional bright scar,
 ``"T2"`` (dark blood, grey myocardium with optional bright edema). Labels follow
 :mod:`dcc.data.cardiac`: 0 background, 1 myocardium, 2 LV blood pool, 3 RV blood pool; all
 sequences share the one label map (they are aligned; misalignment is added by
-:mod:`dcc.data.augment`).
+:mod:`dcc.data.misalignment`).
 
 Geometry (physical units, mm): an LV blood pool (random radius, elliptic, with a low-order
 Fourier wobble), a myocardial ring of random, slowly varying thickness, an RV crescent (an

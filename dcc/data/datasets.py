@@ -16,7 +16,7 @@ Every item is the dict of PLAN.md ("dcc data items"), for a group of ``N`` membe
 With an :class:`Atlas`, the atlas (image, labels) joins as the last member, unwarped, with
 domain ``len(sequences)`` (the ``dcc_at`` strategy).
 
-Misalignment (:class:`dcc.data.augment.RandomFFDMisalignment`): training items draw a fresh
+Misalignment (:class:`dcc.data.misalignment.RandomFFDMisalignment`): training items draw a fresh
 combination of the case's FFD bank at every access (random state from torch's global generator,
 which PyTorch's ``DataLoader`` seeds per worker and epoch, so runs under
 ``lightning.seed_everything`` are reproducible, and every epoch sees new groups); validation and
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dcc.data.augment import GroupAugmentation, RandomFFDMisalignment
+from dcc.data.augmentation import GroupAugmentation
 from dcc.data.cardiac import (
     LV,
     MIN_VOXELS,
@@ -50,7 +50,8 @@ from dcc.data.cardiac import (
 )
 from dcc.data.cardiac_phantom import CLASS_NAMES, SEQUENCES, cardiac_phantom
 from dcc.data.io import InputError, slice_grid
-from dcc.spatial.functional import sample
+from dcc.data.misalignment import RandomFFDMisalignment
+from dcc.spatial.functional import sample, zscore
 from dcc.spatial.grid import Grid
 
 log = logging.getLogger(__name__)
@@ -76,14 +77,6 @@ def distance_rho(labels: torch.Tensor, tau: float, spacing: Sequence[float]) -> 
     from dcc.losses.functional import distance_probabilities  # MONAI import: only when used
 
     return distance_probabilities(labels, NUM_CLASSES, tau, tuple(spacing)).float()
-
-
-def zscore(images: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Per-image z-scoring of ``(N, *S)``."""
-    flat = images.flatten(1).float()
-    mean, std = flat.mean(1), flat.std(1)
-    shape = (-1,) + (1,) * (images.dim() - 1)
-    return (images - mean.view(shape)) / std.clamp_min(eps).view(shape)
 
 
 def centre_shift(labels: torch.Tensor) -> tuple[int, ...]:
@@ -118,7 +111,7 @@ def majority_vote_atlas(
         )
     votes = torch.zeros(NUM_CLASSES, *labels.shape[1:])
     mean = torch.zeros(labels.shape[1:])
-    for lab, image in zip(labels, zscore(images), strict=True):
+    for lab, image in zip(labels, zscore(images, images.dim() - 1), strict=True):
         offset = centre_shift(lab)
         votes += torch.nn.functional.one_hot(shift(lab, offset), NUM_CLASSES).movedim(-1, 0)
         mean += shift(image, offset)
@@ -152,7 +145,7 @@ def misaligned_item(
         images, labels, rho = augmentation(images, labels, rho, grid, rng)
     level, indices = combination
     moved, moved_labels, moved_rho = misalignment(
-        zscore(images), labels, grid, level, indices, case_seed, rho
+        zscore(images, images.dim() - 1), labels, grid, level, indices, case_seed, rho
     )
     n = images.shape[0]
     item = {
@@ -383,7 +376,7 @@ def myops_roi_slices(
         images = torch.from_numpy(volumes[:, z].astype(np.float32))[:, None]
         images = sample(images, coords.expand(3, -1, -1, -1))[:, 0]
         labels = sample(label[None, None].float(), coords, mode="nearest")[0, 0].long()
-        out.append(MyoPSSlice(zscore(images), labels, Path(case_dir).name, z))
+        out.append(MyoPSSlice(zscore(images, images.dim() - 1), labels, Path(case_dir).name, z))
     return out
 
 

@@ -29,14 +29,13 @@ import torch
 
 from dcc.data.io import write_image
 from dcc.evaluation.figures import save_montage
-from dcc.evaluation.metrics import pairwise_dice
+from dcc.metrics import pairwise_dice
 from dcc.spatial.functional import sample
-from dcc.spatial.grid import Grid, apply_matrix
+from dcc.spatial.grid import Grid
 
 __all__ = [
     "image_name",
     "unique_names",
-    "displacement_to_points",
     "sample_at_points",
     "write_group",
     "write_report",
@@ -58,20 +57,6 @@ def unique_names(paths: Sequence[str]) -> list[str]:
     if len(set(names)) < len(names):
         names = [f"{i:02d}_{n}" for i, n in enumerate(names)]
     return names
-
-
-def displacement_to_points(displacement: torch.Tensor, common: Grid) -> torch.Tensor:
-    """phi_j(x) in world coordinates ``(N, *S, d)`` (mm, ``(x, y[, z])``, LPS) from a dense field
-    ``(N, d, *S)`` in voxel units of ``common`` (channel 0 along x; :mod:`dcc.spatial.fields`)."""
-    if displacement.dim() != common.ndim + 2 or tuple(displacement.shape[2:]) != common.shape:
-        raise ValueError(
-            f"displacement_to_points: expected a field (N, {common.ndim}, "
-            f"{', '.join(map(str, common.shape))}), got {tuple(displacement.shape)}"
-        )
-    axes = [torch.arange(n, dtype=torch.float64) for n in common.shape]
-    index = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).flip(-1)  # (x, y, z)
-    moved = index + displacement.detach().double().cpu().movedim(1, -1)
-    return apply_matrix(torch.as_tensor(common.index_to_world_matrix()), moved)
 
 
 @torch.no_grad()

@@ -19,10 +19,10 @@ noise=0.04, bias=0.3, fresh_phantoms=False, augmentation=None)``
 * ``with_atlas``: add the ``dcc_at`` atlas (majority vote of ``atlas_size`` phantom C0 labels)
   as the last member of every group, domain ``len(sequences)``.
 * ``tau``: slope of Eq. (38) per mm; ``ffd_*``: the misalignment
-  (:class:`dcc.data.augment.RandomFFDMisalignment`: mesh spacings in mm, control-point std as a
+  (:class:`dcc.data.misalignment.RandomFFDMisalignment`: mesh spacings in mm, control-point std as a
   fraction of the spacing, FFDs per spacing and sequence); ``noise`` / ``bias``: the phantom's
   Rician noise and bias-field range.
-* ``augmentation``: training-only :class:`dcc.data.augment.GroupAugmentation` arguments
+* ``augmentation``: training-only :class:`dcc.data.augmentation.GroupAugmentation` arguments
   (``{rotation: deg, scaling: fraction, gamma: log-range, fresh_ffds: bool}``; ``None``: the
   paper's training set, the FFD bank alone). Validation and test groups are never augmented.
 
@@ -62,7 +62,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from dcc.data.augment import DEFAULT_SPACINGS, GroupAugmentation, RandomFFDMisalignment
+from dcc.data.augmentation import GroupAugmentation
 from dcc.data.cardiac import MYOPS_SEQUENCES, data_root
 from dcc.data.cardiac_phantom import CLASS_NAMES, SEQUENCES
 from dcc.data.datasets import (
@@ -74,6 +74,7 @@ from dcc.data.datasets import (
     read_split,
 )
 from dcc.data.io import InputError
+from dcc.data.misalignment import DEFAULT_SPACINGS, RandomFFDMisalignment
 
 __all__ = ["CardiacPhantomDataModule", "MyoPSDataModule"]
 

@@ -26,9 +26,9 @@ import torch
 
 from dcc.coreg.refine import refine_batch
 from dcc.evaluation.figures import save_montage
-from dcc.evaluation.metrics import dice, pairwise_dice
 from dcc.lit.checkpoints import DATAMODULE_CLASS_KEY
 from dcc.losses import DCCLoss, DCCLossOutput
+from dcc.metrics import dice, pairwise_dice
 from dcc.nets import DCCNet, DCCOutput
 from dcc.spatial.fields import compose_displacements, folding_count, warp, zero_mean
 
@@ -61,7 +61,7 @@ def group_metrics(
     ``labels``/``warped_labels`` ``(N, *S)`` before/after registration, ``posterior`` ``(K,
     *S)`` (gamma^[2]; its argmax is Eq. 53), ``displacement`` ``(N, ndim, *S)``, ``members``
     ``(N,)`` bool (the images that count: an atlas member does not). Returns ``reg`` and
-    ``unreg`` (pairwise Dice dicts of :func:`dcc.evaluation.metrics.pairwise_dice`), ``seg`` (per
+    ``unreg`` (pairwise Dice dicts of :func:`dcc.metrics.pairwise_dice`), ``seg`` (per
     member: mean Dice over structures of the posterior argmax against its warped label, NaN where
     no structure is present) and ``folding`` (folding voxels per member).
     """

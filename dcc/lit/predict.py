@@ -31,7 +31,6 @@ from dcc.cli.outdir import OutputFolder
 from dcc.coreg.refine import check_iterations, refine_group
 from dcc.data.io import InputError, read_image, read_labels, resample_group, slice_grid
 from dcc.evaluation.outputs import (
-    displacement_to_points,
     peak_memory_mb,
     unique_names,
     write_group,
@@ -40,7 +39,7 @@ from dcc.evaluation.outputs import (
 from dcc.lit.checkpoints import load_checkpoint
 from dcc.lit.entry import exit_on_bad_input, remove_run_folder
 from dcc.lit.module import DCCModule
-from dcc.spatial.fields import folding_count
+from dcc.spatial.fields import displacement_to_points, folding_count
 from dcc.spatial.grid import Grid
 
 __all__ = ["model_grid", "predict_group", "run_prediction", "main"]

@@ -19,8 +19,8 @@ from dcc.nets.functional import (
     pad_to_multiple,
     sort_by_domain,
     upsample_displacement,
-    zscore,
 )
+from dcc.spatial.functional import zscore
 
 
 class DCCOutput(NamedTuple):

@@ -12,18 +12,6 @@ import torch
 import torch.nn.functional as F
 
 
-def zscore(images: torch.Tensor, ndim: int, eps: float = 1e-6) -> torch.Tensor:
-    """Normalise every image to zero mean and unit variance over its last ``ndim`` axes.
-
-    Statistics are computed in float32; a constant image maps to zeros (``std`` is guarded by
-    ``eps``).
-    """
-    dims = tuple(range(images.dim() - ndim, images.dim()))
-    x = images.float()
-    var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
-    return ((x - mean) / (var.sqrt() + eps)).to(images.dtype)
-
-
 def domain_batch_norm(
     x: torch.Tensor,
     counts: Sequence[int],

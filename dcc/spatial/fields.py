@@ -19,7 +19,14 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from dcc.spatial.functional import reduce, sample
+from dcc.spatial.functional import (
+    central_difference,
+    interior,
+    reduce,
+    sample,
+    second_difference,
+)
+from dcc.spatial.grid import Grid, apply_matrix
 
 
 def _check_field(displacement: torch.Tensor, name: str) -> int:
@@ -116,24 +123,6 @@ def zero_mean(displacement: torch.Tensor, dim: int = 1) -> torch.Tensor:
     return displacement - displacement.mean(dim, keepdim=True)
 
 
-def _second_difference(u: torch.Tensor, axis: int) -> torch.Tensor:
-    """Central second difference along ``axis`` at interior points (length ``n - 2``)."""
-    n = u.shape[axis]
-    return u.narrow(axis, 2, n - 2) - 2 * u.narrow(axis, 1, n - 2) + u.narrow(axis, 0, n - 2)
-
-
-def _central_difference(u: torch.Tensor, axis: int) -> torch.Tensor:
-    """Central first difference along ``axis`` at interior points (length ``n - 2``)."""
-    n = u.shape[axis]
-    return (u.narrow(axis, 2, n - 2) - u.narrow(axis, 0, n - 2)) / 2
-
-
-def _interior(u: torch.Tensor, axes: list[int]) -> torch.Tensor:
-    for axis in axes:
-        u = u.narrow(axis, 1, u.shape[axis] - 2)
-    return u
-
-
 def bending_energy_dense(displacement: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
     """Bending energy of dense fields, R of Eq. (41), by finite differences in index units.
 
@@ -153,10 +142,10 @@ def bending_energy_dense(displacement: torch.Tensor, reduction: str = "sum") -> 
     energy = displacement.new_zeros(displacement.shape[:2])
     for a, b in itertools.combinations_with_replacement(range(ndim), 2):
         if a == b:
-            deriv = _second_difference(displacement, axes[a])
+            deriv = second_difference(displacement, axes[a])
         else:
-            deriv = _central_difference(_central_difference(displacement, axes[a]), axes[b])
-        deriv = _interior(deriv, [x for x in axes if x not in (axes[a], axes[b])])
+            deriv = central_difference(central_difference(displacement, axes[a]), axes[b])
+        deriv = interior(deriv, [x for x in axes if x not in (axes[a], axes[b])])
         weight = 1.0 if a == b else 2.0
         energy = energy + weight * deriv.pow(2).sum(2).flatten(2).mean(2)
     return reduce(energy, reduction)
@@ -181,3 +170,39 @@ def jacobian_determinant(displacement: torch.Tensor) -> torch.Tensor:
 def folding_count(displacement: torch.Tensor) -> torch.Tensor:
     """Number of folding voxels (Jacobian determinant <= 0) per image, ``(B, N)`` int64."""
     return (jacobian_determinant(displacement) <= 0).flatten(2).sum(-1)
+
+
+def displacement_to_points(displacement: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """phi_j(x) in world coordinates ``(N, *S, d)`` (mm, ``(x, y[, z])``) from a dense field
+    ``(N, d, *S)`` in voxel units of ``grid`` (float64, on the CPU); the inverse of
+    :func:`points_to_displacement`."""
+    if displacement.dim() != grid.ndim + 2 or tuple(displacement.shape[1:]) != (
+        grid.ndim, *grid.shape
+    ):
+        raise ValueError(
+            f"displacement_to_points: expected a field (N, {grid.ndim}, "
+            f"{', '.join(map(str, grid.shape))}), got {tuple(displacement.shape)}"
+        )
+    moved = _voxel_indices(grid) + displacement.detach().double().cpu().movedim(1, -1)
+    return apply_matrix(torch.as_tensor(grid.index_to_world_matrix()), moved)
+
+
+def points_to_displacement(points: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """The dense field ``(N, d, *S)`` in voxel units of ``grid`` (channel 0 along x) of the maps
+    phi_j given at every voxel of ``grid`` as world points ``(N, *S, d)``, e.g.
+    ``transform.lattice(grid)``: u_j(x) = index(phi_j(x)) - x (any grid direction). Same dtype
+    and device as ``points``."""
+    if points.dim() != grid.ndim + 2 or tuple(points.shape[1:]) != (*grid.shape, grid.ndim):
+        raise ValueError(
+            f"points_to_displacement: expected points (N, {', '.join(map(str, grid.shape))}, "
+            f"{grid.ndim}), got {tuple(points.shape)}"
+        )
+    matrix = torch.as_tensor(grid.world_to_index_matrix(), device=points.device)
+    index = apply_matrix(matrix, points.detach().double()) - _voxel_indices(grid).to(points.device)
+    return index.to(points.dtype).movedim(-1, 1)
+
+
+def _voxel_indices(grid: Grid) -> torch.Tensor:
+    """The voxel indices of ``grid`` ``(*S, d)`` in ``(x, y[, z])`` order, float64."""
+    axes = [torch.arange(n, dtype=torch.float64) for n in grid.shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).flip(-1)

@@ -106,16 +106,33 @@ def sample(
     return out.reshape(*out.shape[:2], *out_shape)
 
 
-def _central_difference(x: torch.Tensor, axis: int) -> torch.Tensor:
+def central_difference(x: torch.Tensor, axis: int) -> torch.Tensor:
     """``(x[i + 1] - x[i - 1]) / 2`` along ``axis`` (the axis loses its two end points)."""
     n = x.shape[axis]
     return (x.narrow(axis, 2, n - 2) - x.narrow(axis, 0, n - 2)) / 2
 
 
-def _inner(x: torch.Tensor, axes: list[int]) -> torch.Tensor:
+def second_difference(x: torch.Tensor, axis: int) -> torch.Tensor:
+    """``x[i + 1] - 2 x[i] + x[i - 1]`` along ``axis`` (the axis loses its two end points)."""
+    n = x.shape[axis]
+    return x.narrow(axis, 2, n - 2) - 2 * x.narrow(axis, 1, n - 2) + x.narrow(axis, 0, n - 2)
+
+
+def interior(x: torch.Tensor, axes: list[int]) -> torch.Tensor:
+    """``x`` without its first and last entry along each of ``axes``."""
     for axis in axes:
         x = x.narrow(axis, 1, x.shape[axis] - 2)
     return x
+
+
+def zscore(images: torch.Tensor, ndim: int, eps: float = 1e-6) -> torch.Tensor:
+    """Normalise every image to zero mean and unit variance (population std) over its last
+    ``ndim`` axes. Statistics in float32; a constant image maps to zeros (the std is guarded by
+    ``eps``). The one z-scoring of the package: data sets and the network's input alike."""
+    dims = tuple(range(images.dim() - ndim, images.dim()))
+    x = images.float()
+    var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
+    return ((x - mean) / (var.sqrt() + eps)).to(images.dtype)
 
 
 def bending_energy(coefficients: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
@@ -140,10 +157,10 @@ def bending_energy(coefficients: torch.Tensor, reduction: str = "sum") -> torch.
     if min(coefficients.shape[2:]) < 5:
         return reduce(total, reduction)
     first = {
-        a: _inner(_central_difference(coefficients, a), [b for b in axes if b != a]) for a in axes
+        a: interior(central_difference(coefficients, a), [b for b in axes if b != a]) for a in axes
     }
     for a, b in itertools.combinations_with_replacement(axes, 2):
-        deriv = _inner(_central_difference(first[a], b), [o for o in axes if o != b])
+        deriv = interior(central_difference(first[a], b), [o for o in axes if o != b])
         weight = 1.0 if a == b else 2.0
         total = total + weight * deriv.pow(2).flatten(1).mean(1)
     return reduce(total, reduction)

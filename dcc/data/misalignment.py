@@ -1,4 +1,16 @@
-"""The synthetic misalignment of Sec. 4.4.1: random B-spline FFDs per sequence.
+"""Known misalignments, with their ground truth: where a newcomer looks for "the FFD
+misalignment".
+
+* :class:`RandomFFDMisalignment` and :func:`sample_group`: the paper's bank of random B-spline
+  FFDs per sequence and mesh spacing (Sec. 4.4.1), used by the DCC data sets (phantom, MyoPS);
+* :func:`random_ffd`, :func:`random_rigid`, :func:`misaligned_phantom` (:class:`MisalignedGroup`):
+  the brain phantom's misalignments for the X-CoReg benches (gWI / gRE against the truth);
+* :func:`random_dense_warp` / :func:`warp_dense`: the dense misalignment model of the MyoPS
+  X-CoReg bench (a rigid motion plus a smooth dense deformation per image).
+
+The training augmentation lives in :mod:`dcc.data.augmentation`.
+
+The FFD bank of Sec. 4.4.1.
 
 The paper imposes, on each slice, "five synthetic FFDs ... with four different mesh spacings for
 each sequence", combines them across sequences for training (39 x 5^3 x 4 groups) and keeps one
@@ -14,7 +26,7 @@ exactly that, for the phantom and for MyoPS alike:
   (:meth:`RandomFFDMisalignment.fixed_combinations`), so every run sees the same groups.
 
 Why our own :class:`dcc.spatial.transforms.BSplineFFD` (sampled as in
-:func:`dcc.data.misalign.warp_images`, one lattice for images and labels) rather than TorchIO's
+:func:`dcc.data.misalignment.warp_images`, one lattice for images and labels) rather than TorchIO's
 ``RandomElasticDeformation`` or MONAI's ``Rand2DElastic(d)``:
 
 * the paper's misalignment is a bank of FFDs at given mesh spacings in mm, combined across
@@ -36,14 +48,19 @@ neighbour; outside the field of view images are zero (background).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy import ndimage
 
+from dcc.data.phantom import brain_phantom
+from dcc.metrics import registration_error, warping_index
 from dcc.spatial.functional import sample
 from dcc.spatial.grid import Grid
-from dcc.spatial.transforms import Affine, BSplineFFD
+from dcc.spatial.transforms import BSplineFFD, Rigid, SpatialTransform
 
 DEFAULT_SPACINGS = (25.0, 35.0, 45.0, 60.0)
 """FFD mesh spacings in mm (four levels, as the paper's four mesh spacings)."""
@@ -182,65 +199,141 @@ def sample_group(
     return warped, warped_labels.to(labels.dtype), warped_probs
 
 
-class GroupAugmentation:
-    """Training-only augmentation of an aligned group, before its misalignment.
+def random_ffd(
+    groups: int, grid: Grid, spacing: float = 20.0, std: float = 2.0, seed: int = 0
+) -> BSplineFFD:
+    """B-spline FFD with i.i.d. normal control displacements of ``std`` mm per component."""
+    ffd = BSplineFFD(groups, grid, spacing)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        ffd.coefficients.copy_(torch.randn(ffd.coefficients.shape, generator=generator) * std)
+    return ffd
 
-    * ``rotation`` (degrees) and ``scaling`` (fraction): one random in-plane rotation about the
-      grid centre, uniform in ``[-rotation, rotation]``, and one isotropic scaling, log-uniform
-      in ``[1/(1+scaling), 1+scaling]``, for the whole group (every member alike: the group stays
-      aligned, its anatomy varies);
-    * ``gamma``: a contrast change per image, ``x -> x**g`` on the image rescaled to [0, 1],
-      ``log g`` uniform in ``[-gamma, gamma]``;
-    * ``fresh_ffds``: misalign by FFDs drawn afresh (an unbounded bank) instead of the case's
-      ``num_ffds`` per mesh spacing (:meth:`RandomFFDMisalignment.random_combination`).
 
-    Not in the paper (its training set is the FFD bank alone): MyoPS has 21 training patients,
-    and these widen what the network sees of anatomy, contrast and deformation.
+def random_rigid(
+    groups: int, grid: Grid, max_angle: float = 10.0, max_offset: float = 6.0, seed: int = 0
+) -> Rigid:
+    """Rigid maps about the grid centre, angles uniform in +-``max_angle`` degrees (about every
+    axis in 3D) and offsets uniform in +-``max_offset`` mm."""
+    rigid = Rigid(groups, grid.ndim, center=grid.center)
+    generator = torch.Generator().manual_seed(seed)
+
+    def uniform(shape, bound):
+        return (torch.rand(shape, generator=generator) * 2 - 1) * bound
+
+    with torch.no_grad():
+        rigid.angles.copy_(uniform(rigid.angles.shape, math.radians(max_angle)))
+        rigid.offset.copy_(uniform(rigid.offset.shape, max_offset))
+    return rigid
+
+
+@torch.no_grad()
+def warp_images(
+    images: torch.Tensor, grid: Grid, transform: SpatialTransform, mode: str = "bilinear"
+) -> torch.Tensor:
+    """Resample each image ``(N, *grid.shape)`` at phi_j(x): the misaligned image U_j o phi_j."""
+    normalized = grid.world_to_normalized(transform.lattice(grid))
+    out = sample(images.unsqueeze(1).float(), normalized, mode=mode)[:, 0]
+    return out.to(images.dtype) if mode == "nearest" else out
+
+
+def random_dense_warp(
+    groups: int,
+    shape: tuple[int, int],
+    max_angle: float = 10.0,
+    max_shift: float = 8.0,
+    max_deformation: float = 7.0,
+    control: int = 5,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Voxel-space misalignments of a 2D ``shape``: a rotation about the image centre uniform in
+    +-``max_angle`` degrees, a shift uniform in +-``max_shift`` voxels per axis and a smooth
+    dense deformation interpolated (cubic splines) from a ``control x control`` grid of uniform
+    random displacements, scaled so that its largest magnitude is ``max_deformation`` voxels.
+
+    Returns ``grid_sample`` coordinates ``(groups, H, W, 2)`` (``align_corners=True``): image j
+    is misaligned as ``U_j(T_j(x))`` with ``T_j(x) = R_j (x + d_j(x) - c) + c + t_j``. Use
+    :func:`warp_dense` to apply them (edges replicated).
     """
+    if len(shape) != 2:
+        raise ValueError(f"random_dense_warp: expected a 2D shape (H, W), got {tuple(shape)}")
+    rng = np.random.default_rng(seed)
+    h, w = shape
+    rows, cols = np.meshgrid(np.arange(h, dtype=float), np.arange(w, dtype=float), indexing="ij")
+    centre = np.array([(h - 1) / 2, (w - 1) / 2])
+    out = []
+    for _ in range(groups):
+        coarse = rng.uniform(-1, 1, size=(2, control, control))
+        field = np.stack([ndimage.zoom(c, (h / control, w / control), order=3) for c in coarse])
+        field = field[:, :h, :w]
+        field *= max_deformation / max(np.linalg.norm(field, axis=0).max(), 1e-12)
+        angle = np.radians(rng.uniform(-max_angle, max_angle))
+        shift = rng.uniform(-max_shift, max_shift, size=2)
+        y, x = rows + field[0] - centre[0], cols + field[1] - centre[1]
+        cos, sin = np.cos(angle), np.sin(angle)
+        ys = cos * y - sin * x + centre[0] + shift[0]
+        xs = sin * y + cos * x + centre[1] + shift[1]
+        out.append(np.stack([2 * xs / max(w - 1, 1) - 1, 2 * ys / max(h - 1, 1) - 1], -1))
+    return torch.from_numpy(np.stack(out)).float()
 
-    def __init__(
-        self,
-        rotation: float = 0.0,
-        scaling: float = 0.0,
-        gamma: float = 0.0,
-        fresh_ffds: bool = False,
-    ):
-        if rotation < 0 or scaling < 0 or gamma < 0:
-            raise ValueError(
-                "GroupAugmentation: rotation, scaling and gamma must be >= 0, got "
-                f"{rotation}, {scaling}, {gamma}"
-            )
-        self.rotation, self.scaling, self.gamma = float(rotation), float(scaling), float(gamma)
-        self.fresh_ffds = bool(fresh_ffds)
 
-    def __call__(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        probabilities: torch.Tensor,
-        grid: Grid,
-        rng: np.random.Generator,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Augment an aligned group: ``images`` and ``labels`` ``(N, *S)``, ``probabilities``
-        ``(N, K, *S)`` on ``grid``; the random state comes from ``rng``."""
-        if self.rotation or self.scaling:
-            angle = np.deg2rad(self.rotation) * rng.uniform(-1, 1)
-            scale = np.exp(np.log1p(self.scaling) * rng.uniform(-1, 1))
-            rotation = np.eye(grid.ndim)  # in the slice plane, about the grid centre
-            rotation[:2, :2] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
-            direction = grid.direction_matrix
-            affine = Affine(1, grid.ndim, center=grid.center)  # output x reads the input at phi(x)
-            with torch.no_grad():
-                affine.matrix.copy_(torch.from_numpy(scale * direction @ rotation @ direction.T))
-                normalized = grid.world_to_normalized(affine.lattice(grid))
-            images, labels, probabilities = sample_group(
-                images, labels, probabilities, normalized.expand(images.shape[0], *grid.shape, -1)
-            )
-        if self.gamma:
-            flat = images.flatten(1)
-            low, high = flat.min(1).values, flat.max(1).values
-            shape = (-1,) + (1,) * (images.dim() - 1)
-            unit = (images - low.view(shape)) / (high - low).clamp_min(1e-6).view(shape)
-            g = torch.from_numpy(np.exp(self.gamma * rng.uniform(-1, 1, images.shape[0])))
-            images = unit.clamp(0, 1) ** g.float().view(shape)
-        return images, labels, probabilities
+@torch.no_grad()
+def warp_dense(images: torch.Tensor, coords: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """Images ``(N, H, W)`` sampled at :func:`random_dense_warp` coordinates, edges replicated."""
+    out = sample(images.unsqueeze(1).float(), coords, mode=mode, padding="border")[:, 0]
+    return out.to(images.dtype) if mode == "nearest" else out
+
+
+@dataclass
+class MisalignedGroup:
+    """Phantom images misaligned by known maps ``truth`` (U_j = P_j o truth_j)."""
+
+    images: torch.Tensor  # (N, *shape)
+    labels: torch.Tensor  # (N, *shape) phantom labels misaligned like the images
+    grid: Grid
+    names: list[str]
+    truth: SpatialTransform
+    foreground: torch.Tensor  # (*shape) labels of the aligned phantom
+
+    def warping_index(self, estimate: SpatialTransform | None = None) -> float:
+        """gWI (Eq. 49) of truth_j o estimate_j over the phantom foreground, in mm (the
+        estimate stays on its device)."""
+        return warping_index(self.truth, self.grid, estimate, self.foreground)
+
+    def registration_error(self, estimate: SpatialTransform | None = None) -> float:
+        """gRE (Eq. 51) of truth_j o estimate_j at the vertices of the field of view, in mm."""
+        return registration_error(self.truth, self.grid, estimate)
+
+
+def misaligned_phantom(
+    dim: int = 2,
+    realisations: int = 1,
+    kind: str = "ffd",
+    magnitude: float = 5.5,
+    spacing: float = 20.0,
+    downsample: int = 1,
+    seed: int = 0,
+) -> MisalignedGroup:
+    """The brain phantom (T1/T2/PD x ``realisations``) under random known misalignments.
+
+    ``kind="ffd"``: B-spline FFD of ``spacing`` mm with control displacements of std
+    ``magnitude`` mm (5.5 mm gives a gWI of about 3 mm in 2D); ``kind="rigid"``: rotations up to
+    ``magnitude`` degrees and offsets up to ``magnitude`` mm.
+    """
+    phantom = brain_phantom(dim=dim, realisations=realisations, downsample=downsample, seed=seed)
+    n, grid = phantom.images.shape[0], phantom.grid
+    if kind == "ffd":
+        truth = random_ffd(n, grid, spacing, magnitude, seed=seed + 1)
+    elif kind == "rigid":
+        truth = random_rigid(n, grid, magnitude, magnitude, seed=seed + 1)
+    else:
+        raise ValueError(f'misaligned_phantom: kind must be "ffd" or "rigid", got "{kind}"')
+    labels = phantom.labels.expand(n, *phantom.labels.shape)
+    return MisalignedGroup(
+        warp_images(phantom.images, grid, truth),
+        warp_images(labels, grid, truth, mode="nearest"),
+        grid,
+        phantom.names,
+        truth,
+        phantom.labels,
+    )
