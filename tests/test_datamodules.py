@@ -182,7 +182,8 @@ def test_myops_datamodule(tmp_path):
     for piece in train.slices:  # ROI around the heart, all three structures, z-scored
         assert set(piece.labels.unique().tolist()) == {0, 1, 2, 3}
         assert torch.allclose(piece.images.flatten(1).mean(1), torch.zeros(3), atol=1e-4)
-        assert torch.allclose(piece.images.flatten(1).std(1, correction=0), torch.ones(3), atol=1e-4)
+        std = piece.images.flatten(1).std(1, correction=0)
+        assert torch.allclose(std, torch.ones(3), atol=1e-4)
         fg = torch.nonzero(piece.labels > 0).float()
         centre = (fg.min(0).values + fg.max(0).values) / 2
         assert torch.allclose(centre, torch.tensor([23.5, 23.5]), atol=1.5)

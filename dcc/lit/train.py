@@ -175,9 +175,7 @@ def run_training(cfg: DictConfig, prepared: PreparedRun | None = None) -> dict[s
         except SIGTERMException:  # Lightning's clean stop on SIGTERM (a SystemExit with code 0)
             interrupted = True
         metrics.update(_metrics(trainer))
-    checkpoint = trainer.checkpoint_callback
-    best = checkpoint.best_model_path if checkpoint is not None else ""
-    last = checkpoint.last_model_path if checkpoint is not None else ""
+    best, last = _checkpoint_paths(trainer)
     if cfg.get("test", True) and not interrupted:  # no test of a run cut short by SIGTERM
         # fast_dev_run and runs without a checkpoint callback test the weights in memory
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
@@ -189,6 +187,20 @@ def run_training(cfg: DictConfig, prepared: PreparedRun | None = None) -> dict[s
         "output_dir": trainer.default_root_dir,
         "interrupted": interrupted,
     }
+
+
+def _checkpoint_paths(trainer: pl.Trainer) -> tuple[str, str]:
+    """(best, last) checkpoint paths of the run ("" when none): the best by the monitored
+    metric, the last from the checkpoint callback without a monitor (``last_checkpoint``) or a
+    callback's ``save_last`` copy."""
+    best = last = ""
+    for callback in trainer.checkpoint_callbacks:
+        if callback.monitor is None:
+            last = last or callback.best_model_path
+        else:
+            best = best or callback.best_model_path
+        last = last or callback.last_model_path
+    return best, last
 
 
 def _apply_data_settings(cfg: DictConfig, checkpoint: dict[str, Any], path: str) -> None:
