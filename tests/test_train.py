@@ -15,7 +15,13 @@ from test_configs import compose_cfg
 from dcc.data.io import InputError
 from dcc.lit.datamodules import CardiacPhantomDataModule
 from dcc.lit.module import DCCModule
-from dcc.lit.train import format_summary, run_evaluation, run_training, warm_start
+from dcc.lit.train import (
+    format_summary,
+    prepare_training,
+    run_evaluation,
+    run_training,
+    warm_start,
+)
 from dcc.spatial.fields import compose_displacements, warp, zero_mean
 
 # 32x32 phantoms, C = 4, L_R = 2, batches of 2 groups: seconds per run on one core
@@ -178,7 +184,9 @@ def trained(tmp_path_factory):
     model = hydra.utils.instantiate(cfg.model)
     data = hydra.utils.instantiate(cfg.data)
     before = _trainer(tmp).validate(model, datamodule=data, verbose=False)[0]
-    result = run_training(cfg)
+    prepared = prepare_training(cfg)
+    result = run_training(cfg, prepared)
+    result["model"] = prepared.model  # the weights in memory at the end (test=false: the last)
     return cfg, before, result
 
 
@@ -199,7 +207,8 @@ def test_training_lowers_loss_and_improves_registration(trained):
 
 
 def test_checkpoint_rebuilds_model(trained, tmp_path):
-    """load_from_checkpoint needs no config: same hyper-parameters, same predictions."""
+    """load_from_checkpoint needs no config and gives back the trained network: the same
+    predictions as the model in memory at the end of training."""
     _, _, result = trained
     best, last = Path(result["best_ckpt"]), Path(result["last_ckpt"])
     assert best.is_file() and last.is_file() and best.parent == last.parent
@@ -211,12 +220,9 @@ def test_checkpoint_rebuilds_model(trained, tmp_path):
     data = _tiny_data(num_test=2)
     data.setup("test")
     batch = next(iter(data.test_dataloader()))
-    state = torch.load(last, weights_only=True)["state_dict"]
     out = model(batch["images"], batch["domains"])
-    ref = DCCModule(**{k: v for k, v in model.hparams.items()})
-    ref.load_state_dict(state)
-    ref.eval()
-    out_ref = ref(batch["images"], batch["domains"])
+    trained_model = result["model"].eval()
+    out_ref = trained_model(batch["images"], batch["domains"])
     assert torch.equal(out.seg_logits, out_ref.seg_logits)
     assert torch.equal(out.displacement, out_ref.displacement)
 
