@@ -16,12 +16,12 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from dcc.cli.outdir import MANIFEST
 from dcc.cli.register import main
 from dcc.coreg import XCoReg
 from dcc.coreg.engine import CoRegResult
 from dcc.data.io import write_image
 from dcc.data.misalignment import misaligned_phantom
+from dcc.evaluation.outdir import MANIFEST
 from dcc.spatial.grid import Grid
 
 

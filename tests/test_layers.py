@@ -11,13 +11,13 @@ ROOT = Path(__file__).resolve().parents[1] / "dcc"
 
 # lowest first; a sub-package may import from its own floor's neighbours and from below
 FLOORS = [
-    {"spatial"},
+    {"spatial", "models"},
     {"similarity", "metrics"},
     {"losses"},
     {"data"},
     {"nets", "coreg", "evaluation"},
-    {"cli"},
     {"lit"},
+    {"cli"},
 ]
 LEVEL = {name: level for level, names in enumerate(FLOORS) for name in names}
 

@@ -12,9 +12,9 @@ import SimpleITK as sitk
 import torch
 from tiny_runs import run_script, tiny_checkpoint
 
-from dcc.cli.outdir import MANIFEST
 from dcc.data.cardiac_phantom import cardiac_phantom
 from dcc.data.io import resample_to_grid, write_image
+from dcc.evaluation.outdir import MANIFEST
 from dcc.lit.predict import main, run_prediction
 from dcc.spatial.grid import Grid
 
@@ -265,7 +265,14 @@ def test_slice_of_3d_stacks_with_a_2d_model(tmp_path, capsys, ckpt, files):
     assert report["dice_before"]["mean"] == 1.0  # the stacks' labels are aligned
     assert written(tmp_path / "a") == layout(report["names"], labels=True)
     _fails(capsys, cfg(ckpt, tmp_path / "b", stacks, slice=3), "predict.slice 3", "3 slices")
-    _fails(capsys, cfg(ckpt, tmp_path / "b", stacks), "3D", "predict.slice=K")
+    # without a slice the whole stacks (issue #21): 3D results, one entry per slice
+    whole = run_prediction(cfg(ckpt, tmp_path / "c", stacks, labels=labels))
+    assert len(whole["common_grid"]["shape"]) == 3 and len(whole["slices"]) == 3
+    assert whole["dice_before"]["mean"] == 1.0
+    # a 2D image among 3D stacks is neither
+    images = files[0]
+    _fails(capsys, cfg(ckpt, tmp_path / "b", [stacks[0], images[1], stacks[2]]), "3D",
+           "give every image as a 3D stack, or pick a slice")
 
 
 def test_overlap_refusal_names_this_modes_setting(tmp_path, capsys, ckpt, files):

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import torch
 
-from dcc.cli.checks import check_device, check_options, check_overlap, check_with_images
-from dcc.cli.outdir import OutputFolder
+from dcc.cli.checks import check_options, check_with_images
 from dcc.coreg import StageConfig, XCoReg, XCoRegConfig, load_preset
+from dcc.coreg.checks import check_device, check_overlap
 from dcc.coreg.config import METHODS, STAGES, auto_config, available_presets
 from dcc.coreg.engine import RegistrationError
 from dcc.data.io import InputError, read_image, read_labels, resample_group, write_image
 from dcc.data.misalignment import MisalignedGroup, misaligned_phantom
+from dcc.evaluation.outdir import OutputFolder
 from dcc.evaluation.outputs import peak_memory_mb, unique_names, write_group, write_report
 from dcc.spatial.grid import Grid
 
@@ -102,7 +103,30 @@ def build_parser() -> argparse.ArgumentParser:
         "2D: rigid,ffd; 3D: translation,rigid)",
     )
     p.add_argument(
-        "--method", choices=METHODS, help="xcoreg (default) or xcoreg-gt (needs --labels)"
+        "--method",
+        choices=(*METHODS, "dcc"),
+        help="xcoreg (default), xcoreg-gt (needs --labels) or dcc: the trained DCC network "
+        "(cardiac C0/LGE/T2 short-axis slices or stacks; the shipped model unless --checkpoint), "
+        "which also segments",
+    )
+    dcc = p.add_argument_group("the DCC network (--method dcc)")
+    dcc.add_argument(
+        "--checkpoint", help="a DCC checkpoint of train.py (default: the model shipped with dcc)"
+    )
+    dcc.add_argument(
+        "--sequences",
+        nargs="+",
+        help="the sequence of each image, e.g. LGE C0 T2 (default: the model's order, C0 LGE T2)",
+    )
+    dcc.add_argument(
+        "--refine",
+        type=int,
+        default=0,
+        metavar="N",
+        help="refine the network's fields by N steps of X-CoReg's unbiased FFD stage (default 0)",
+    )
+    dcc.add_argument(
+        "--slice", type=int, help="register only this slice (ITK z index) of 3D stacks"
     )
     p.add_argument(
         "-K",
@@ -367,8 +391,58 @@ def write_phantom_inputs(folder: Path, dim: int, seed: int) -> MisalignedGroup:
     return group
 
 
+# X-CoReg options that the DCC network does not take
+XCOREG_ONLY = ("preset", "stages", "num_classes", "bins", "sample_rate", "levels", "iterations",
+               "lr", "ffd_spacing", "ffd_levels", "bending_weight", "reference", "masks", "roi",
+               "phantom")
+# predict mode's settings -> this command's options, in the messages of run_prediction
+PREDICT_OPTIONS = {"predict.inputs": "the images", "predict.labels": "--labels",
+                   "predict.sequences": "--sequences", "predict.slice": "--slice",
+                   "predict.refine_iterations": "--refine", "predict.out=": "--out ",
+                   "predict.out": "--out", "predict.overwrite=true": "--overwrite",
+                   "predict.min_initial_overlap": "--min-initial-overlap",
+                   "predict.device": "--device", "ckpt_path=": "--checkpoint ",
+                   "ckpt_path": "--checkpoint"}
+
+
+def run_dcc(args: argparse.Namespace) -> dict:
+    """``--method dcc``: register and segment the group with a trained DCC network
+    (:func:`dcc.lit.predict.run_prediction`, the writer and output-folder rules of the other
+    methods); 3D short-axis stacks slice by slice. Options of X-CoReg alone are refused."""
+    given = [name for name in XCOREG_ONLY if getattr(args, name, None) not in (None, False)]
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        raise InputError(f"{flag}: an X-CoReg option, not used by --method dcc")
+    if args.refine < 0:
+        raise InputError(f"--refine {args.refine}: must be an integer >= 0")
+    from dcc.lit.predict import run_prediction
+
+    cfg = {
+        "ckpt_path": args.checkpoint,
+        "threads": args.threads,
+        "predict": {
+            "inputs": args.images, "labels": args.labels, "sequences": args.sequences,
+            "out": args.out, "overwrite": args.overwrite, "grid": "model", "slice": args.slice,
+            "min_initial_overlap": args.min_initial_overlap, "device": args.device or "cpu",
+            "refine_iterations": args.refine,
+        },
+    }
+    try:
+        return run_prediction(cfg, prog=PROG)
+    except (InputError, ValueError) as error:
+        text = str(error)
+        for setting, option in PREDICT_OPTIONS.items():
+            text = text.replace(setting, option)
+        raise InputError(text) from None
+
+
 def run(args: argparse.Namespace) -> dict:
     """Check every option and ``--out`` before any work, register, then move the results in."""
+    if args.method == "dcc":
+        return run_dcc(args)
+    dcc_only = [f for f in ("checkpoint", "sequences", "slice") if getattr(args, f) is not None]
+    if dcc_only or args.refine:
+        raise InputError(f"--{(dcc_only or ['refine'])[0]}: needs --method dcc")
     check_options(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -449,17 +523,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # while the output folder is open, it handles Ctrl-C itself
         print(f"{PROG}: interrupted; nothing written", file=sys.stderr)
         return 130
-    stages = ", ".join(f"{s['name']} {s['iterations']} it" for s in report["stages"])
-    print(
-        f"{PROG}: {len(report['names'])} images registered ({stages}); "
-        f"X = {report['x_metric']:.4f}; {report['wall_time_s']:.1f} s; wrote {args.out}"
-    )
+    if args.method == "dcc":
+        print(
+            f"{PROG}: {len(report['names'])} images ({', '.join(report['sequences'])}) registered "
+            f"and segmented by the DCC network in {report['inference_s']:.2f} s; wrote {args.out}"
+        )
+    else:
+        stages = ", ".join(f"{s['name']} {s['iterations']} it" for s in report["stages"])
+        print(
+            f"{PROG}: {len(report['names'])} images registered ({stages}); "
+            f"X = {report['x_metric']:.4f}; {report['wall_time_s']:.1f} s; wrote {args.out}"
+        )
     if "dice_after" in report:
         print(
             f"{PROG}: mean Dice of the labels {report['dice_before']['mean']:.3f} -> "
             f"{report['dice_after']['mean']:.3f}"
         )
-    for warning in report.get("warnings", []):
+    for warning in report.get("warnings", []) + report.get("notes", []):
         print(f"{PROG}: warning: {warning}", file=sys.stderr)
     if "gwi_after_mm" in report:
         print(

@@ -26,10 +26,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dcc.cli.checks import check_device, check_overlap
-from dcc.cli.outdir import OutputFolder
+from dcc.coreg.checks import check_device, check_overlap
 from dcc.coreg.refine import check_iterations, refine_group
 from dcc.data.io import InputError, read_image, read_labels, resample_group, slice_grid
+from dcc.evaluation.outdir import OutputFolder
 from dcc.evaluation.outputs import (
     peak_memory_mb,
     unique_names,
@@ -39,13 +39,15 @@ from dcc.evaluation.outputs import (
 from dcc.lit.checkpoints import load_checkpoint
 from dcc.lit.entry import exit_on_bad_input, remove_run_folder
 from dcc.lit.module import DCCModule
+from dcc.models import shipped_checkpoint
 from dcc.spatial.fields import displacement_to_points, folding_count
 from dcc.spatial.grid import Grid
 
-__all__ = ["model_grid", "predict_group", "run_prediction", "main"]
+__all__ = ["model_grid", "predict_group", "predict_stack", "run_prediction", "main"]
 
 PROG = "evaluate.py mode=predict"
 GRIDS = ("model", "image")
+MIN_HEART_VOXELS = 20  # a slice counts as showing the heart with this many myocardium voxels
 
 
 def model_grid(first: Grid, spacing: Sequence[float] | None) -> Grid:
@@ -112,14 +114,15 @@ def _read_group(model: DCCModule, paths, label_paths, grid_mode: str, index: int
     ndim = model.net.ndim
     originals = [read_image(p) for p in paths]
     stacks = [g for _, g in originals]  # the files' own grids (labels must lie on them)
+    whole_stacks = index is None and ndim == 2 and all(g.ndim == 3 for g in stacks)
     if index is not None and ndim == 2:
         originals = [
             _slice(p, x, g, index) if g.ndim == 3 else (x, g)
             for p, (x, g) in zip(paths, originals, strict=True)
         ]
     for path, (_, grid) in zip(paths, originals, strict=True):
-        if grid.ndim != ndim:
-            hint = "; pick a slice with predict.slice=K" if grid.ndim == 3 else ""
+        if grid.ndim != ndim and not whole_stacks:
+            hint = "; give every image as a 3D stack, or pick a slice" if grid.ndim == 3 else ""
             raise InputError(
                 f"{path}: image is {grid.ndim}D but the checkpoint is a {ndim}D model (trained "
                 f"on {ndim}D images){hint}"
@@ -128,7 +131,8 @@ def _read_group(model: DCCModule, paths, label_paths, grid_mode: str, index: int
     if label_paths is not None:
         labels = [read_labels(lp, like=g) for lp, g in zip(label_paths, stacks, strict=True)]
         labels = [
-            _slice(lp, lab, g, index)[0] if g.ndim == 3 and ndim == 2 else lab
+            _slice(lp, lab, g, index)[0] if g.ndim == 3 and ndim == 2 and not whole_stacks
+            else lab
             for lp, lab, g in zip(label_paths, labels, stacks, strict=True)
         ]
         for lp, lab in zip(label_paths, labels, strict=True):
@@ -139,9 +143,15 @@ def _read_group(model: DCCModule, paths, label_paths, grid_mode: str, index: int
                 )
     spacing = model.hparams.get("spacing")
     first = originals[0][1]
+    if whole_stacks and spacing is not None:  # the model's in-plane spacing, the stack's slices
+        spacing = [*_in_plane(spacing), first.spacing[2]]
     common = model_grid(first, spacing if grid_mode == "model" else None)
     images, valid, labels_before = resample_group(originals, common, labels)
     return originals, labels, common, images, valid, labels_before
+
+
+def _in_plane(spacing: float | Sequence[float]) -> list[float]:
+    return [float(spacing)] * 2 if isinstance(spacing, int | float) else [float(s) for s in spacing]
 
 
 @torch.no_grad()
@@ -186,10 +196,66 @@ def predict_group(
     }
 
 
-def run_prediction(cfg: Mapping[str, Any]) -> dict:
-    """Predict on ``cfg.predict`` with ``cfg.ckpt_path``; returns the report written to
-    ``report.json``. Every check (files, sequences, dimensionality, ``predict.out``) happens
-    before the output folder is touched; results appear there only after success."""
+@torch.no_grad()
+def predict_stack(
+    model: DCCModule,
+    images: torch.Tensor,
+    domains: Sequence[int],
+    refine_iterations: int = 0,
+    spacing: Sequence[float] | None = None,
+) -> dict:
+    """:func:`predict_group` for a group of 3D short-axis stacks ``(N, Z, H, W)`` with a 2D
+    model: every slice is a 2D group, all slices in one batch. Returns 3D results on the stack's
+    grid: displacements ``(N, 3, Z, H, W)`` (voxel units, a zero through-plane component),
+    ``seg_probs`` ``(N, K, Z, H, W)``, ``posterior`` ``(K, Z, H, W)`` and per slice whether the
+    network found a heart (at least :data:`MIN_HEART_VOXELS` myocardium voxels in the
+    posterior's segmentation). Slices without a heart keep a zero field and a background
+    posterior rather than the network's guess; ``slices`` names them."""
+    device = next(model.parameters()).device
+    n, depth = images.shape[:2]
+    x = images.transpose(0, 1).to(device)  # (Z, N, H, W): one group per slice
+    d = torch.as_tensor(list(domains), device=device).expand(depth, n)
+    out = model(x, d)
+    displacement = out.displacement.float()
+    refined = []
+    if refine_iterations:
+        for z in range(depth):
+            result = refine_group(x[z], displacement[z], refine_iterations, spacing)
+            displacement[z] = result.displacement.to(displacement)
+            refined.append(result.accepted)
+    seg_probs = out.seg_logits.float().softmax(dim=2)
+    loss = model.loss(x, displacement, seg_probs, seg_probs, model.labelled_domain[d])
+    posterior = loss.posterior.float()  # (Z, K, H, W)
+    myocardium = model.class_names.index("myocardium") if "myocardium" in model.class_names else 1
+    heart = (posterior.argmax(1) == myocardium).flatten(1).sum(1) >= MIN_HEART_VOXELS
+    displacement[~heart] = 0
+    background = torch.zeros_like(posterior[0])
+    background[0] = 1
+    posterior[~heart] = background
+    field = torch.zeros(n, 3, depth, *images.shape[2:])
+    field[:, :2] = displacement.permute(1, 2, 0, 3, 4).cpu()
+    slices = [
+        {"index": z, "heart": bool(heart[z]),
+         **({"refine_accepted": refined[z]} if refined else {})}
+        for z in range(depth)
+    ]
+    return {
+        "displacement": field,
+        "seg_probs": seg_probs.permute(1, 2, 0, 3, 4).cpu(),
+        "posterior": posterior.transpose(0, 1).cpu(),
+        "x_metric": float(loss.x_metric),  # the loss's reduction over the slices
+        "refine": {"iterations": refine_iterations, "slices": sum(refined)} if refined else None,
+        "slices": slices,
+    }
+
+
+def run_prediction(cfg: Mapping[str, Any], prog: str = PROG) -> dict:
+    """Predict on ``cfg.predict`` with ``cfg.ckpt_path`` (``None``: the shipped cardiac model,
+    :func:`dcc.models.shipped_checkpoint`); returns the report written to ``report.json``
+    (``tool``: ``prog``). Every check (files, sequences, dimensionality, ``predict.out``)
+    happens before the output folder is touched; results appear there only after success.
+    A 2D model given 3D short-axis stacks without ``predict.slice`` registers and segments
+    every slice (:func:`predict_stack`) and writes 3D results on the stacks' grid."""
     cfg = OmegaConf.create(cfg) if not isinstance(cfg, DictConfig) else cfg
     p = cfg["predict"]
     paths = [str(x) for x in (p.get("inputs") or [])]
@@ -201,11 +267,14 @@ def run_prediction(cfg: Mapping[str, Any]) -> dict:
     refine_iterations = check_iterations(p.get("refine_iterations", 0), "predict.refine_iterations")
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
-    model = load_checkpoint(OmegaConf.select(cfg, "ckpt_path", throw_on_missing=False), device)
+    ckpt_path = OmegaConf.select(cfg, "ckpt_path", throw_on_missing=False) or str(
+        shipped_checkpoint()
+    )
+    model = load_checkpoint(ckpt_path, device)
     domains = _domains(model, p.get("sequences"), paths)
     try:
         output = OutputFolder(
-            p["out"], [*paths, *(label_paths or [])], bool(p.get("overwrite")), PROG
+            p["out"], [*paths, *(label_paths or [])], bool(p.get("overwrite")), prog
         )
     except InputError as error:  # dcc-register's option names -> this mode's config keys
         text = str(error).replace("--out ", "predict.out=")
@@ -216,7 +285,10 @@ def run_prediction(cfg: Mapping[str, Any]) -> dict:
     overlap = check_overlap(valid, paths, 0, float(p.get("min_initial_overlap", 0.25)),
                             option="predict.min_initial_overlap")
     start = time.perf_counter()
-    result = predict_group(model, images, domains, refine_iterations, common.spacing)
+    stacks = model.net.ndim == 2 and common.ndim == 3
+    predict = predict_stack if stacks else predict_group
+    spacing = common.spacing[:2] if stacks else common.spacing
+    result = predict(model, images, domains, refine_iterations, spacing)
     seconds = time.perf_counter() - start
     names = unique_names(paths)
     points = displacement_to_points(result["displacement"], common)
@@ -234,8 +306,8 @@ def run_prediction(cfg: Mapping[str, Any]) -> dict:
         )
         folding = folding_count(result["displacement"][None])[0]
         report = {
-            "tool": PROG,
-            "checkpoint": str(Path(cfg["ckpt_path"]).resolve()),
+            "tool": prog,
+            "checkpoint": str(Path(ckpt_path).resolve()),
             "images": paths,
             "names": names,
             "labels": label_paths,
@@ -257,6 +329,15 @@ def run_prediction(cfg: Mapping[str, Any]) -> dict:
             "peak_memory_mb": round(peak_memory_mb(device), 1),
             **dice,
         }
+        if stacks:
+            report["slices"] = result["slices"]
+            empty = [s["index"] for s in result["slices"] if not s["heart"]]
+            if empty:
+                report["notes"] = [
+                    f"slices {empty} (ITK z index): no heart found by the network "
+                    f"(fewer than {MIN_HEART_VOXELS} myocardium voxels); left unregistered "
+                    "(zero field) and labelled background"
+                ]
         write_report(tmp, report)
         output.commit()
     return report
