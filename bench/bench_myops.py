@@ -88,6 +88,9 @@ def parse_args(argv=None):
     p.add_argument("--roi", type=float, help="heart ROI: the union of the misaligned labels "
                    "dilated by this many mm, given to dcc-register as --roi")
     p.add_argument("--preset", help="dcc-register preset (default: none, the data's defaults)")
+    p.add_argument("--method", choices=("xcoreg", "dcc"), default="xcoreg",
+                   help="dcc-register --method: X-CoReg (rigid,ffd) or the trained DCC network")
+    p.add_argument("--checkpoint", help="--method dcc: a DCC checkpoint (default: the shipped)")
     p.add_argument("--out", default="results/myops_bench", help="folder for JSON, MD and PNG")
     p.add_argument("--tag", default="bench_myops", help="file name stem of the results")
     p.add_argument("--keep", help="keep each group's inputs and outputs in this folder")
@@ -196,7 +199,12 @@ def run_group(task: dict) -> dict:
         paths, label_paths, grid, disp = write_group(case_dir, task["index"], work, args, model)
         out = work / "out"
         argv = [*paths, "--labels", *label_paths, "--out", str(out), "--overwrite", "--quiet"]
-        argv += ["--stages", "rigid,ffd", "--threads", str(args.threads), *args.extra]
+        argv += ["--threads", str(args.threads), *args.extra]
+        if args.method == "dcc":
+            argv += ["--method", "dcc", *(["--checkpoint", args.checkpoint]
+                                          if args.checkpoint else [])]
+        else:
+            argv += ["--stages", "rigid,ffd"]
         if args.preset:
             argv += ["--preset", args.preset]
         if args.roi:
@@ -222,11 +230,12 @@ def run_group(task: dict) -> dict:
         "dice_after": after["mean"],
         "per_label_after": {LABEL_NAMES[int(k)]: v for k, v in after["per_label"].items()},
         "x_metric": report["x_metric"],
-        "registration_s": report["wall_time_s"],
+        "registration_s": report.get("wall_time_s", report.get("inference_s")),
         "seconds": seconds,
-        "warnings": report.get("warnings", []),
+        "warnings": report.get("warnings", []) + report.get("notes", []),
         "diagnostics": report.get("diagnostics"),
-        "settings": report["settings"],
+        "settings": report.get("settings") or {"method": "dcc", **report["model"],
+                                               "checkpoint": report["checkpoint"]},
     }
 
 
@@ -378,6 +387,11 @@ def main(argv=None) -> int:
 
 def budget(settings: dict) -> str:
     """The registration work per group, from the settings in ``report.json``."""
+    if settings.get("method") == "dcc":
+        net = settings.get("net") or {}
+        return (f"one forward pass of the DCC network (C = {net.get('channels')}, "
+                f"L_R = {net.get('levels')}) at {settings.get('spacing')} mm, "
+                f"{Path(str(settings.get('checkpoint'))).name}")
     stages = ", ".join(
         f"{s['name']} {s['iterations']} steps over {s['levels']} level(s)"
         for s in settings.get("stages", [])

@@ -44,10 +44,17 @@ def test_evaluate_command_writes_tables_and_overlays(tmp_path_factory, tmp_path)
     expected = {"case", "reg_dsc", "unreg_dsc", "seg_dsc", "folding", "time_s"}
     expected |= {f"{m}/{s}" for m in ("reg_dsc", "unreg_dsc") for s in STRUCTURES}
     expected |= {f"seg_dsc/{s}" for s in SEQUENCES}
-    assert set(rows[0]) == expected
+    distances = {f"{m}_{d}" for m in ("reg", "unreg", "seg") for d in ("hd95", "asd")}
+    distances |= {f"{m}_{d}/{s}" for m in ("reg", "unreg") for d in ("hd95", "asd")
+                  for s in STRUCTURES}
+    distances |= {f"seg_{d}/{s}" for d in ("hd95", "asd") for s in SEQUENCES}
+    assert set(rows[0]) == expected | distances
     for row in rows:
         for key in expected - {"case", "folding", "time_s"}:
             assert 0.0 <= float(row[key]) <= 1.0, key
+        # mm on a 150 mm field of view (NaN: a structure missing from a map)
+        assert all(float(row[k]) >= 0 or math.isnan(float(row[k])) for k in distances)
+        assert float(row["unreg_hd95"]) < 150
         assert float(row["folding"]) >= 0 and float(row["time_s"]) > 0
     summary = {r["metric"]: r for r in csv.DictReader(open(metrics / "test_summary.csv"))}
     mean = sum(float(r["reg_dsc"]) for r in rows) / 3
@@ -62,6 +69,7 @@ def test_evaluate_command_writes_tables_and_overlays(tmp_path_factory, tmp_path)
     assert markdown[0] == "| test metric | mean | std | groups |"
     assert any(line.startswith("| Seg DSC LGE (%) |") for line in markdown)
     assert any(line.startswith("| time per group (s) |") for line in markdown)
+    assert any(line.startswith("| Reg HD95 mean (mm) |") for line in markdown)
     figures = sorted(p.name for p in (run / "figures").iterdir())
     for tag in ("test_000", "test_001"):
         assert f"{tag}_montage.png" in figures and f"{tag}_grid.png" in figures

@@ -354,3 +354,23 @@ def test_save_overlay(tmp_path, shape):
     # empty label map also works
     save_overlay(tmp_path / "empty.png", imgs[0], torch.zeros_like(labs[0]))
     _check_png(tmp_path / "empty.png")
+
+
+def test_surface_distances_in_mm_with_the_nan_rule():
+    """A square shifted by 3 columns of 2 mm: the Hausdorff distance is 6 mm whatever the rows'
+    spacing; identical maps give 0; a missing structure gives NaN, left out of the means."""
+    from dcc.metrics import pairwise_surface_distances, surface_distances
+
+    a = torch.zeros(20, 20, dtype=torch.long)
+    a[5:15, 5:15] = 1
+    b = torch.roll(a, 3, dims=1)
+    d = surface_distances(a, b, [1, 2], spacing=(2.0, 0.5))  # (x, y): columns 2 mm
+    assert d[1]["hd95"] == pytest.approx(6.0)
+    assert 0 < d[1]["asd"] < 6.0
+    assert math.isnan(d[2]["hd95"]) and math.isnan(d[2]["asd"])
+    same = surface_distances(a, a, [1], spacing=(1.0, 1.0))
+    assert same[1] == {"hd95": 0.0, "asd": 0.0}
+    pairs = pairwise_surface_distances(torch.stack([a, a, b]), [1, 2], spacing=(2.0, 0.5))
+    # pairs (a, a), (a, b), (a, b): 0, 6, 6 mm
+    assert pairs["hd95"]["per_label"][1] == pytest.approx(4.0)
+    assert pairs["hd95"]["mean"] == pytest.approx(4.0)  # label 2: NaN, left out

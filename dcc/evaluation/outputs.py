@@ -29,7 +29,7 @@ import torch
 
 from dcc.data.io import write_image
 from dcc.evaluation.figures import save_montage
-from dcc.metrics import pairwise_dice
+from dcc.metrics import pairwise_dice, pairwise_surface_distances
 from dcc.spatial.functional import sample
 from dcc.spatial.grid import Grid
 
@@ -137,9 +137,14 @@ def write_group(
     )
     if warped_labels is None:
         return {}
+    after = torch.stack(warped_labels)
+    values = sorted(set(labels_before.unique().tolist()) | set(after.unique().tolist()) - {0})
     return {
         "dice_before": pairwise_dice(labels_before),
-        "dice_after": pairwise_dice(torch.stack(warped_labels)),
+        "dice_after": pairwise_dice(after),
+        "surface_distance_before_mm": pairwise_surface_distances(
+            labels_before, values, common.spacing),
+        "surface_distance_after_mm": pairwise_surface_distances(after, values, common.spacing),
     }
 
 

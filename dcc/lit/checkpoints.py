@@ -25,6 +25,7 @@ __all__ = [
     "network_mismatch",
     "check_resume",
     "data_settings",
+    "export_model",
     "DATAMODULE_CLASS_KEY",
 ]
 
@@ -157,3 +158,26 @@ def data_settings(checkpoint: Mapping[str, Any], keys: set[str] | None = None) -
         key: value for key, value in saved.items()
         if key not in (*PLACES, "with_atlas") and (keys is None or key in keys)
     }
+
+
+def export_model(
+    source: str, destination: str, dtype: torch.dtype = torch.float16, **provenance: Any
+) -> dict[str, Any]:
+    """Write the network of the training checkpoint ``source`` as a small file that
+    :func:`load_checkpoint` reads: the weights (floating point ones as ``dtype``; half precision
+    halves the size), the model's hyper-parameters, the data settings without their places, and
+    ``provenance`` (command, data, split, ...); no optimiser state. Returns what was written."""
+    checkpoint = read_checkpoint(source)
+    state = {
+        key: value.to(dtype) if value.is_floating_point() else value
+        for key, value in checkpoint["state_dict"].items()
+    }
+    exported = {
+        "state_dict": state,
+        "hyper_parameters": dict(checkpoint["hyper_parameters"]),
+        "datamodule_hyper_parameters": data_settings(checkpoint),
+        DATAMODULE_CLASS_KEY: checkpoint.get(DATAMODULE_CLASS_KEY),
+        "provenance": {"source_global_step": checkpoint.get("global_step"), **provenance},
+    }
+    torch.save(exported, destination)
+    return exported

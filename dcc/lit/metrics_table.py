@@ -27,6 +27,7 @@ import pytorch_lightning as pl
 import torch
 
 from dcc.lit.module import DCCModule, StepResult, group_metrics
+from dcc.metrics import nanmean, pairwise_surface_distances, surface_distances
 from dcc.spatial.fields import warp
 
 __all__ = ["MetricsTable", "group_rows", "summarise", "write_tables"]
@@ -38,7 +39,11 @@ def group_rows(
     module: DCCModule, batch: Mapping[str, Any], result: StepResult, seconds: float
 ) -> list[Row]:
     """One row per group of ``batch``: ``case``, ``reg_dsc`` and ``reg_dsc/<structure>``,
-    ``unreg_dsc`` and ``unreg_dsc/<structure>``, ``seg_dsc/<sequence>`` and ``seg_dsc``,
+    ``unreg_dsc`` and ``unreg_dsc/<structure>``, ``seg_dsc/<sequence>`` and ``seg_dsc``, the
+    challenge metrics in mm (``{reg,unreg}_{hd95,asd}[/<structure>]``: pairwise over the
+    members' labels after / before registration; ``seg_{hd95,asd}[/<sequence>]``: the posterior
+    argmax against each member's warped label, mean over the structures; NaN where a structure
+    is missing from either map, :func:`dcc.metrics.surface_distances`),
     ``folding`` (voxels with Jacobian <= 0, summed over the group's images) and ``time_s``
     (``seconds`` shared equally by the groups). Dice values in [0, 1]; NaN where undefined."""
     labels, domains = batch["labels"], batch["domains"]
@@ -66,6 +71,24 @@ def group_rows(
             row[f"seg_dsc/{name}"] = value
         finite = [v for v in m["seg"] if not math.isnan(v)]
         row["seg_dsc"] = sum(finite) / len(finite) if finite else math.nan
+        spacing = batch["spacing"][b].tolist() if "spacing" in batch else [1.0] * (
+            labels.dim() - 2)
+        structures = list(range(1, module.num_classes))
+        for key, maps in (("reg", warped[b][members[b]]), ("unreg", labels[b][members[b]])):
+            distances = pairwise_surface_distances(maps, structures, spacing)
+            for metric in ("hd95", "asd"):
+                row[f"{key}_{metric}"] = distances[metric]["mean"]
+                for k in structures:
+                    row[f"{key}_{metric}/{module.class_names[k]}"] = \
+                        distances[metric]["per_label"][k]
+        segmentation = result.loss.posterior[b].detach().argmax(0)
+        seg = [surface_distances(segmentation, warped[b][j], structures, spacing)
+               for j in members[b].nonzero().flatten().tolist()]
+        for metric in ("hd95", "asd"):
+            per_member = [nanmean([d[k][metric] for k in structures]) for d in seg]
+            for name, value in zip(names, per_member, strict=True):
+                row[f"seg_{metric}/{name}"] = value
+            row[f"seg_{metric}"] = nanmean(per_member)
         row["folding"] = float(sum(m["folding"]))
         row["time_s"] = seconds / labels.shape[0]
         rows.append(row)
@@ -89,13 +112,16 @@ def summarise(rows: Sequence[Row]) -> list[dict[str, Any]]:
 
 
 def _label(metric: str) -> str:
-    names = {"reg_dsc": "Reg DSC", "unreg_dsc": "Unregistered Dice", "seg_dsc": "Seg DSC"}
+    names = {"reg_dsc": "Reg DSC", "unreg_dsc": "Unregistered Dice", "seg_dsc": "Seg DSC",
+             "reg_hd95": "Reg HD95", "unreg_hd95": "Unregistered HD95", "seg_hd95": "Seg HD95",
+             "reg_asd": "Reg ASD", "unreg_asd": "Unregistered ASD", "seg_asd": "Seg ASD"}
     if metric == "folding":
         return "folding voxels per group"
     if metric == "time_s":
         return "time per group (s)"
     head, _, tail = metric.partition("/")
-    return f"{names.get(head, head)} {tail or 'mean'} (%)"
+    unit = "%" if head.endswith("dsc") else "mm"
+    return f"{names.get(head, head)} {tail or 'mean'} ({unit})"
 
 
 def write_tables(folder: str | os.PathLike, rows: Sequence[Row], stage: str = "test") -> dict:

@@ -16,7 +16,7 @@ import contextlib
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +28,7 @@ from dcc.coreg.refine import refine_batch
 from dcc.evaluation.figures import save_montage
 from dcc.lit.checkpoints import DATAMODULE_CLASS_KEY
 from dcc.losses import DCCLoss, DCCLossOutput
-from dcc.metrics import dice, pairwise_dice
+from dcc.metrics import dice, nanmean, pairwise_dice
 from dcc.nets import DCCNet, DCCOutput
 from dcc.spatial.fields import compose_displacements, folding_count, warp, zero_mean
 
@@ -79,11 +79,6 @@ def group_metrics(
         "seg": seg,
         "folding": folding_count(displacement[idx].unsqueeze(0))[0].tolist(),
     }
-
-
-def _nanmean(values: Iterable[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return sum(finite) / len(finite) if finite else float("nan")
 
 
 class DCCModule(pl.LightningModule):
@@ -234,9 +229,9 @@ class DCCModule(pl.LightningModule):
             seqs = [self._member_name(int(d)) for d in domains[b][members[b]]]
             for name, value in zip(seqs, row["seg"], strict=True):
                 out.setdefault(f"seg_dsc/{name}", []).append(value)
-            out.setdefault("seg_dsc", []).append(_nanmean(row["seg"]))
+            out.setdefault("seg_dsc", []).append(nanmean(row["seg"]))
             out.setdefault("folding", []).extend(float(f) for f in row["folding"])
-        return {k: _nanmean(v) for k, v in out.items()}
+        return {k: nanmean(v) for k, v in out.items()}
 
     def _member_name(self, domain: int) -> str:
         return self.sequences[domain] if domain < len(self.sequences) else "atlas"

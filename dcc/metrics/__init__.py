@@ -1,5 +1,6 @@
 """Metrics layer (above :mod:`dcc.spatial`, below data, evaluation, the engine and the network):
-gWI and gRE of transforms (paper Eqs. 49-52) and pairwise Dice of label maps
+gWI and gRE of transforms (paper Eqs. 49-52), Dice and the surface distances (HD95, ASD)
+of label maps
 (:mod:`dcc.metrics.functional`)."""
 
 from dcc.metrics.functional import (
@@ -8,8 +9,11 @@ from dcc.metrics.functional import (
     foreground_mask,
     groupwise_registration_error,
     groupwise_warping_index,
+    nanmean,
     pairwise_dice,
+    pairwise_surface_distances,
     registration_error,
+    surface_distances,
     warping_index,
 )
 
@@ -22,4 +26,7 @@ __all__ = [
     "foreground_mask",
     "pairwise_dice",
     "dice",
+    "surface_distances",
+    "pairwise_surface_distances",
+    "nanmean",
 ]
