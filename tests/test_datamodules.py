@@ -224,3 +224,47 @@ def test_augmentation_on_training_groups_only():
     assert all(torch.equal(a, item["aligned_labels"][0]) for a in item["aligned_labels"])
     with pytest.raises(TypeError):
         _module(augmentation={"rotate": 10})
+
+
+# 2D in-plane settings: rotation about the slice normal only, no through-plane scaling
+AFFINE_2D = {"_target_": "torchio.RandomAffine", "degrees": [0, 0, 0, 0, 25, 25],
+             "scales": [1, 1, 1, 1, 1, 1], "isotropic": False}
+
+
+def test_torchio_transforms_on_training_groups_only():
+    """data.transforms: a spatial TorchIO transform moves the whole group at once (the aligned
+    labels stay one map and rho follows them), an intensity one each image on its own; the
+    validation and test groups are untouched, and the run's seed fixes the draws."""
+    transforms = [AFFINE_2D, {"_target_": "torchio.RandomNoise", "std": [0.2, 0.2]}]
+    dm, plain = _module(transforms=transforms), _module()
+    for split in ("val", "test"):
+        assert torch.equal(dm.datasets[split][1]["images"], plain.datasets[split][1]["images"])
+    torch.manual_seed(123)  # training items draw from torch's generator, seeded by the run
+    item = dm.datasets["train"][0]
+    torch.manual_seed(123)
+    reference = plain.datasets["train"][0]
+    assert item["images"].shape == (3, SIZE, SIZE) and item["rho"].shape == (3, 4, SIZE, SIZE)
+    assert torch.allclose(item["rho"].sum(1), torch.ones(3, SIZE, SIZE), atol=1e-5)
+    # rho resampled linearly, the labels by nearest neighbour: they agree but at the contours
+    assert (item["rho"].argmax(1) == item["labels"]).float().mean() > 0.95
+    aligned = item["aligned_labels"]
+    assert not torch.equal(aligned, reference["aligned_labels"])  # rotated by 25 degrees
+    assert all(torch.equal(a, aligned[0]) for a in aligned)  # one draw for the whole group
+    # the same item under the same seed: the same TorchIO draws too
+    torch.manual_seed(123)
+    again = dm.datasets["train"][0]
+    assert torch.equal(again["images"], item["images"])
+    torch.manual_seed(124)
+    assert not torch.equal(dm.datasets["train"][0]["images"], item["images"])
+    # noise alone: labels untouched, every image changed by its own draw
+    noise_only = _module(transforms=transforms[1:])
+    torch.manual_seed(123)
+    noisy = noise_only.datasets["train"][0]
+    assert torch.equal(noisy["aligned_labels"], reference["aligned_labels"])
+    difference = (noisy["images"] - reference["images"]).flatten(1)
+    assert difference.abs().mean(1).min() > 0.05
+    assert not torch.allclose(difference[0], difference[1])
+    with pytest.raises(ValueError, match="transforms entry"):
+        _module(transforms=[{"_target_": "torchio.RandomNoise", "sd": 1}])
+    with pytest.raises(ValueError, match="needs a _target_"):
+        _module(transforms=["RandomNoise"])

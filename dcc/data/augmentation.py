@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -21,7 +24,17 @@ class GroupAugmentation:
     * ``gamma``: a contrast change per image, ``x -> x**g`` on the image rescaled to [0, 1],
       ``log g`` uniform in ``[-gamma, gamma]``;
     * ``fresh_ffds``: misalign by FFDs drawn afresh (an unbounded bank) instead of the case's
-      ``num_ffds`` per mesh spacing (:meth:`RandomFFDMisalignment.random_combination`).
+      ``num_ffds`` per mesh spacing (:meth:`RandomFFDMisalignment.random_combination`);
+    * ``transforms``: TorchIO transforms (``data.transforms``, e.g. ``torchio.RandomBiasField``,
+      ``RandomNoise``, ``RandomMotion``, ``RandomGhosting``: the artefacts of cardiac MR), applied
+      in their order after the above: an intensity transform to every image on its own (its own
+      random draw), a spatial one to the whole group at once (one draw for the images, the
+      labels and rho, so the group stays aligned). TorchIO draws from torch's random generator:
+      it is seeded here from ``rng``, so the run's seed fixes the draws.
+
+    ``rotation``/``scaling``/``gamma`` stay our own code rather than ``RandomAffine`` /
+    ``RandomGamma``: they are a few tensor operations on the group's grid, where TorchIO wraps
+    each image in a SimpleITK resampling (slower per group) and works on 3D volumes only.
 
     Not in the paper (its training set is the FFD bank alone): MyoPS has 21 training patients,
     and these widen what the network sees of anatomy, contrast and deformation.
@@ -33,6 +46,7 @@ class GroupAugmentation:
         scaling: float = 0.0,
         gamma: float = 0.0,
         fresh_ffds: bool = False,
+        transforms: Sequence[Any] = (),
     ):
         if rotation < 0 or scaling < 0 or gamma < 0:
             raise ValueError(
@@ -41,6 +55,7 @@ class GroupAugmentation:
             )
         self.rotation, self.scaling, self.gamma = float(rotation), float(scaling), float(gamma)
         self.fresh_ffds = bool(fresh_ffds)
+        self.transforms = list(transforms)
 
     def __call__(
         self,
@@ -72,4 +87,47 @@ class GroupAugmentation:
             unit = (images - low.view(shape)) / (high - low).clamp_min(1e-6).view(shape)
             g = torch.from_numpy(np.exp(self.gamma * rng.uniform(-1, 1, images.shape[0])))
             images = unit.clamp(0, 1) ** g.float().view(shape)
+        if self.transforms:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(rng.integers(2**62)))
+                images, labels, probabilities = self._torchio(images, labels, probabilities, grid)
+        return images, labels, probabilities
+
+    def _torchio(self, images, labels, probabilities, grid: Grid):
+        """:attr:`transforms` on the group (class docstring); 2D slices as volumes of depth 1,
+        with the grid's spacing."""
+        import torchio as tio
+
+        n, flat = images.shape[0], grid.ndim == 2
+        spacing = list(reversed(grid.spacing)) + ([1.0] if flat else [])  # tensor-axis order
+
+        def volume(x: torch.Tensor) -> torch.Tensor:  # (C, *S) -> (C, H, W, D)
+            return x[..., None] if flat else x
+
+        def back(x: torch.Tensor) -> torch.Tensor:
+            return x[..., 0] if flat else x
+
+        affine = np.diag([*spacing, 1.0])
+        for transform in self.transforms:
+            if isinstance(transform, tio.IntensityTransform):  # every image on its own
+                images = torch.stack([
+                    back(transform(tio.ScalarImage(tensor=volume(images[j : j + 1].float()),
+                                                   affine=affine)).data)[0]
+                    for j in range(n)
+                ])
+                continue
+            subject = tio.Subject(  # the whole group: one draw for everything
+                **{f"image{j}": tio.ScalarImage(tensor=volume(images[j : j + 1].float()),
+                                                affine=affine) for j in range(n)},
+                **{f"labels{j}": tio.LabelMap(tensor=volume(labels[j : j + 1]), affine=affine)
+                   for j in range(n)},
+                **{f"rho{j}": tio.ScalarImage(tensor=volume(probabilities[j].float()),
+                                              affine=affine) for j in range(n)},
+            )
+            moved = transform(subject)
+            images = torch.stack([back(moved[f"image{j}"].data)[0] for j in range(n)])
+            labels = torch.stack([back(moved[f"labels{j}"].data)[0] for j in range(n)]).to(
+                labels.dtype)
+            probabilities = torch.stack([back(moved[f"rho{j}"].data) for j in range(n)]).to(
+                probabilities.dtype)
         return images, labels, probabilities

@@ -56,8 +56,9 @@ test groups of data/splits/myops.json; 0.16 would give 0.76).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -91,10 +92,30 @@ def _in_plane(spacing: float | Sequence[float] | None, name: str) -> float | Non
     return values[0]
 
 
+def _transform(config: Any, owner: str) -> Any:
+    """One entry of ``data.transforms``: a TorchIO transform from its ``_target_`` config."""
+    import hydra
+
+    if not (isinstance(config, Mapping) and "_target_" in config):
+        raise ValueError(f"{owner}: each of transforms needs a _target_ (e.g. "
+                         f"torchio.RandomNoise), got {config!r}")
+    try:
+        return hydra.utils.instantiate(dict(config))
+    except Exception as error:  # an unknown class or a bad argument: name the entry
+        reason = str(error.__cause__ or error).strip().splitlines()[0]
+        raise ValueError(f"{owner}: transforms entry {dict(config)}: {reason}") from None
+
+
 class _GroupDataModule(pl.LightningDataModule):
     """Data loaders shared by the phantom and MyoPS modules."""
 
-    def __init__(self, batch_size: int, num_workers: int, augmentation: dict | None):
+    def __init__(
+        self,
+        batch_size: int,
+        num_workers: int,
+        augmentation: dict | None,
+        transforms: Sequence[dict] | None = None,
+    ):
         super().__init__()
         if batch_size < 1 or num_workers < 0:
             raise ValueError(
@@ -102,7 +123,11 @@ class _GroupDataModule(pl.LightningDataModule):
                 f"{batch_size}, {num_workers}"
             )
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
-        self.augmentation = GroupAugmentation(**augmentation) if augmentation else None
+        made = [_transform(t, type(self).__name__) for t in transforms or []]
+        if augmentation or made:
+            self.augmentation = GroupAugmentation(**(augmentation or {}), transforms=made)
+        else:
+            self.augmentation = None
         self.datasets: dict[str, Dataset] = {}
         self.class_names = list(CLASS_NAMES)
 
@@ -152,8 +177,9 @@ class CardiacPhantomDataModule(_GroupDataModule):
         bias: float = 0.3,
         fresh_phantoms: bool = False,
         augmentation: dict | None = None,
+        transforms: Sequence[dict] | None = None,
     ):
-        super().__init__(batch_size, num_workers, augmentation)
+        super().__init__(batch_size, num_workers, augmentation, transforms)
         self.save_hyperparameters()
         in_plane = _in_plane(spacing, type(self).__name__)
         self.fov = PHANTOM_FOV if in_plane is None else in_plane * image_size
@@ -218,8 +244,9 @@ class MyoPSDataModule(_GroupDataModule):
         cache_dir: str | os.PathLike | None = None,
         val_groups_per_slice: int | None = None,
         augmentation: dict | None = None,
+        transforms: Sequence[dict] | None = None,
     ):
-        super().__init__(batch_size, num_workers, augmentation)
+        super().__init__(batch_size, num_workers, augmentation, transforms)
         self.save_hyperparameters()
         per_slice = len(ffd_spacings) * num_ffds
         if val_groups_per_slice is not None and not 1 <= val_groups_per_slice <= per_slice:
