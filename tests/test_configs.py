@@ -168,7 +168,7 @@ def test_another_data_group_replaces_the_default_experiments_data(tmp_path):
     from dcc.lit.datamodules import MyoPSDataModule
 
     accepted = set(inspect.signature(MyoPSDataModule.__init__).parameters)
-    assert set(myops) - {"_target_", "_convert_"} <= accepted
+    assert set(myops) - {"_target_", "_convert_", "_recursive_"} <= accepted
 
 
 def test_mscmr_experiments_share_one_recipe(tmp_path):

@@ -3,6 +3,7 @@ SLURM launcher config."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import hydra
@@ -129,8 +130,13 @@ def test_wandb_logger_offline_without_network_or_login(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     offline = list((run / "wandb").glob("offline-run-*"))
     assert len(offline) == 1
-    data = next(offline[0].glob("run-*.wandb")).read_bytes()
-    for key in (b"val/reg_dsc", b"test/seg_dsc/LGE", b"lr-Adam", b"optimizer_seg"):
+    keys = (b"val/reg_dsc", b"test/seg_dsc/LGE", b"lr-Adam", b"optimizer_seg")
+    for _ in range(60):  # W&B's service process may still be flushing the offline file
+        data = next(offline[0].glob("run-*.wandb")).read_bytes()
+        if all(key in data for key in keys):
+            break
+        time.sleep(0.5)
+    for key in keys:
         assert key in data, key  # metrics, learning rates and the composed config
     images = {
         p.name.split("_")[0]
