@@ -20,7 +20,7 @@ def main(argv=None) -> int:
     p.add_argument("--note", default="", help="provenance: how the checkpoint was trained")
     args = p.parse_args(argv)
     exported = export_model(args.checkpoint, args.out, note=args.note,
-                            source=Path(args.checkpoint).name)
+                            checkpoint=Path(args.checkpoint).name)
     size = Path(args.out).stat().st_size / 2**20
     print(f"export_model: wrote {args.out} ({size:.1f} MB, step "
           f"{exported['provenance']['source_global_step']})")

@@ -122,7 +122,7 @@ def ckpt(tmp_path_factory):
 def test_module_step_uses_the_refined_fields(ckpt):
     """With ``refine_iterations`` the test step's fields (and so every logged and tabulated
     metric) are the network's refined by refine_batch; in training they are never refined."""
-    model = load_checkpoint(str(ckpt))
+    model = load_checkpoint(str(ckpt), lightning=True)
     data = CardiacPhantomDataModule(image_size=SIZE, num_train=1, num_val=1, num_test=2,
                                     batch_size=2)
     batch = next(iter(data.test_dataloader()))

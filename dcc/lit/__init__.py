@@ -1,5 +1,3 @@
-"""Lightning layer: the DCC LightningModule, data modules and the Hydra-driven runs."""
-
-from dcc.lit.module import DCCModule
-
-__all__ = ["DCCModule"]
+"""Lightning layer: the DCC LightningModule (:mod:`dcc.lit.module`), data modules, the
+Hydra-driven runs and predict mode. Nothing is imported here, so that prediction
+(:mod:`dcc.lit.predict`) does not load Lightning."""

@@ -62,15 +62,24 @@ def read_checkpoint(path: str | None, setting: str = "ckpt_path") -> dict[str, A
     return dict(checkpoint)
 
 
-def load_checkpoint(path: str | None, device: str = "cpu", setting: str = "ckpt_path"):
-    """The :class:`~dcc.lit.module.DCCModule` of a checkpoint, in eval mode (rebuilt from its
-    hyper-parameters alone); :class:`InputError` as :func:`read_checkpoint`, or when its network
-    cannot be rebuilt."""
-    from dcc.lit.module import DCCModule
-
+def load_checkpoint(
+    path: str | None, device: str = "cpu", setting: str = "ckpt_path", lightning: bool = False
+):
+    """The model of a checkpoint in eval mode, rebuilt from its hyper-parameters alone: the
+    :class:`~dcc.nets.model.DCCModel` (network, loss, strategy; Lightning is not imported), or
+    with ``lightning`` the :class:`~dcc.lit.module.DCCModule` (to test it with a Trainer).
+    :class:`InputError` as :func:`read_checkpoint`, or when its network cannot be rebuilt."""
     checkpoint = read_checkpoint(path, setting)
+    hparams = dict(checkpoint["hyper_parameters"])
     try:
-        model = DCCModule(**dict(checkpoint["hyper_parameters"]))
+        if lightning:
+            from dcc.lit.module import DCCModule
+
+            model = DCCModule(**hparams)
+        else:
+            from dcc.nets.model import DCCModel
+
+            model = DCCModel.from_hyperparameters(hparams)
         model.load_state_dict(checkpoint["state_dict"])
     except (TypeError, ValueError, RuntimeError, KeyError) as error:
         reason = str(error).strip().splitlines()[0]

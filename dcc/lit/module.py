@@ -27,10 +27,11 @@ import torch
 from dcc.coreg.refine import refine_batch
 from dcc.evaluation.figures import save_montage
 from dcc.lit.checkpoints import DATAMODULE_CLASS_KEY
-from dcc.losses import DCCLoss, DCCLossOutput
+from dcc.losses import DCCLossOutput
 from dcc.metrics import dice, nanmean, pairwise_dice
-from dcc.nets import DCCNet, DCCOutput
-from dcc.spatial.fields import compose_displacements, folding_count, warp, zero_mean
+from dcc.nets import DCCOutput
+from dcc.nets.model import DCCModel
+from dcc.spatial.fields import folding_count, warp
 
 __all__ = ["DCCModule", "StepResult", "group_metrics"]
 
@@ -81,8 +82,9 @@ def group_metrics(
     }
 
 
-class DCCModule(pl.LightningModule):
-    """Deep combined computing (Eqs. 38-47) with alternating optimisation.
+class DCCModule(DCCModel, pl.LightningModule):
+    """Deep combined computing (Eqs. 38-47) with alternating optimisation: the
+    :class:`~dcc.nets.model.DCCModel` (network, loss, strategy) trained by Lightning.
 
     Args:
         net: keyword arguments of :class:`dcc.nets.DCCNet` other than ``num_classes`` and
@@ -123,60 +125,20 @@ class DCCModule(pl.LightningModule):
         figure_every: int = 5,
         cascade: int = 1,
     ) -> None:
-        super().__init__()
+        # the model (its __init__ runs LightningModule's, next in the method order)
+        super().__init__(net, loss, sequences, class_names, spacing, strategy, cascade)
         # optimizers are not needed to rebuild the model (and are not plain values)
         self.save_hyperparameters(ignore=["optimizer_seg", "optimizer_reg"], logger=False)
         self.automatic_optimization = False
         self.optimizer_seg = optimizer_seg
         self.optimizer_reg = optimizer_reg
-
-        strategy = dict(strategy or {"name": "dcc_all", "labelled_sequences": list(sequences)})
-        unknown = [s for s in strategy.get("labelled_sequences", []) if s not in sequences]
-        if unknown:
-            raise ValueError(
-                f"strategy {strategy.get('name')!r}: labelled sequences {unknown} are not among "
-                f"the model's sequences {list(sequences)}"
-            )
         if alternate_every < 0:
             raise ValueError(f"alternate_every must be >= 0, got {alternate_every}")
-        if cascade < 1:
-            raise ValueError(f"cascade must be >= 1 (stages), got {cascade}")
-        self.sequences = list(sequences)
-        self.class_names = list(class_names)
-        self.num_classes = len(self.class_names)
-        self.atlas = bool(strategy.get("atlas", False))
-        self.strategy_name = str(strategy.get("name", "custom"))
-        num_domains = len(self.sequences) + int(self.atlas)
-        # labelled_domain[d]: whether domain d belongs to J (the atlas domain always does)
-        labelled_domain = [s in strategy.get("labelled_sequences", []) for s in self.sequences]
-        self.register_buffer(
-            "labelled_domain", torch.tensor(labelled_domain + [True] * int(self.atlas)),
-            persistent=False,
-        )
-        self.net = DCCNet(num_classes=self.num_classes, num_domains=num_domains, **dict(net or {}))
-        # clips rho/rho-hat with its ``zeta`` in training, ``eval_zeta`` at validation/test
-        self.loss = DCCLoss(num_classes=self.num_classes, **dict(loss or {}))
         # X-CoReg FFD steps refining the fields at validation/test (dcc.coreg.refine; set by
         # ``evaluate.py refine_iterations=N``, not a hyper-parameter of the model)
         self.refine_iterations = 0
 
     # ------------------------------------------------------------------ forward
-    def forward(self, images: torch.Tensor, domains: torch.Tensor) -> DCCOutput:
-        """Segmentation logits ``(B, N, K, *S)`` and displacements ``(B, N, ndim, *S)`` (the
-        composition of the ``cascade`` stages' fields)."""
-        out = self.net(images, domains)
-        displacement = out.displacement
-        for _ in range(self.hparams.cascade - 1):
-            # border padding: the next stage sees no artificial zero band at the edges
-            warped = warp(images.unsqueeze(2), displacement, padding="border")[:, :, 0]
-            step = self.net.displacement(warped, domains)
-            displacement = zero_mean(compose_displacements(displacement, step))
-        return DCCOutput(out.seg_logits, displacement)
-
-    def is_atlas(self, domains: torch.Tensor) -> torch.Tensor:
-        """``(B, N)`` bool: members that are the atlas (domain index ``len(sequences)``)."""
-        return domains >= len(self.sequences)
-
     def step(self, batch: Mapping[str, Any]) -> StepResult:
         """Forward pass and DCC loss of a batch of groups.
 

@@ -38,8 +38,8 @@ from dcc.evaluation.outputs import (
 )
 from dcc.lit.checkpoints import load_checkpoint
 from dcc.lit.entry import exit_on_bad_input, remove_run_folder
-from dcc.lit.module import DCCModule
 from dcc.models import shipped_checkpoint
+from dcc.nets.model import DCCModel
 from dcc.spatial.fields import displacement_to_points, folding_count
 from dcc.spatial.grid import Grid
 
@@ -66,7 +66,7 @@ def model_grid(first: Grid, spacing: Sequence[float] | None) -> Grid:
     return Grid(tuple(reversed(size)), tuple(spacing), first.origin, first.direction)
 
 
-def _domains(model: DCCModule, sequences: Sequence[str] | None, paths: Sequence[str]) -> list[int]:
+def _domains(model: DCCModel, sequences: Sequence[str] | None, paths: Sequence[str]) -> list[int]:
     """Domain index of every input: its named sequence, or the checkpoint's order."""
     known = model.sequences
     if sequences is None:
@@ -99,7 +99,7 @@ def _slice(path: str, volume: torch.Tensor, grid: Grid, index: int) -> tuple:
     return volume[index], slice_grid(grid, 2, index)
 
 
-def _read_group(model: DCCModule, paths, label_paths, grid_mode: str, index: int | None = None):
+def _read_group(model: DCCModel, paths, label_paths, grid_mode: str, index: int | None = None):
     """Originals on their own grids (slice ``index`` of 3D stacks for a 2D model), labels, the
     common grid, resampled images and masks."""
     if len(paths) < 2:
@@ -141,7 +141,7 @@ def _read_group(model: DCCModule, paths, label_paths, grid_mode: str, index: int
                     f"{lp}: label values {sorted(lab.unique().tolist())} outside the "
                     f"checkpoint's classes 0..{model.num_classes - 1} ({model.class_names})"
                 )
-    spacing = model.hparams.get("spacing")
+    spacing = model.settings.get("spacing")
     first = originals[0][1]
     if whole_stacks and spacing is not None:  # the model's in-plane spacing, the stack's slices
         spacing = [*_in_plane(spacing), first.spacing[2]]
@@ -156,7 +156,7 @@ def _in_plane(spacing: float | Sequence[float]) -> list[float]:
 
 @torch.no_grad()
 def predict_group(
-    model: DCCModule,
+    model: DCCModel,
     images: torch.Tensor,
     domains: Sequence[int],
     refine_iterations: int = 0,
@@ -198,7 +198,7 @@ def predict_group(
 
 @torch.no_grad()
 def predict_stack(
-    model: DCCModule,
+    model: DCCModel,
     images: torch.Tensor,
     domains: Sequence[int],
     refine_iterations: int = 0,
@@ -314,11 +314,11 @@ def run_prediction(cfg: Mapping[str, Any], prog: str = PROG) -> dict:
             "sequences": [model.sequences[j] for j in domains],
             "common_grid": common.to_dict(),
             "model": {
-                "strategy": model.hparams.get("strategy"),
+                "strategy": model.settings.get("strategy"),
                 "sequences": model.sequences,
                 "class_names": model.class_names,
-                "spacing": model.hparams.get("spacing"),
-                "net": model.hparams.get("net"),
+                "spacing": model.settings.get("spacing"),
+                "net": model.settings.get("net"),
             },
             "initial_overlap": overlap,
             "x_metric": result["x_metric"],

@@ -242,7 +242,7 @@ def prepare_evaluation(cfg: DictConfig) -> PreparedRun:
     except ValueError as error:
         raise InputError(str(error)) from None
     path = OmegaConf.select(cfg, "ckpt_path", throw_on_missing=False)
-    model = load_checkpoint(path)
+    model = load_checkpoint(path, lightning=True)
     model.refine_iterations = iterations
     _apply_data_settings(cfg, read_checkpoint(path), path)
     datamodule = instantiate_setting(cfg.data, "data", with_atlas=model.atlas)
