@@ -158,3 +158,18 @@ def test_exported_model_predicts_like_its_training_checkpoint(tmp_path_factory, 
     half = predict.predict_group(load_checkpoint(str(small)), images, [0, 1, 2])
     torch.testing.assert_close(half["displacement"], full["displacement"], atol=2e-2, rtol=0)
     assert (half["posterior"].argmax(0) == full["posterior"].argmax(0)).float().mean() > 0.98
+
+
+def test_a_wheel_carries_the_shipped_model(tmp_path):
+    """``pip install .`` (not editable) installs the model and its card with the package."""
+    import subprocess
+    import sys
+    import zipfile
+
+    from tiny_runs import ROOT
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps",
+                    "--no-build-isolation", "-q", "-w", str(tmp_path)], check=True, timeout=300)
+    (wheel,) = tmp_path.glob("dcc-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"dcc/models/dcc_all_myops.pt", "dcc/models/README.md"} <= names
