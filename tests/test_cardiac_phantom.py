@@ -150,7 +150,6 @@ def test_combinations():
 def test_probabilities_warped_with_labels():
     """rho warped with the labels stays a distribution (background fills the outside) and
     agrees with Eq. 38 recomputed from the warped labels."""
-    pytest.importorskip("monai")
     from dcc.data.datasets import distance_rho
 
     p = cardiac_phantom(48, seed=2)
