@@ -10,14 +10,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# 32x32 phantoms, C = 4, L_R = 2, batches of 2 groups, no progress bar
-TINY_CLI = [
+# C = 4, L_R = 2, batches of 2 groups, one thread, no progress bar
+TINY_RUN = [
     "data.image_size=32",
-    "data.num_train=4",
-    "data.num_val=2",
-    "data.num_test=2",
     "data.batch_size=2",
-    "data.atlas_size=4",
     "model.net.channels=4",
     "model.net.levels=2",
     "model.figure_every=0",
@@ -26,6 +22,9 @@ TINY_CLI = [
     "+trainer.enable_progress_bar=false",
     "+trainer.enable_model_summary=false",
 ]
+# 32x32 phantoms
+TINY_CLI = [*TINY_RUN, "data.num_train=4", "data.num_val=2", "data.num_test=2",
+            "data.atlas_size=4"]
 
 
 def run_script(
@@ -133,19 +132,6 @@ def write_myops_tree(root: Path, cases: dict[str, list[str]]) -> Path:
     return split
 
 
-# a tiny MyoPS run on write_myops_tree's data: 32x32 at 3 mm, C = 4, L_R = 2
-TINY_MYOPS_CLI = [
-    "data=myops",
-    "data.image_size=32",
-    "data.spacing=3.0",
-    "data.margin=5",
-    "data.num_ffds=1",
-    "data.batch_size=2",
-    "model.net.channels=4",
-    "model.net.levels=2",
-    "model.figure_every=0",
-    "threads=1",
-    "~callbacks.rich_progress_bar",
-    "+trainer.enable_progress_bar=false",
-    "+trainer.enable_model_summary=false",
-]
+# a tiny MyoPS run on write_myops_tree's data: 32x32 at 3 mm
+TINY_MYOPS_CLI = ["data=myops", *TINY_RUN, "data.spacing=3.0", "data.margin=5",
+                  "data.num_ffds=1"]

@@ -154,6 +154,28 @@ def _in_plane(spacing: float | Sequence[float]) -> list[float]:
     return [float(spacing)] * 2 if isinstance(spacing, int | float) else [float(s) for s in spacing]
 
 
+def _predict_batch(
+    model: DCCModel,
+    x: torch.Tensor,
+    domains: Sequence[int],
+    refine_iterations: int,
+    spacing: Sequence[float] | None,
+) -> tuple[torch.Tensor, torch.Tensor, Any, list]:
+    """The network on a batch of groups ``x`` ``(B, N, *S)`` as in the test step (no label is
+    used: the labelled members' rho is their rho-hat, Eq. 53), each group's fields refined by
+    ``refine_iterations`` X-CoReg FFD steps when asked: (displacements, rho-hat, the loss's
+    output with the posterior, one :class:`~dcc.coreg.refine.RefineResult` per group)."""
+    d = torch.as_tensor(list(domains), device=x.device).expand(x.shape[0], -1)
+    out = model(x, d)
+    displacement, refined = out.displacement.float(), []
+    for b in range(x.shape[0] if refine_iterations else 0):
+        refined.append(refine_group(x[b], displacement[b], refine_iterations, spacing))
+        displacement[b] = refined[-1].displacement.to(displacement)
+    seg_probs = out.seg_logits.float().softmax(dim=2)
+    loss = model.loss(x, displacement, seg_probs, seg_probs, model.labelled_domain[d])
+    return displacement, seg_probs, loss, refined
+
+
 @torch.no_grad()
 def predict_group(
     model: DCCModel,
@@ -164,31 +186,23 @@ def predict_group(
 ) -> dict:
     """Displacements ``(N, ndim, *S)`` (voxel units), segmentation probabilities ``(N, K, *S)``
     (rho-hat) and the common-space posterior ``(K, *S)`` of one group ``(N, *S)``, as in the
-    test step: no label is used, the labelled members' rho is their rho-hat (Eq. 53).
+    test step (:func:`_predict_batch`).
 
     With ``refine_iterations`` N > 0 the network's fields are refined by N X-CoReg FFD steps
     (:func:`dcc.coreg.refine.refine_group`; ``spacing`` the voxel size in mm, ``(x, y[, z])``)
     and the posterior is that of the refined fields; ``refine`` then reports whether the
     refinement was kept, X before/after and its seconds."""
-    device = next(model.parameters()).device
-    x = images[None].to(device)
-    d = torch.as_tensor(list(domains), device=device)[None]
-    out = model(x, d)
-    displacement, refine = out.displacement, None
-    if refine_iterations:
-        result = refine_group(x[0], displacement[0], refine_iterations, spacing)
-        displacement = result.displacement[None]
-        refine = {
-            "iterations": refine_iterations,
-            "accepted": result.accepted,
-            "x_before": result.x_before,
-            "x_after": result.x_after,
-            "seconds": round(result.seconds, 4),
-        }
-    seg_probs = out.seg_logits.float().softmax(dim=2)
-    loss = model.loss(x, displacement, seg_probs, seg_probs, model.labelled_domain[d])
+    x = images[None].to(next(model.parameters()).device)
+    displacement, seg_probs, loss, refined = _predict_batch(
+        model, x, domains, refine_iterations, spacing)
+    refine = None
+    if refined:
+        result = refined[0]
+        refine = {"iterations": refine_iterations, "accepted": result.accepted,
+                  "x_before": result.x_before, "x_after": result.x_after,
+                  "seconds": round(result.seconds, 4)}
     return {
-        "displacement": displacement[0].float().cpu(),
+        "displacement": displacement[0].cpu(),
         "seg_probs": seg_probs[0].cpu(),
         "posterior": loss.posterior[0].float().cpu(),
         "x_metric": float(loss.x_metric),
@@ -211,20 +225,10 @@ def predict_stack(
     network found a heart (at least :data:`MIN_HEART_VOXELS` myocardium voxels in the
     posterior's segmentation). Slices without a heart keep a zero field and a background
     posterior rather than the network's guess; ``slices`` names them."""
-    device = next(model.parameters()).device
     n, depth = images.shape[:2]
-    x = images.transpose(0, 1).to(device)  # (Z, N, H, W): one group per slice
-    d = torch.as_tensor(list(domains), device=device).expand(depth, n)
-    out = model(x, d)
-    displacement = out.displacement.float()
-    refined = []
-    if refine_iterations:
-        for z in range(depth):
-            result = refine_group(x[z], displacement[z], refine_iterations, spacing)
-            displacement[z] = result.displacement.to(displacement)
-            refined.append(result.accepted)
-    seg_probs = out.seg_logits.float().softmax(dim=2)
-    loss = model.loss(x, displacement, seg_probs, seg_probs, model.labelled_domain[d])
+    x = images.transpose(0, 1).to(next(model.parameters()).device)  # one group per slice
+    displacement, seg_probs, loss, refined = _predict_batch(
+        model, x, domains, refine_iterations, spacing)
     posterior = loss.posterior.float()  # (Z, K, H, W)
     myocardium = model.class_names.index("myocardium") if "myocardium" in model.class_names else 1
     heart = (posterior.argmax(1) == myocardium).flatten(1).sum(1) >= MIN_HEART_VOXELS
@@ -236,7 +240,7 @@ def predict_stack(
     field[:, :2] = displacement.permute(1, 2, 0, 3, 4).cpu()
     slices = [
         {"index": z, "heart": bool(heart[z]),
-         **({"refine_accepted": refined[z]} if refined else {})}
+         **({"refine_accepted": refined[z].accepted} if refined else {})}
         for z in range(depth)
     ]
     return {
@@ -244,7 +248,8 @@ def predict_stack(
         "seg_probs": seg_probs.permute(1, 2, 0, 3, 4).cpu(),
         "posterior": posterior.transpose(0, 1).cpu(),
         "x_metric": float(loss.x_metric),  # the loss's reduction over the slices
-        "refine": {"iterations": refine_iterations, "slices": sum(refined)} if refined else None,
+        "refine": {"iterations": refine_iterations,
+                   "slices": sum(r.accepted for r in refined)} if refined else None,
         "slices": slices,
     }
 
