@@ -173,3 +173,12 @@ def test_a_wheel_carries_the_shipped_model(tmp_path):
     (wheel,) = tmp_path.glob("dcc-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"dcc/models/dcc_all_myops.pt", "dcc/models/README.md"} <= names
+
+
+def test_predict_mode_without_a_checkpoint_uses_the_shipped_model(stack, tmp_path):
+    images, labels = stack
+    report = predict.run_prediction({"predict": {
+        "inputs": images, "labels": [labels] * 3, "out": str(tmp_path / "out")}})
+    assert report["checkpoint"] == str(shipped_checkpoint().resolve())
+    assert report["model"]["net"]["channels"] == 16 and len(report["slices"]) == 5
+    assert (tmp_path / "out" / "segmentation.nii.gz").is_file()

@@ -105,22 +105,28 @@ def test_clip_probabilities_bounds(zeta):
 # ---------------------------------------------------------------- the three losses
 
 
-def test_l1_equals_minus_x_metric_plus_bending():
-    images, labels, rho = _group([(0, 0), (2, 1), (-1, 2)])
+def test_l1_is_minus_x_plus_lambda_times_monais_bending_energy():
+    """Eq. 41 against independent values: L1 is linear in lambda with slope R, MONAI's bending
+    energy of the fields (its BendingEnergyLoss averages the 2 channels, R sums them, over the
+    3 members); and -X is lower for the group that is aligned than for the same group
+    misaligned by shifting one member (the MI of each image with Z rises)."""
+    from monai.losses import BendingEnergyLoss
+
+    images, labels, rho = _group([(0, 0), (0, 0), (0, 0)])
     u = _smooth_field(3, 1.5, seed=1)
     seg = distance_probabilities(labels[0], K, tau=0.5)[None]
-    loss = DCCLoss(reduction="sum")
-    out = loss(images, u, seg, rho, torch.tensor([[True, False, False]]))
-    gamma = out.posterior * out.overlap.unsqueeze(1)
-    x = XF.x_metric(out.warped_images.flatten(2), gamma.flatten(2).transpose(1, 2), loss.bins)
-    r = fields.bending_energy_dense(u)
-    assert r > 0
-    torch.testing.assert_close(out.l1, -x + 100.0 * r)
-    torch.testing.assert_close(out.x_metric, x)
-    torch.testing.assert_close(out.bending, r)
-    # the warped images are the percentile-normalised images warped by phi
-    values = XF.normalize_intensities(images[0], loss.bins)[None]
-    torch.testing.assert_close(out.warped_images, fields.warp(values[:, :, None], u)[:, :, 0])
+    labelled = torch.tensor([[True, False, False]])
+    at = {lam: DCCLoss(reduction="sum", bending_weight=lam)(images, u, seg, rho, labelled).l1
+          for lam in (0.0, 10.0)}
+    monai_r = sum(2 * BendingEnergyLoss()(u[:, j].double()) for j in range(3))
+    torch.testing.assert_close((at[10.0] - at[0.0]) / 10.0, monai_r.float(), rtol=1e-4, atol=1e-6)
+    zero = torch.zeros_like(u)
+    loss = DCCLoss(reduction="sum", bending_weight=0.0)
+    aligned = loss(images, zero, seg, rho, labelled)
+    moved, _, _ = _group([(0, 0), (4, 3), (0, 0)])
+    misaligned = loss(moved, zero, seg, rho, labelled)
+    assert aligned.l1 < misaligned.l1 and aligned.x_metric > misaligned.x_metric
+    torch.testing.assert_close(aligned.l1, -aligned.x_metric)  # lambda = 0: L1 = -X
 
 
 @pytest.mark.parametrize("weight", [0.0, 0.5])
