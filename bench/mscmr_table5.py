@@ -632,7 +632,7 @@ def median_figure(
         run = runs.get(strategy)
         if run is None or run.checkpoint is None or case not in run.rows:
             continue
-        model = load_checkpoint(str(run.checkpoint))
+        model = load_checkpoint(str(run.checkpoint), lightning=True)
         batch = _test_group(run.checkpoint, model, case, cache, data)
         result = model.step(batch)
         times = []
