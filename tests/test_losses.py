@@ -370,3 +370,16 @@ def test_optimising_a_free_displacement_aligns_a_shifted_pair():
     assert last.l1 + last.l2 < first.l1 + first.l2
     assert last.x_metric > first.x_metric
     assert dice(field()) > dice_before + 0.15
+
+
+def test_posterior_alone_equals_the_forward_pass():
+    """DCCLoss.posterior (prediction: no losses) gives the forward pass's gamma and X."""
+    images, labels, rho = _group([(0, 0), (2, 1), (-1, 2)])
+    u = _smooth_field(3, 1.5, seed=1)
+    seg = distance_probabilities(labels[0], K, tau=0.5)[None]
+    labelled = torch.tensor([[True, False, True]])
+    loss = DCCLoss(reduction="sum").eval()
+    full = loss(images, u, seg, seg, labelled)
+    gamma, x = loss.posterior(images, u, seg, labelled)
+    torch.testing.assert_close(gamma, full.posterior)
+    torch.testing.assert_close(x.sum(), full.x_metric)

@@ -160,11 +160,12 @@ def _predict_batch(
     domains: Sequence[int],
     refine_iterations: int,
     spacing: Sequence[float] | None,
-) -> tuple[torch.Tensor, torch.Tensor, Any, list]:
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor], list]:
     """The network on a batch of groups ``x`` ``(B, N, *S)`` as in the test step (no label is
     used: the labelled members' rho is their rho-hat, Eq. 53), each group's fields refined by
-    ``refine_iterations`` X-CoReg FFD steps when asked: (displacements, rho-hat, the loss's
-    output with the posterior, one :class:`~dcc.coreg.refine.RefineResult` per group)."""
+    ``refine_iterations`` X-CoReg FFD steps when asked: (displacements, rho-hat, (the
+    common-space posteriors, X per group) of :meth:`DCCLoss.posterior`, one
+    :class:`~dcc.coreg.refine.RefineResult` per group)."""
     d = torch.as_tensor(list(domains), device=x.device).expand(x.shape[0], -1)
     out = model(x, d)
     displacement, refined = out.displacement.float(), []
@@ -172,8 +173,9 @@ def _predict_batch(
         refined.append(refine_group(x[b], displacement[b], refine_iterations, spacing))
         displacement[b] = refined[-1].displacement.to(displacement)
     seg_probs = out.seg_logits.float().softmax(dim=2)
-    loss = model.loss(x, displacement, seg_probs, seg_probs, model.labelled_domain[d])
-    return displacement, seg_probs, loss, refined
+    posterior, x_metric = model.loss.posterior(x, displacement, seg_probs,
+                                               model.labelled_domain[d])
+    return displacement, seg_probs, (posterior, x_metric), refined
 
 
 @torch.no_grad()
@@ -193,7 +195,7 @@ def predict_group(
     and the posterior is that of the refined fields; ``refine`` then reports whether the
     refinement was kept, X before/after and its seconds."""
     x = images[None].to(next(model.parameters()).device)
-    displacement, seg_probs, loss, refined = _predict_batch(
+    displacement, seg_probs, (posterior, x_metric), refined = _predict_batch(
         model, x, domains, refine_iterations, spacing)
     refine = None
     if refined:
@@ -204,8 +206,8 @@ def predict_group(
     return {
         "displacement": displacement[0].cpu(),
         "seg_probs": seg_probs[0].cpu(),
-        "posterior": loss.posterior[0].float().cpu(),
-        "x_metric": float(loss.x_metric),
+        "posterior": posterior[0].float().cpu(),
+        "x_metric": float(x_metric[0]),
         "refine": refine,
     }
 
@@ -227,9 +229,9 @@ def predict_stack(
     posterior rather than the network's guess; ``slices`` names them."""
     n, depth = images.shape[:2]
     x = images.transpose(0, 1).to(next(model.parameters()).device)  # one group per slice
-    displacement, seg_probs, loss, refined = _predict_batch(
+    displacement, seg_probs, (posterior, x_metric), refined = _predict_batch(
         model, x, domains, refine_iterations, spacing)
-    posterior = loss.posterior.float()  # (Z, K, H, W)
+    posterior = posterior.float()  # (Z, K, H, W)
     myocardium = model.class_names.index("myocardium") if "myocardium" in model.class_names else 1
     heart = (posterior.argmax(1) == myocardium).flatten(1).sum(1) >= MIN_HEART_VOXELS
     displacement[~heart] = 0
@@ -247,7 +249,7 @@ def predict_stack(
         "displacement": field,
         "seg_probs": seg_probs.permute(1, 2, 0, 3, 4).cpu(),
         "posterior": posterior.transpose(0, 1).cpu(),
-        "x_metric": float(loss.x_metric),  # the loss's reduction over the slices
+        "x_metric": float(x_metric[heart].mean()) if bool(heart.any()) else 0.0,
         "refine": {"iterations": refine_iterations,
                    "slices": sum(r.accepted for r in refined)} if refined else None,
         "slices": slices,

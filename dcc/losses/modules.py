@@ -139,24 +139,13 @@ class DCCLoss(nn.Module):
                 )
 
     @full_precision
-    def forward(
-        self,
-        images: torch.Tensor,
-        displacement: torch.Tensor,
-        seg_probs: torch.Tensor,
-        rho: torch.Tensor | None = None,
-        labelled: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-    ) -> DCCLossOutput:
-        self._check(images, displacement, seg_probs, rho, labelled, labels)
-        b, n = images.shape[:2]
-        if labelled is None:
-            labelled = torch.zeros(b, n, dtype=torch.bool, device=images.device)
-        labelled = labelled.bool()
-        if labels is None and rho is not None:
-            labels = rho.argmax(2)
+    def _common_space(self, images, displacement, seg_probs, rho, labelled):
+        """The EM of the common space (Eqs. 38-40, two steps): intensities in bin units before
+        and after warping, the members' (clipped) probabilities before and after warping, the
+        overlap Omega^phi, log gamma and log pi."""
         zeta = self.zeta if self.training else self.eval_zeta
         bins, eps = self.bins, self.eps
+        b, n = images.shape[:2]
 
         with torch.no_grad():
             values = XF.normalize_intensities(images.flatten(0, 1), bins).view(images.shape)
@@ -180,6 +169,49 @@ class DCCLoss(nn.Module):
             bins,
             self.em_steps,
             eps,
+        )
+        return values, warped_values, probs, warped_probs, overlap, log_gamma, log_pi
+
+    @torch.no_grad()
+    def posterior(
+        self,
+        images: torch.Tensor,
+        displacement: torch.Tensor,
+        seg_probs: torch.Tensor,
+        labelled: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What prediction needs of :meth:`forward`, without the losses: the common-space
+        posterior gamma ``(B, K, *S)`` (Eq. 53 is its argmax) and X per group ``(B,)``; the
+        labelled members' rho is their rho-hat (``seg_probs``)."""
+        self._check(images, displacement, seg_probs, None, labelled, None)
+        if labelled is None:
+            labelled = torch.zeros(images.shape[:2], dtype=torch.bool, device=images.device)
+        _, warped_values, _, _, overlap, log_gamma, _ = self._common_space(
+            images, displacement, seg_probs, None, labelled.bool())
+        gamma = log_gamma.exp()
+        masked = (gamma * overlap.unsqueeze(1)).flatten(2).transpose(1, 2)
+        x_metric = XF.x_metric(warped_values.flatten(2), masked, self.bins, "none", self.eps)
+        return gamma, x_metric.sum(1)
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        displacement: torch.Tensor,
+        seg_probs: torch.Tensor,
+        rho: torch.Tensor | None = None,
+        labelled: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> DCCLossOutput:
+        self._check(images, displacement, seg_probs, rho, labelled, labels)
+        b, n = images.shape[:2]
+        if labelled is None:
+            labelled = torch.zeros(b, n, dtype=torch.bool, device=images.device)
+        labelled = labelled.bool()
+        if labels is None and rho is not None:
+            labels = rho.argmax(2)
+        bins, eps = self.bins, self.eps
+        values, warped_values, probs, warped_probs, overlap, log_gamma, log_pi = (
+            self._common_space(images, displacement, seg_probs, rho, labelled)
         )
         gamma = log_gamma.exp()
 
