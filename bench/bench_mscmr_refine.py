@@ -46,14 +46,11 @@ from tqdm.auto import tqdm
 from dcc.coreg import XCoReg
 from dcc.coreg.config import auto_config
 from dcc.coreg.refine import FFD_SPACING, LR, refine_group
-from dcc.lit.checkpoints import load_checkpoint
+from dcc.lit.checkpoints import data_settings, load_checkpoint
 from dcc.lit.datamodules import MyoPSDataModule
 from dcc.metrics import pairwise_dice
 from dcc.spatial.fields import points_to_displacement, warp
 from dcc.spatial.grid import Grid
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mscmr_table5 import data_settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 STRUCTURES = [1, 2, 3]  # myocardium, LV, RV
@@ -99,10 +96,9 @@ def parse_args(argv=None):
 def test_groups(model, args):
     """The MyoPS test dataset made with the checkpoint's saved data settings, and the indices
     of the groups taken."""
-    try:
-        settings = data_settings(Path(args.ckpt), args.data)
-    except ValueError:  # no data settings saved
-        settings = {}
+    saved = torch.load(args.ckpt, map_location="cpu", weights_only=True)
+    settings = data_settings(saved, overrides=args.data) if saved.get(
+        "datamodule_hyper_parameters") else {}
     if "margin" not in settings:
         raise SystemExit(f"{args.ckpt}: not a checkpoint trained on MyoPS (no MyoPS data settings)")
     settings["with_atlas"] = model.atlas

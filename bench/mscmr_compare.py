@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mscmr_table5 import (  # noqa: E402
+from dcc.evaluation.runs import (
     Run,
-    _ttest,
     best_checkpoint,
     budget,
     hardware,
     mean_std,
+    paired_ttest,
     patient,
     read_groups,
     values,
@@ -49,7 +47,7 @@ def paired(a: Run, b: Run, column: str) -> str:
     pa = [statistics.fmean(a.rows[c][column] for c in common if patient(c) == p) for p in patients]
     pb = [statistics.fmean(b.rows[c][column] for c in common if patient(c) == p) for p in patients]
     diff = 100 * statistics.fmean(y - x for x, y in zip(xa, xb, strict=True))
-    return f"{diff:+.2f} (p {_ttest(xa, xb)[1]:.2g}; patients {_ttest(pa, pb)[1]:.2g})"
+    return f"{diff:+.2f} (p {paired_ttest(xa, xb)[1]:.2g}; patients {paired_ttest(pa, pb)[1]:.2g})"
 
 
 def main(argv=None) -> None:

@@ -10,7 +10,7 @@ never travel: they always come from where the checkpoint is used.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -158,15 +158,26 @@ def check_resume(path: str, model: torch.nn.Module, datamodule: Any) -> None:
         )
 
 
-def data_settings(checkpoint: Mapping[str, Any], keys: set[str] | None = None) -> dict[str, Any]:
+def data_settings(
+    checkpoint: Mapping[str, Any], keys: set[str] | None = None, overrides: Sequence[str] = ()
+) -> dict[str, Any]:
     """The data-module settings a checkpoint was trained with, without the :data:`PLACES` (they
     come from where it is used) and ``with_atlas`` (it follows the model); only ``keys`` when
-    given. Empty when the checkpoint saved none."""
-    saved = dict(checkpoint.get("datamodule_hyper_parameters") or {})
-    return {
-        key: value for key, value in saved.items()
+    given; ``overrides`` (``key=value``, YAML values, keys among the saved ones) applied. Empty
+    when the checkpoint saved none."""
+    import yaml
+
+    saved = {
+        key: value
+        for key, value in dict(checkpoint.get("datamodule_hyper_parameters") or {}).items()
         if key not in (*PLACES, "with_atlas") and (keys is None or key in keys)
     }
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or key not in saved:
+            raise InputError(f"data override {item}: use KEY=VALUE with KEY one of {sorted(saved)}")
+        saved[key] = yaml.safe_load(value)
+    return saved
 
 
 def export_model(

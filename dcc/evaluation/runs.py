@@ -1,0 +1,186 @@
+"""Training run folders as the benches and comparisons read them (``train.py`` writes them):
+the checkpoint a run tested, its per-group test table (:class:`dcc.lit.metrics_table.MetricsTable`),
+its training budget, and the paired statistics that compare two runs on the same test groups.
+Used by ``bench/mscmr_table5.py``, ``bench/mscmr_compare.py`` and ``bench/bench_mscmr_refine.py``.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import platform
+import re
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from scipy import stats
+
+__all__ = [
+    "Run", "best_checkpoint", "read_groups", "values", "mean_std", "patient", "paired_ttest",
+    "budget", "hardware", "load_yaml",
+]
+
+
+@dataclass
+class Run:
+    """One strategy's run: its folder, the checkpoint tested and the per-group test rows."""
+
+    strategy: str
+    source: Path
+    folder: Path
+    checkpoint: Path | None
+    rows: dict[str, dict[str, float]] = field(default_factory=dict)  # case -> column -> value
+    table: Path | None = None
+    evaluated_here: bool = False
+    latency_s: float | None = None
+
+
+def best_checkpoint(folder: Path) -> Path | None:
+    """The best checkpoint of a run folder: the one ``last.ckpt``'s monitored ModelCheckpoint
+    names, else the newest ``*.ckpt`` other than ``last.ckpt``, else ``last.ckpt``."""
+    folder = folder / "checkpoints"
+    if not folder.is_dir():
+        return None
+    last = folder / "last.ckpt"
+    others = sorted(
+        (p for p in folder.glob("*.ckpt") if p.name != "last.ckpt"), key=os.path.getmtime
+    )
+    if last.is_file():
+        callbacks = torch.load(last, map_location="cpu", weights_only=True).get("callbacks", {})
+        for key, state in callbacks.items():
+            if key.startswith("ModelCheckpoint") and state.get("monitor"):
+                named = Path(str(state.get("best_model_path") or ""))
+                named = folder / named.name if named.name else named
+                if named.name and named.is_file():
+                    return named
+    if others:
+        return others[-1]
+    return last if last.is_file() else None
+
+
+def read_groups(path: Path) -> dict[str, dict[str, float]]:
+    """``test_groups.csv`` of :class:`dcc.lit.metrics_table.MetricsTable`: case -> column -> value
+    (empty cells are NaN)."""
+    rows = {}
+    with open(path, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            case = row.pop("case")
+            rows[case] = {k: float(v) if v not in ("", None) else math.nan for k, v in row.items()}
+    if not rows:
+        raise ValueError(f"{path}: no test groups")
+    for column in ("reg_dsc", "unreg_dsc"):
+        if column not in next(iter(rows.values())):
+            raise ValueError(f"{path}: no column {column!r} (not a MetricsTable test_groups.csv)")
+    return rows
+
+
+# ---------------------------------------------------------------------------- statistics
+def values(rows: Mapping[str, Mapping[str, float]], column: str) -> list[float]:
+    return [r[column] for r in rows.values() if column in r and not math.isnan(r[column])]
+
+
+def mean_std(xs: Sequence[float]) -> tuple[float, float, int]:
+    """Mean, sample standard deviation (0 for one value) and count; NaNs for none."""
+    if not xs:
+        return math.nan, math.nan, 0
+    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0, len(xs)
+
+
+def patient(case: str) -> str:
+    """``Case3005-z2-s0-k1.2.3`` -> ``Case3005``."""
+    return case.split("-")[0]
+
+
+def paired_ttest(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """``scipy.stats.ttest_rel(b, a)``: (t, p) of b against a over paired values; NaNs for
+    fewer than two pairs or identical samples."""
+    if len(a) < 2 or np.allclose(a, b):
+        return math.nan, math.nan
+    result = stats.ttest_rel(b, a)
+    return float(result.statistic), float(result.pvalue)
+
+
+# ---------------------------------------------------------------------------- budgets
+def load_yaml(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def budget(run: Run) -> dict[str, Any]:
+    """Training budget of a run: config (trainer limits, threads, sizes), steps, epochs and
+    training time from its last checkpoint (Lightning's Timer) or logs, the accelerator, and the
+    command (Hydra's overrides)."""
+    config = load_yaml(run.folder / ".hydra" / "config.yaml") or {}
+    overrides = load_yaml(run.folder / ".hydra" / "overrides.yaml") or []
+    trainer, data = config.get("trainer") or {}, config.get("data") or {}
+    net = ((config.get("model") or {}).get("net")) or {}
+    info: dict[str, Any] = {
+        "max_time": trainer.get("max_time"),
+        "max_epochs": trainer.get("max_epochs"),
+        "max_steps": trainer.get("max_steps"),
+        "accelerator": trainer.get("accelerator"),
+        "precision": trainer.get("precision"),
+        "threads": config.get("threads"),
+        "image_size": data.get("image_size"),
+        "batch_size": data.get("batch_size"),
+        "channels": net.get("channels"),
+        "levels": net.get("levels"),
+        "command": "python train.py " + " ".join(overrides) if overrides else None,
+    }
+    last = run.folder / "checkpoints" / "last.ckpt"
+    ckpt = last if last.is_file() else run.checkpoint
+    if ckpt is not None and ckpt.is_file():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        info["steps"], info["epochs"] = state.get("global_step"), state.get("epoch")
+        timer = (state.get("callbacks") or {}).get("Timer", {}).get("time_elapsed", {})
+        if timer.get("train"):
+            info["fit_minutes"] = timer["train"] / 60.0  # what trainer.max_time counts
+    logged = _logged_minutes(run.folder)
+    if logged is not None:  # training alone, validation excluded, at the last validation
+        info["train_minutes"], step = logged
+        if step:
+            info["seconds_per_step"] = 60.0 * info["train_minutes"] / step
+    elif info.get("fit_minutes") and info.get("steps"):
+        info["seconds_per_step"] = 60.0 * info["fit_minutes"] / info["steps"]
+    log = next(iter(sorted(run.folder.glob("*.log"))), None)
+    if log is not None:
+        match = re.search(r"GPU available: (\w+), used: (\w+)", log.read_text(errors="replace"))
+        if match:
+            info["gpu_used"] = match.group(2)
+    return info
+
+
+def _logged_minutes(folder: Path) -> tuple[float, int | None] | None:
+    """The last ``val/train_minutes`` (dcc.lit.callbacks.TrainingTime) in the CSV logs and the
+    training step it was logged at."""
+    found = None
+    for path in sorted(folder.glob("csv/version_*/metrics.csv")):
+        with open(path, newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                value = row.get("val/train_minutes")
+                if value:
+                    step = row.get("step")
+                    found = float(value), int(float(step)) if step else None
+    return found
+
+
+def hardware() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} logical CPUs, {gpu}; torch {torch.__version__}"
