@@ -293,21 +293,6 @@ def test_evaluate_names_missing_checkpoint(tmp_path):
         run_evaluation(cfg)
 
 
-def test_eval_mode_is_deterministic():
-    """Every sub-module leaves training mode (dropout off, running batch-norm statistics)."""
-    torch.manual_seed(0)
-    model = DCCModule(net={"channels": 4, "levels": 2, "dropout": 0.3})
-    images, domains = torch.rand(2, 3, 32, 32), torch.arange(3).repeat(2, 1)
-    a = model(images, domains).seg_logits
-    b = model(images, domains).seg_logits
-    assert not torch.equal(a, b)  # dropout is active in training mode
-    model.eval()
-    assert not any(m.training for m in model.modules())
-    a, b = model(images, domains), model(images, domains)
-    assert torch.equal(a.seg_logits, b.seg_logits)
-    assert torch.equal(a.displacement, b.displacement)
-
-
 def test_strategy_data_mismatch_is_named(tmp_path):
     model = _tiny_module(strategy={"name": "dcc_at", "labelled_sequences": [], "atlas": True})
     with pytest.raises(ValueError, match="with_atlas=True"):
