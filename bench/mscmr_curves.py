@@ -11,43 +11,10 @@ best/last values::
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 from pathlib import Path
 
-import yaml
-
-
-def read_curve(run: Path) -> dict[str, list[float]]:
-    """``{"minutes", "reg", "seg", "unreg", "step"}`` of the validation rows of a run's CSV log
-    (versions concatenated in order: a resumed run continues its curve)."""
-    curve: dict[str, list[float]] = {k: [] for k in ("minutes", "reg", "seg", "unreg", "step")}
-    offset = 0.0
-    for path in sorted(run.glob("csv/version_*/metrics.csv")):
-        last = 0.0
-        with open(path, newline="", encoding="utf-8") as f:
-            for row in csv.DictReader(f):
-                if not row.get("val/train_minutes"):
-                    continue
-                last = float(row["val/train_minutes"])
-                curve["minutes"].append(offset + last)
-                curve["step"].append(float(row["step"]))
-                for key, name in (("reg", "val/reg_dsc"), ("seg", "val/seg_dsc"),
-                                  ("unreg", "val/unreg_dsc")):
-                    value = row.get(name)
-                    curve[key].append(float(value) if value else math.nan)
-        offset += last
-    return curve
-
-
-def run_settings(run: Path) -> str:
-    """The overrides the run was started with (``.hydra/overrides.yaml``)."""
-    path = run / ".hydra" / "overrides.yaml"
-    if not path.is_file():
-        return "?"
-    overrides = yaml.safe_load(path.read_text(encoding="utf-8")) or []
-    skip = ("hydra.", "threads", "tags", "test=", "trainer.max_epochs", "data.cache_dir")
-    return " ".join(o for o in overrides if not o.startswith(skip))
+from dcc.evaluation.runs import read_curve, run_overrides
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -82,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         best = max(range(len(curve["reg"])), key=lambda i: curve["reg"][i])
         unreg = curve["unreg"][-1]
         lines.append(
-            f"| {run.name} | `{run_settings(run)}` | {int(curve['step'][-1])} | "
+            f"| {run.name} | `{run_overrides(run)}` | {int(curve['step'][-1])} | "
             f"{curve['minutes'][-1]:.1f} | {curve['reg'][best]:.3f} ({curve['minutes'][best]:.1f}) "
             f"| {curve['reg'][-1]:.3f} | {curve['seg'][-1]:.3f} | {unreg:.3f} |"
         )

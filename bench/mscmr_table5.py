@@ -53,6 +53,7 @@ from dcc.evaluation.runs import (
     read_groups,
     values,
 )
+from dcc.lit.train import evaluate_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = ("dgr", "dcc_at", "dcc_bs", "dcc_all")
@@ -113,42 +114,6 @@ def data_settings(checkpoint: Path, data: Sequence[str] = ()) -> dict[str, Any]:
     if not settings:
         raise ValueError(f"{checkpoint}: no data-module settings saved; cannot rebuild its data")
     return settings
-
-
-def evaluate(checkpoint: Path, out: Path, threads: int | None, data: Sequence[str]) -> Path:
-    """Test ``checkpoint`` with :func:`dcc.lit.train.run_evaluation` (``evaluate.py``) on the
-    test split of data made like its own (its saved data-module settings; ``data`` overrides
-    ``key=value`` win); returns the ``test_groups.csv`` written under ``out``."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    from dcc.lit.train import run_evaluation
-
-    saved = data_settings(checkpoint, data)
-    overrides = [
-        f"ckpt_path={checkpoint}",
-        "data=myops",
-        "callbacks.metrics_table.figures=0",
-        "+trainer.enable_progress_bar=false",
-        "+trainer.enable_model_summary=false",
-        *(["threads=" + str(threads)] if threads else []),
-    ]
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("evaluate.yaml", overrides=overrides, return_hydra_config=True)
-    HydraConfig().set_config(cfg)  # run_evaluation sees `data=myops`: our settings stay
-    out.mkdir(parents=True, exist_ok=True)
-    with open_dict(cfg):
-        cfg.paths.root_dir = str(ROOT)
-        cfg.paths.output_dir = str(out)
-        cfg.paths.work_dir = str(out)
-        for key, value in saved.items():
-            if key != "with_atlas":
-                cfg.data[key] = value
-    run_evaluation(cfg)
-    return out / "metrics" / "test_groups.csv"
 
 
 def evaluate_command(checkpoint: Path, data: Sequence[str] = ()) -> str:
@@ -225,7 +190,8 @@ def load_runs(
                 run.table = earlier
             else:
                 print(f"[table5] testing {strategy}: {run.checkpoint} -> {out}", file=sys.stderr)
-                run.table = evaluate(run.checkpoint, out, threads, data)
+                table = evaluate_checkpoint(run.checkpoint, out, ROOT / "conf", threads, data)
+                run.table = Path(table)
             run.evaluated_here = True
         run.rows = read_groups(run.table)
         runs[strategy] = run

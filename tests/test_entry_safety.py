@@ -19,7 +19,8 @@ from test_configs import compose_cfg
 from tiny_runs import ROOT, TINY_CLI, TINY_MYOPS_CLI, run_script, tiny_checkpoint, write_myops_tree
 
 from dcc.data.io import InputError
-from dcc.lit.train import run_evaluation, run_training
+from dcc.evaluation.runs import read_groups
+from dcc.lit.train import evaluate_checkpoint, run_evaluation, run_training
 
 CASES = {"train": ["Case7001"], "val": ["Case7002"], "test": ["Case7003"]}
 
@@ -274,6 +275,13 @@ def test_a_checkpoint_travels(myops, tmp_path, monkeypatch):
     assert cfg.data.image_size == 40 and cfg.data.root == str(moved)
     assert cfg.data.cache_dir is None  # the evaluation's own place, not the moved cache
     assert not home.exists()
+    # the benches' entry to the same evaluation (dcc.lit.train.evaluate_checkpoint)
+    table = evaluate_checkpoint(last, tmp_path / "bench", ROOT / "conf", threads=1,
+                                overrides=[f"data.root={moved}",
+                                           f"data.split_file={moved / 'split.json'}"])
+    rows = read_groups(Path(table))
+    assert len(rows) == len(run_evaluation_rows(tmp_path / "evaluate"))
+    assert all(name.startswith("Case7003") for name in rows)
 
 
 def test_cache_is_keyed_by_what_it_caches(myops, tmp_path):
@@ -321,3 +329,8 @@ def test_prepare_names_the_data_error_before_training(myops, tmp_path):
                                  f"data.split_file={tmp_path / 'missing.json'}"])
     with pytest.raises(InputError, match="missing.json: split file not found"):
         run_training(cfg)
+
+
+def run_evaluation_rows(folder: Path) -> dict:
+    """The test table that run_evaluation wrote under ``folder``."""
+    return read_groups(next(folder.rglob("test_groups.csv")))

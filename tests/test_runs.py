@@ -46,3 +46,24 @@ def test_read_groups_and_best_checkpoint(tmp_path):
     (folder / "last.ckpt").unlink()
     assert best_checkpoint(tmp_path / "run").name in {"epoch_003.ckpt", "epoch_009.ckpt"}
     assert best_checkpoint(tmp_path / "none") is None
+
+
+def test_read_curve_joins_resumed_logs(tmp_path):
+    """Validation curves from a run's CSV logs: a resumed run's second log continues the
+    minutes of the first; the overrides leave out Hydra's and the bookkeeping ones."""
+    from dcc.evaluation.runs import read_curve, run_overrides
+
+    for version, rows in ((0, [(1.0, 10, 0.7), (2.0, 20, 0.75)]), (1, [(0.5, 30, 0.8)])):
+        folder = tmp_path / "csv" / f"version_{version}"
+        folder.mkdir(parents=True)
+        lines = ["step,val/train_minutes,val/reg_dsc,val/seg_dsc,val/unreg_dsc,train/loss"]
+        lines += [f"{s},{m},{r},0.5,0.6," for m, s, r in rows] + ["5,,,,,1.0"]
+        (folder / "metrics.csv").write_text("\n".join(lines) + "\n")
+    curve = read_curve(tmp_path)
+    assert curve["minutes"] == [1.0, 2.0, 2.5] and curve["step"] == [10, 20, 30]
+    assert curve["reg"] == [0.7, 0.75, 0.8]
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "overrides.yaml").write_text(
+        "- experiment=mscmr_dcc_all\n- hydra.run.dir=x\n- threads=1\n- model.cascade=2\n")
+    assert run_overrides(tmp_path) == "experiment=mscmr_dcc_all model.cascade=2"
+    assert run_overrides(tmp_path / "none") == "?"

@@ -24,7 +24,7 @@ from scipy import stats
 
 __all__ = [
     "Run", "best_checkpoint", "read_groups", "values", "mean_std", "patient", "paired_ttest",
-    "budget", "hardware", "load_yaml",
+    "budget", "hardware", "load_yaml", "read_curve", "run_overrides",
 ]
 
 
@@ -184,3 +184,36 @@ def hardware() -> str:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{cpu}, {os.cpu_count()} logical CPUs, {gpu}; torch {torch.__version__}"
+
+
+# ---------------------------------------------------------------------------- curves
+def read_curve(run: Path) -> dict[str, list[float]]:
+    """``{"minutes", "reg", "seg", "unreg", "step"}`` of the validation rows of a run's CSV log
+    (versions concatenated in order: a resumed run continues its curve)."""
+    curve: dict[str, list[float]] = {k: [] for k in ("minutes", "reg", "seg", "unreg", "step")}
+    offset = 0.0
+    for path in sorted(run.glob("csv/version_*/metrics.csv")):
+        last = 0.0
+        with open(path, newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                if not row.get("val/train_minutes"):
+                    continue
+                last = float(row["val/train_minutes"])
+                curve["minutes"].append(offset + last)
+                curve["step"].append(float(row["step"]))
+                for key, name in (("reg", "val/reg_dsc"), ("seg", "val/seg_dsc"),
+                                  ("unreg", "val/unreg_dsc")):
+                    value = row.get(name)
+                    curve[key].append(float(value) if value else math.nan)
+        offset += last
+    return curve
+
+
+def run_overrides(run: Path) -> str:
+    """The overrides the run was started with (``.hydra/overrides.yaml``)."""
+    path = run / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return "?"
+    overrides = yaml.safe_load(path.read_text(encoding="utf-8")) or []
+    skip = ("hydra.", "threads", "tags", "test=", "trainer.max_epochs", "data.cache_dir")
+    return " ".join(o for o in overrides if not o.startswith(skip))

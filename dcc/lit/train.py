@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -31,7 +32,8 @@ from dcc.lit.module import DCCModule
 
 __all__ = [
     "instantiate_list", "instantiate_setting", "warm_start", "PreparedRun", "prepare_training",
-    "run_training", "prepare_evaluation", "run_evaluation", "format_summary", "tolerant_console",
+    "run_training", "prepare_evaluation", "run_evaluation", "evaluate_checkpoint", "format_summary",
+    "tolerant_console",
 ]
 
 STRUCTURES = ("myocardium", "LV", "RV")
@@ -270,6 +272,48 @@ def run_evaluation(cfg: DictConfig, prepared: PreparedRun | None = None) -> dict
         "last_ckpt": None,
         "output_dir": trainer.default_root_dir,
     }
+
+
+def evaluate_checkpoint(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    config_dir: str | os.PathLike,
+    threads: int | None = None,
+    data: Sequence[str] = (),
+    data_group: str = "myops",
+    overrides: Sequence[str] = (),
+) -> str:
+    """``evaluate.py`` on ``checkpoint`` from a bench: the test split of ``data_group`` made
+    like the checkpoint's data (its saved settings, places from here, ``data`` overrides
+    ``key=value`` applied; :func:`dcc.lit.checkpoints.data_settings`), tables (no figures) in
+    ``out``, Hydra ``overrides`` (e.g. ``data.root=...``) last; returns the path of
+    ``test_groups.csv``."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    saved = data_settings(read_checkpoint(str(checkpoint)), overrides=data)
+    overrides = [
+        f"ckpt_path={checkpoint}",
+        f"data={data_group}",
+        "callbacks.metrics_table.figures=0",
+        "+trainer.enable_progress_bar=false",
+        "+trainer.enable_model_summary=false",
+        *([f"threads={threads}"] if threads else []),
+        *overrides,
+    ]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
+        cfg = compose("evaluate.yaml", overrides=overrides, return_hydra_config=True)
+    HydraConfig().set_config(cfg)  # run_evaluation sees `data=...` given: these settings stay
+    Path(out).mkdir(parents=True, exist_ok=True)
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(Path(config_dir).resolve().parent)
+        cfg.paths.output_dir = cfg.paths.work_dir = str(out)
+        for key, value in saved.items():
+            if key in cfg.data:
+                cfg.data[key] = value
+    run_evaluation(cfg)
+    return str(Path(out) / "metrics" / "test_groups.csv")
 
 
 def format_summary(result: Mapping[str, Any], stage: str = "test") -> str:
