@@ -482,8 +482,8 @@ def _cached_slices(case_dir: Path, cache_dir: str | os.PathLike | None, **kwargs
     if cache_dir is None:
         return myops_roi_slices(case_dir, **kwargs)
     folder = Path(case_dir).resolve()
-    files = [(p.name, p.stat().st_size, p.stat().st_mtime_ns)
-             for p in sorted(folder.iterdir()) if p.is_file()]
+    files = [(p.name, s.st_size, s.st_mtime_ns)
+             for p in sorted(folder.iterdir()) if p.is_file() for s in [p.stat()]]
     source = json.dumps([str(folder), files, sorted(kwargs.items())], default=str)
     key = hashlib.sha256(source.encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"myops_{folder.name}_{key}.pt"

@@ -22,6 +22,7 @@ __all__ = [
     "PLACES",
     "read_checkpoint",
     "load_checkpoint",
+    "model_from_checkpoint",
     "network_mismatch",
     "check_resume",
     "data_settings",
@@ -69,7 +70,18 @@ def load_checkpoint(
     :class:`~dcc.nets.model.DCCModel` (network, loss, strategy; Lightning is not imported), or
     with ``lightning`` the :class:`~dcc.lit.module.DCCModule` (to test it with a Trainer).
     :class:`InputError` as :func:`read_checkpoint`, or when its network cannot be rebuilt."""
-    checkpoint = read_checkpoint(path, setting)
+    return model_from_checkpoint(read_checkpoint(path, setting), path, device, setting, lightning)
+
+
+def model_from_checkpoint(
+    checkpoint: Mapping[str, Any],
+    path: str | None,
+    device: str = "cpu",
+    setting: str = "ckpt_path",
+    lightning: bool = False,
+):
+    """:func:`load_checkpoint` of a checkpoint already read (:func:`read_checkpoint`); ``path``
+    and ``setting`` name it in the error."""
     hparams = dict(checkpoint["hyper_parameters"])
     try:
         if lightning:

@@ -24,7 +24,7 @@ from dcc.lit.checkpoints import (
     DATAMODULE_CLASS_KEY,
     check_resume,
     data_settings,
-    load_checkpoint,
+    model_from_checkpoint,
     network_mismatch,
     read_checkpoint,
 )
@@ -244,9 +244,10 @@ def prepare_evaluation(cfg: DictConfig) -> PreparedRun:
     except ValueError as error:
         raise InputError(str(error)) from None
     path = OmegaConf.select(cfg, "ckpt_path", throw_on_missing=False)
-    model = load_checkpoint(path, lightning=True)
+    checkpoint = read_checkpoint(path)  # read once: the model and the data settings
+    model = model_from_checkpoint(checkpoint, path, lightning=True)
     model.refine_iterations = iterations
-    _apply_data_settings(cfg, read_checkpoint(path), path)
+    _apply_data_settings(cfg, checkpoint, path)
     datamodule = instantiate_setting(cfg.data, "data", with_atlas=model.atlas)
     datamodule.setup("test")
     return PreparedRun(datamodule, model)
