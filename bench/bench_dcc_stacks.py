@@ -28,6 +28,7 @@ import torch
 from dcc.cli.register import main as dcc_register
 from dcc.data.cardiac import MYOPS_SEQUENCES, data_root, merge_labels
 from dcc.data.datasets import DEFAULT_SPLIT_FILE, read_split
+from dcc.evaluation.runs import hardware
 
 
 def _merged_labels(case: Path, folder: Path) -> str:
@@ -121,8 +122,11 @@ def main(argv=None) -> int:
     lines.append(f"| mean | | | {mean['dice_before']:.3f} | {mean['dice_after']:.3f} | | | "
                  f"{mean['network_s']:.2f} | {mean['network_s_10_slices']:.2f} |")
     command = "python bench/bench_dcc_stacks.py " + " ".join(argv if argv else sys.argv[1:])
+    model = Path(args.checkpoint).name if args.checkpoint else "the shipped dcc_all_myops.pt"
     text = (f"# The DCC model on whole MyoPS stacks ({args.split} patients)\n\nCommand: `{command}`"
-            f"; {args.threads} torch thread(s), torch {torch.__version__}.\n\n"
+            f"\n\nHardware: {hardware()}; {args.threads} torch thread(s).\n\nBudget: one forward "
+            f"pass of {model} per stack (all slices in one batch), no X-CoReg refinement; times "
+            "are the network and EM posterior alone (`inference_s` of report.json).\n\n"
             + "\n".join(lines) + "\n")
     (out / "dcc_stacks.md").write_text(text)
     (out / "dcc_stacks.json").write_text(json.dumps(rows, indent=2))
