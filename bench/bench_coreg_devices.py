@@ -7,11 +7,12 @@ Two steps, so that the groups can travel to a GPU machine without the MyoPS volu
         --save results/coreg_devices
 
 ``prepare`` writes each case's misaligned C0/LGE/T2 group with its labels exactly as
-``bench/bench_myops.py`` builds it (same seeds, same crop). ``run`` registers every group with
-``dcc-register --stages rigid,ffd --preset cardiac2d --seed S`` on every device, each run in its
-own process (CPU runs at one thread, all runs in parallel up to ``--jobs``), and tabulates the
-mean pairwise label Dice before and after, the final X and the registration time per device,
-with the largest CPU/CUDA Dice difference. Arguments after ``--`` go to ``dcc-register``.
+``bench/bench_myops.py`` builds it (:func:`dcc.data.myops_groups.write_group`, ``smooth`` model:
+same seeds, same crop). ``run`` registers every group with ``dcc-register --stages rigid,ffd
+--preset cardiac2d --seed S`` on every device, each run in its own process (CPU runs at one
+thread, all runs in parallel up to ``--jobs``), and tabulates the mean pairwise label Dice before
+and after, the final X and the registration time per device, with the largest CPU/CUDA Dice
+difference. Arguments after ``--`` go to ``dcc-register``.
 """
 
 from __future__ import annotations
@@ -29,20 +30,17 @@ SEQUENCES = ("C0", "LGE", "T2")
 
 
 def prepare(args: argparse.Namespace) -> None:
-    sys.path.insert(0, str(ROOT / "bench"))
-    from bench_myops import parse_args, write_group
-
     from dcc.data.cardiac import data_root, myops_cases
+    from dcc.data.myops_groups import write_group
 
     names = [c.strip() for c in args.cases.split(",") if c.strip()]
-    options, _ = parse_args(["--seed", str(args.seed)])
     indexed = {case.name: (i, case) for i, case in enumerate(myops_cases(data_root()))}
     unknown = sorted(set(names) - set(indexed))
     if unknown:
         raise SystemExit(f"bench_coreg_devices: unknown cases {', '.join(unknown)}")
     for name in names:
         index, case = indexed[name]
-        write_group(case, index, Path(args.dir) / name, options)
+        write_group(case, index, Path(args.dir) / name, "smooth", args.seed)
         print(f"wrote {Path(args.dir) / name}", flush=True)
 
 

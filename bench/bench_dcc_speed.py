@@ -240,13 +240,9 @@ def _run_json(extra: list[str], env: dict | None = None) -> dict:
 
 
 def _hardware() -> str:
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                 if line.startswith("model name")]
-        model = names[0] if names else model
-    return (f"{model}, {os.cpu_count()} logical CPUs; torch {torch.__version__} "
+    from dcc.evaluation.runs import cpu_name  # here: the timed runs import no more than they use
+
+    return (f"{cpu_name()}, {os.cpu_count()} logical CPUs; torch {torch.__version__} "
             f"(MKL-DNN {torch.backends.mkldnn.is_available()}), Python {platform.python_version()}")
 
 

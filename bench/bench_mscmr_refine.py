@@ -33,7 +33,6 @@ import csv
 import datetime
 import math
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -46,6 +45,7 @@ from tqdm.auto import tqdm
 from dcc.coreg import XCoReg
 from dcc.coreg.config import auto_config
 from dcc.coreg.refine import FFD_SPACING, LR, refine_group
+from dcc.evaluation.runs import cpu_name
 from dcc.lit.checkpoints import data_settings, load_checkpoint
 from dcc.lit.datamodules import MyoPSDataModule
 from dcc.metrics import pairwise_dice
@@ -151,15 +151,7 @@ def evaluate_group(model, item, steps, methods, **settings) -> list[tuple]:
 
 
 def hardware() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__} with "
+    return (f"{cpu_name()}, {os.cpu_count()} cores visible, torch {torch.__version__} with "
             f"{torch.get_num_threads()} thread(s), OMP_NUM_THREADS="
             f"{os.environ.get('OMP_NUM_THREADS', 'unset')}")
 

@@ -34,7 +34,6 @@ import argparse
 import contextlib
 import io
 import json
-import math
 import multiprocessing
 import statistics
 import sys
@@ -44,36 +43,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import ndimage
 from tqdm.auto import tqdm
 
 from dcc.cli.register import main as dcc_register
-from dcc.data.cardiac import (
-    LABEL_NAMES,
-    MIN_VOXELS,
-    MYOPS_SEQUENCES,
-    crop_box,
-    crop_grid,
-    data_root,
-    load_myops_case,
-    load_myops_slices,
-    myops_cases,
-)
-from dcc.data.io import slice_grid, write_image
-from dcc.data.misalignment import (
-    random_dense_warp,
-    random_ffd,
-    random_rigid,
-    warp_dense,
-    warp_images,
-)
-from dcc.spatial.transforms import ComposedTransform
-
-MARGIN = 48  # voxels of real anatomy around the crop box while warping (> max displacement)
-MODELS = ("smooth", "dense", "aligned")
-# The patients every default of dcc-register was chosen on (this bench's ``tune`` split); the
-# other shared patients form the ``test`` split and are only reported.
-TUNE_CASES = tuple(f"Case30{i:02d}" for i in range(1, 12)) + ("Case3027",)
+from dcc.data.cardiac import LABEL_NAMES, data_root, myops_cases
+from dcc.data.myops_groups import MODELS, TUNE_CASES, write_group
+from dcc.evaluation.runs import cpu_name
 
 
 def parse_args(argv=None):
@@ -94,7 +69,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default="results/myops_bench", help="folder for JSON, MD and PNG")
     p.add_argument("--tag", default="bench_myops", help="file name stem of the results")
     p.add_argument("--keep", help="keep each group's inputs and outputs in this folder")
-    # the smooth model's parameters (also read by bench_coreg_devices.py / myops_objective.py)
+    # the smooth model's parameters (dcc.data.myops_groups; their defaults are the package's)
     p.add_argument("--crop", type=int, default=224, help="smooth: box around the heart (voxels)")
     p.add_argument("--max-angle", type=float, default=10.0, help="smooth: rotation bound (deg)")
     p.add_argument("--max-offset", type=float, default=6.0, help="smooth: offset bound (mm)")
@@ -113,77 +88,11 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------------- the groups
-def misalign(case_dir: Path, seed: int, args):
-    """``smooth`` model: the case's slices under its own rigid o FFD per sequence, on the
-    ``crop`` box, warped on a box ``MARGIN`` voxels larger and cut (no padded corners).
-    Returns images, labels, grid, mean displacement (mm)."""
-    big_images, big_labels, big_grid = load_myops_slices(case_dir, crop=args.crop + 2 * MARGIN)
-    h, w = big_grid.shape
-    m = MARGIN if min(h, w) >= args.crop + 2 * MARGIN else 0
-    grid = crop_grid(big_grid, m, m, min(args.crop, h), min(args.crop, w))
-    box = (slice(None), slice(m, m + grid.shape[0]), slice(m, m + grid.shape[1]))
-    n = big_images.shape[0]
-    rigid = random_rigid(n, grid, args.max_angle, args.max_offset, seed=2 * seed)
-    ffd = random_ffd(n, grid, args.ffd_spacing_truth, args.ffd_std_truth, seed=2 * seed + 1)
-    truth = ComposedTransform(n, grid.ndim, [rigid, ffd])
-    with torch.no_grad():
-        displacement = (truth.lattice(grid) - grid.points()).norm(dim=-1)
-    return (
-        warp_images(big_images, big_grid, truth)[box],
-        warp_images(big_labels, big_grid, truth, mode="nearest")[box],
-        grid,
-        float(displacement.mean()),
-    )
-
-
-def most_labelled_slices(case_dir: Path, crop: int):
-    """C0/LGE/T2 and labels of the slice with the most labelled voxels (among those holding
-    myocardium, LV and RV), in a ``crop`` box around the heart at the native spacing."""
-    volumes, merged, grid3, _ = load_myops_case(case_dir)
-    counts = torch.stack([(merged == v).flatten(1).sum(1) for v in LABEL_NAMES], 1)
-    full = (counts >= MIN_VOXELS).all(1)
-    z = int(torch.where(full, counts.sum(1), -1).argmax())
-    (y0, x0), grid = crop_box(merged[z], slice_grid(grid3, 2, z), crop)
-    box = (slice(y0, y0 + grid.shape[0]), slice(x0, x0 + grid.shape[1]))
-    images = torch.from_numpy(volumes[:, z][(slice(None), *box)].astype(np.float32))
-    labels = merged[z][box].unsqueeze(0).repeat(len(MYOPS_SEQUENCES), 1, 1)
-    return images.contiguous(), labels.contiguous(), grid
-
-
-def make_group(model: str, case_dir: Path, seed: int, args):
-    """Images, labels (N, H, W), grid and mean true displacement (mm) of one bench group."""
-    if model == "smooth":
-        return misalign(case_dir, seed, args)
-    images, labels, grid = most_labelled_slices(case_dir, args.dense_crop)
-    if model == "aligned":
-        return images, labels, grid, 0.0
-    coords = random_dense_warp(len(images), grid.shape, seed=seed)
-    h, w = grid.shape
-    scale = torch.tensor([(w - 1) / 2 * grid.spacing[0], (h - 1) / 2 * grid.spacing[1]])
-    identity = random_dense_warp(1, grid.shape, 0, 0, 0, seed=0)
-    disp = float(((coords - identity) * scale).norm(dim=-1).mean())
-    return warp_dense(images, coords), warp_dense(labels, coords, mode="nearest"), grid, disp
-
-
-def write_group(case_dir: Path, index: int, folder: Path, args, model: str = "smooth"):
-    """The group of ``case_dir`` under ``model`` (seeded by ``args.seed`` and the case's
-    ``index``) as ``<folder>/<sequence>.nii.gz`` and ``<sequence>_labels.nii.gz`` (and
-    ``roi.nii.gz`` with ``args.roi``). Returns image paths, label paths, grid, displacement."""
-    images, labels, grid, disp = make_group(model, case_dir, (args.seed or 0) * 1000 + index, args)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths, label_paths = [], []
-    for name, image, lab in zip(MYOPS_SEQUENCES, images, labels, strict=True):
-        paths.append(str(folder / f"{name}.nii.gz"))
-        label_paths.append(str(folder / f"{name}_labels.nii.gz"))
-        write_image(paths[-1], image, grid)
-        write_image(label_paths[-1], lab.to(torch.int32), grid)
-    if getattr(args, "roi", None):
-        radius = [args.roi / s for s in reversed(grid.spacing)]  # (rows, cols) in voxels
-        yy, xx = np.ogrid[tuple(slice(-math.ceil(r), math.ceil(r) + 1) for r in radius)]
-        ball = (yy / radius[0]) ** 2 + (xx / radius[1]) ** 2 <= 1
-        roi = ndimage.binary_dilation((labels > 0).any(0).numpy(), structure=ball)
-        write_image(folder / "roi.nii.gz", torch.from_numpy(roi.astype(np.int32)), grid)
-    return paths, label_paths, grid, disp
+def group_settings(args) -> dict:
+    """The misalignment models' settings (dcc.data.myops_groups.make_group) of the options."""
+    return {"crop": args.crop, "dense_crop": args.dense_crop, "max_angle": args.max_angle,
+            "max_offset": args.max_offset, "ffd_spacing": args.ffd_spacing_truth,
+            "ffd_std": args.ffd_std_truth}
 
 
 def run_group(task: dict) -> dict:
@@ -196,7 +105,9 @@ def run_group(task: dict) -> dict:
             work = Path(args.keep) / f"{model}_seed{args.seed}" / case_dir.name
         else:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_myops.")))
-        paths, label_paths, grid, disp = write_group(case_dir, task["index"], work, args, model)
+        paths, label_paths, grid, disp = write_group(
+            case_dir, task["index"], work, model, args.seed, args.roi, **group_settings(args)
+        )
         out = work / "out"
         argv = [*paths, "--labels", *label_paths, "--out", str(out), "--overwrite", "--quiet"]
         argv += ["--threads", str(args.threads), *args.extra]
@@ -400,12 +311,7 @@ def budget(settings: dict) -> str:
 
 
 def _hardware() -> str:
-    import platform
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
-                .splitlines() if line.startswith("model name")), platform.processor()) \
-        if Path("/proc/cpuinfo").exists() else platform.processor()
-    return f"{cpu}, {multiprocessing.cpu_count()} logical CPUs, torch {torch.__version__}"
+    return f"{cpu_name()}, {multiprocessing.cpu_count()} logical CPUs, torch {torch.__version__}"
 
 
 if __name__ == "__main__":

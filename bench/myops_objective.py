@@ -1,9 +1,10 @@
 """Is a failed MyoPS bench case the metric's fault or the optimiser's? X at the truth vs the result.
 
-Rebuilds one group of ``bench/bench_myops.py`` (same case index and seed, so the same known
-misalignment), registers it with the ``cardiac2d`` preset through the API (as ``dcc-register``
-does, images on one grid), and evaluates the X-metric (Eq. 8) with Gamma re-estimated by EM on
-the whole overlap (the engine's objective check) at three alignments:
+Rebuilds one ``smooth`` group of ``bench/bench_myops.py`` (dcc.data.myops_groups: same case
+index and seed, so the same known misalignment), registers it with the ``cardiac2d`` preset
+through the API (as ``dcc-register`` does, images on one grid), and evaluates the X-metric
+(Eq. 8) with Gamma re-estimated by EM on the whole overlap (the engine's objective check) at three
+alignments:
 
 * ``identity``: the misaligned input;
 * ``truth``: the exact inverse of the known misalignment (a dense field, fixed-point inverse);
@@ -21,7 +22,6 @@ a failed run, the metric is right and the optimiser went astray.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
@@ -32,27 +32,19 @@ import torch
 from dcc.coreg import XCoReg, load_preset
 from dcc.coreg.engine import padding_mask
 from dcc.data.cardiac import data_root, myops_cases
-from dcc.data.misalignment import random_ffd, random_rigid, warp_images
+from dcc.data.misalignment import warp_images
+from dcc.data.myops_groups import group_seed, misalign, smooth_truth
 from dcc.metrics import pairwise_dice
 from dcc.similarity import functional as XF
 from dcc.spatial.transforms import ComposedTransform, DisplacementField
 
 
-def _bench():
-    path = Path(__file__).resolve().parent / "bench_myops.py"
-    spec = importlib.util.spec_from_file_location("bench_myops", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @torch.no_grad()
-def true_alignment(grid, seed: int, args, iterations: int = 50) -> ComposedTransform:
-    """phi_j = truth_j^-1 on the lattice (fixed point y <- y - (truth(y) - x)) as a field."""
+def true_alignment(grid, seed: int, iterations: int = 50) -> ComposedTransform:
+    """phi_j = truth_j^-1 on the lattice (fixed point y <- y - (truth(y) - x)) as a field, for
+    the ``smooth`` model's maps at its default bounds (dcc.data.myops_groups.smooth_truth)."""
     n = 3
-    rigid = random_rigid(n, grid, args.max_angle, args.max_offset, seed=2 * seed)
-    ffd = random_ffd(n, grid, args.ffd_spacing_truth, args.ffd_std_truth, seed=2 * seed + 1)
-    truth = ComposedTransform(n, grid.ndim, [rigid, ffd])
+    truth = smooth_truth(n, grid, seed)
     x = grid.points().reshape(1, -1, grid.ndim).expand(n, -1, -1)
     y = x.clone()
     for _ in range(iterations):
@@ -74,22 +66,20 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="JSON file for the figures")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    bench = _bench()
-    args, _ = bench.parse_args([])
     cases = myops_cases(data_root())
     names = [c.name for c in cases]
     if a.case not in names:
         print(f"myops_objective: unknown case {a.case}", file=sys.stderr)
         return 2
     index = names.index(a.case)
-    seed = a.seed * 1000 + index
-    images, labels, grid, _ = bench.misalign(cases[index], seed, args)
+    seed = group_seed(a.seed, index)
+    images, labels, grid, _ = misalign(cases[index], seed)
     config = load_preset("cardiac2d", progress=False, bins=a.bins)
     if a.rigid_tries:
         config.stages[0].tries = a.rigid_tries
     engine = XCoReg(config)
     start = time.perf_counter()
-    initial = true_alignment(grid, seed, args) if a.from_truth else None
+    initial = true_alignment(grid, seed) if a.from_truth else None
     result = engine.register(images, grid, transform=initial)
     seconds = time.perf_counter() - start
 
@@ -99,7 +89,7 @@ def main(argv=None) -> int:
     stacked = torch.stack([XF.normalize_intensities(images, config.bins, valid), valid], 1)
     alignments = {
         "identity": ComposedTransform(3, grid.ndim),
-        "truth": true_alignment(grid, seed, args),
+        "truth": true_alignment(grid, seed),
         "result": result.transform,
     }
     figures = {}

@@ -1,11 +1,12 @@
 """Sweep X-CoReg settings on the MyoPS bench groups in process (no files): the tuning tool
 behind the ``cardiac2d`` preset (results/myops_bench/README.md).
 
-Every group of ``bench_myops.py`` (same cases, models and seeds, so the same misalignments) is
-registered through the API with ``auto_config`` plus the overrides, given as JSON: top-level
-settings by name, stage settings as ``"<stage>.<key>"``, ``"stages"`` to keep only some stages.
-Prints the mean Dice before, after the rigid stage and after, the worst group, the groups below
-their start and seconds per group; writes the per-group rows (with the diagnostics) as JSON.
+Every group of ``bench_myops.py`` (:mod:`dcc.data.myops_groups` at its default settings: same
+cases, models and seeds, so the same misalignments) is registered through the API with
+``auto_config`` plus the overrides, given as JSON: top-level settings by name, stage settings as
+``"<stage>.<key>"``, ``"stages"`` to keep only some stages. Prints the mean Dice before, after
+the rigid stage and after, the worst group, the groups below their start and seconds per group;
+writes the per-group rows (with the diagnostics) as JSON.
 
     python bench/myops_sweep.py K8 '{"num_classes": 8}' --out /tmp/sweep
     python bench/myops_sweep.py short '{"rigid.iterations": 150, "ffd.iterations": 100}'
@@ -25,15 +26,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_myops as bm  # noqa: E402
-
-from dcc.coreg import XCoReg  # noqa: E402
-from dcc.coreg.config import auto_config  # noqa: E402
-from dcc.data.cardiac import data_root, myops_cases  # noqa: E402
-from dcc.data.misalignment import warp_images  # noqa: E402
-from dcc.metrics import pairwise_dice  # noqa: E402
-from dcc.spatial.transforms import ComposedTransform  # noqa: E402
+from dcc.coreg import XCoReg
+from dcc.coreg.config import auto_config
+from dcc.data.cardiac import data_root, myops_cases
+from dcc.data.misalignment import warp_images
+from dcc.data.myops_groups import MODELS, TUNE_CASES, group_seed, make_group
+from dcc.metrics import pairwise_dice
+from dcc.spatial.transforms import ComposedTransform
 
 
 def configure(grid, overrides: dict):
@@ -58,8 +57,7 @@ def register(task) -> dict:
     case, model, seed, overrides = task
     cases = myops_cases(data_root())
     index = [c.name for c in cases].index(case)
-    args, _ = bm.parse_args([])
-    images, labels, grid, _ = bm.make_group(model, cases[index], seed * 1000 + index, args)
+    images, labels, grid, _ = make_group(model, cases[index], group_seed(seed, index))
     start = time.perf_counter()
     result = XCoReg(configure(grid, overrides)).register(images, grid)
     seconds = time.perf_counter() - start
@@ -85,12 +83,12 @@ def main(argv=None) -> int:
     if a.groups:
         groups = json.loads(a.groups)
     else:
-        groups = [(c, "dense", s) for s in (0, 1) for c in bm.TUNE_CASES]
-        groups += [(c, "smooth", 0) for c in bm.TUNE_CASES]
+        groups = [(c, "dense", s) for s in (0, 1) for c in TUNE_CASES]
+        groups += [(c, "smooth", 0) for c in TUNE_CASES]
     tasks = [(c, m, s, json.loads(a.overrides)) for c, m, s in groups]
     with multiprocessing.get_context("spawn").Pool(a.workers) as pool:
         rows = pool.map(register, tasks)
-    for model in bm.MODELS:
+    for model in MODELS:
         r = [x for x in rows if x["model"] == model]
         if r:
             print(f"{a.name} {model:7s} n={len(r)}"

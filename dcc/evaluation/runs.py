@@ -24,7 +24,7 @@ from scipy import stats
 
 __all__ = [
     "Run", "best_checkpoint", "read_groups", "values", "mean_std", "patient", "paired_ttest",
-    "budget", "hardware", "load_yaml", "read_curve", "run_overrides",
+    "budget", "cpu_name", "hardware", "load_yaml", "read_curve", "run_overrides",
 ]
 
 
@@ -174,7 +174,8 @@ def _logged_minutes(folder: Path) -> tuple[float, int | None] | None:
     return found
 
 
-def hardware() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; else :func:`platform.processor` or the machine)."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -182,8 +183,13 @@ def hardware() -> str:
         cpu = names[0] if names else cpu
     except OSError:
         pass
+    return cpu
+
+
+def hardware() -> str:
+    """CPU, logical CPUs, GPU and torch version, for the tables' "Gathered on" lines."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} logical CPUs, {gpu}; torch {torch.__version__}"
+    return f"{cpu_name()}, {os.cpu_count()} logical CPUs, {gpu}; torch {torch.__version__}"
 
 
 # ---------------------------------------------------------------------------- curves
