@@ -29,7 +29,6 @@ summary. Data: ``--root`` or ``$DCC_DATA_ROOT`` (the folder holding ``myops2020/
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import math
 import os
@@ -45,7 +44,8 @@ from tqdm.auto import tqdm
 from dcc.coreg import XCoReg
 from dcc.coreg.config import auto_config
 from dcc.coreg.refine import FFD_SPACING, LR, refine_group
-from dcc.evaluation.runs import cpu_name
+from dcc.evaluation.runs import cpu_name, mean_std
+from dcc.evaluation.tables import write_csv
 from dcc.lit.checkpoints import data_settings, load_checkpoint
 from dcc.lit.datamodules import MyoPSDataModule
 from dcc.metrics import pairwise_dice
@@ -163,10 +163,11 @@ def summarise(rows, methods):
         dsc = [r["reg_dsc"] for r in picked if not math.isnan(r["reg_dsc"])]
         times = [r["time_s"] for r in picked]
         kept = [r["refine_kept"] for r in picked if r["refine_kept"] != ""]
+        mean, std, n = mean_std(dsc)
         out.append({
             "method": method,
-            "reg_dsc": statistics.fmean(dsc) if dsc else math.nan,
-            "std": statistics.stdev(dsc) if len(dsc) > 1 else 0.0,
+            "reg_dsc": mean,
+            "std": std if n else 0.0,
             "time_s": statistics.fmean(times) if times else math.nan,
             "groups": len(dsc),
             "kept": f"{sum(kept)}/{len(kept)}" if kept else "",
@@ -176,10 +177,7 @@ def summarise(rows, methods):
 
 def write(out: Path, rows, methods, args, settings, seconds):
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(Path(f"{out}.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(Path(f"{out}.csv"), rows)
     summary = summarise(rows, methods)
     xcoreg = next((s["time_s"] for s in summary if s["method"] == "X-CoReg"), math.nan)
     lines = [

@@ -13,7 +13,6 @@ slices are not independent)::
 from __future__ import annotations
 
 import argparse
-import statistics
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from dcc.evaluation.runs import (
     budget,
     hardware,
     mean_std,
-    paired_ttest,
+    paired_groups,
     patient,
     read_groups,
     values,
@@ -41,13 +40,10 @@ def load(folder: Path) -> Run:
 
 def paired(a: Run, b: Run, column: str) -> str:
     """``B - A`` in points with the per-group and per-patient p-values."""
-    common = [c for c in a.rows if c in b.rows]
-    xa, xb = [a.rows[c][column] for c in common], [b.rows[c][column] for c in common]
-    patients = sorted({patient(c) for c in common})
-    pa = [statistics.fmean(a.rows[c][column] for c in common if patient(c) == p) for p in patients]
-    pb = [statistics.fmean(b.rows[c][column] for c in common if patient(c) == p) for p in patients]
-    diff = 100 * statistics.fmean(y - x for x, y in zip(xa, xb, strict=True))
-    return f"{diff:+.2f} (p {paired_ttest(xa, xb)[1]:.2g}; patients {paired_ttest(pa, pb)[1]:.2g})"
+    r = paired_groups(
+        {c: row[column] for c, row in a.rows.items()}, {c: row[column] for c, row in b.rows.items()}
+    )
+    return f"{r['diff_mean']:+.2f} (p {r['p']:.2g}; patients {r['p_patients']:.2g})"
 
 
 def main(argv=None) -> None:

@@ -67,3 +67,93 @@ def test_read_curve_joins_resumed_logs(tmp_path):
         "- experiment=mscmr_dcc_all\n- hydra.run.dir=x\n- threads=1\n- model.cascade=2\n")
     assert run_overrides(tmp_path) == "experiment=mscmr_dcc_all model.cascade=2"
     assert run_overrides(tmp_path / "none") == "?"
+
+
+def test_paired_groups_matches_scipy_on_the_common_groups():
+    """B against A on the groups both hold (NaNs and one-sided groups left out): the t-test is
+    scipy's ttest_rel over the groups and over the per-patient means."""
+    from scipy import stats
+
+    from dcc.evaluation.runs import paired_groups
+
+    a = {"Case3001-z1-s0": 0.70, "Case3001-z1-s1": 0.72, "Case3001-z2-s0": 0.65,
+         "Case3002-z1-s0": 0.80, "Case3002-z2-s0": 0.60, "Case3003-z1-s0": 0.50,
+         "Case3003-z1-s1": 0.55, "Case3004-z1-s0": math.nan, "Case3005-z1-s0": 0.9}
+    b = {"Case3001-z1-s0": 0.78, "Case3001-z1-s1": 0.75, "Case3001-z2-s0": 0.74,
+         "Case3002-z1-s0": 0.81, "Case3002-z2-s0": 0.70, "Case3003-z1-s0": 0.62,
+         "Case3003-z1-s1": 0.58, "Case3004-z1-s0": 0.7, "Case3006-z1-s0": 0.9}
+    common = [c for c in a if c.startswith(("Case3001", "Case3002", "Case3003"))]
+    out = paired_groups(a, b)
+    assert out["groups"] == 7 and out["patients"] == 3
+    expected = stats.ttest_rel([b[c] for c in common], [a[c] for c in common])
+    assert out["t"] == pytest.approx(expected.statistic) and out["p"] == pytest.approx(
+        expected.pvalue)
+    # differences 8, 3, 9, 1, 10, 12, 3 points: mean 46 / 7
+    assert out["diff_mean"] == pytest.approx(46 / 7)
+    pa = [(0.70 + 0.72 + 0.65) / 3, (0.80 + 0.60) / 2, (0.50 + 0.55) / 2]
+    pb = [(0.78 + 0.75 + 0.74) / 3, (0.81 + 0.70) / 2, (0.62 + 0.58) / 2]
+    expected = stats.ttest_rel(pb, pa)
+    assert out["t_patients"] == pytest.approx(expected.statistic)
+    assert out["p_patients"] == pytest.approx(expected.pvalue)
+    # a one-patient comparison has no patient-level test; no common group, no numbers at all
+    one = paired_groups({"Case3001-z1": 0.5, "Case3001-z2": 0.6}, {"Case3001-z1": 0.6,
+                                                                   "Case3001-z2": 0.8})
+    assert one["groups"] == 2 and one["t"] == pytest.approx(3.0) and math.isnan(one["p_patients"])
+    none = paired_groups({"A": 0.5}, {"B": 0.5})
+    assert none["groups"] == 0 and math.isnan(none["diff_mean"]) and math.isnan(none["t"])
+
+
+def test_resolve_run_and_the_groups_of_several_runs(tmp_path):
+    from dcc.evaluation.runs import Run, inconsistent_groups, resolve_run, unregistered_rows
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    ckpt = run / "checkpoints" / "epoch_001.ckpt"
+    torch.save({}, ckpt)
+    # a checkpoint file: its run is the folder above checkpoints/, not yet tested
+    found = resolve_run("dgr", ckpt)
+    assert (found.folder, found.checkpoint, found.table) == (run, ckpt, None)
+    loose = tmp_path / "best.ckpt"
+    torch.save({}, loose)
+    assert resolve_run("dgr", loose).folder == tmp_path
+    # a run folder: its best checkpoint and its test table once tested
+    assert resolve_run("dgr", run).checkpoint == ckpt and resolve_run("dgr", run).table is None
+    (run / "metrics").mkdir()
+    (run / "metrics" / "test_groups.csv").write_text("case,reg_dsc,unreg_dsc\nA,0.8,0.6\n")
+    assert resolve_run("dgr", run).table == run / "metrics" / "test_groups.csv"
+    (tmp_path / "empty").mkdir()
+    assert resolve_run("dgr", tmp_path / "empty") is None
+    assert resolve_run("dgr", tmp_path / "absent") is None
+
+    def with_rows(rows):
+        return Run("s", tmp_path, tmp_path, None, rows)
+
+    runs = {
+        "dgr": with_rows({"A": {"reg_dsc": 0.8, "unreg_dsc": 0.6, "unreg_dsc/LV": 0.7},
+                          "B": {"reg_dsc": 0.9, "unreg_dsc": 0.5, "unreg_dsc/LV": 0.4}}),
+        "dcc_all": with_rows({"B": {"reg_dsc": 0.7, "unreg_dsc": 0.5 + 1e-3},
+                              "C": {"reg_dsc": 0.6, "unreg_dsc": 0.4}}),
+    }
+    # every tested group once, with the first run's unregistered columns only
+    assert unregistered_rows(runs) == {
+        "A": {"unreg_dsc": 0.6, "unreg_dsc/LV": 0.7},
+        "B": {"unreg_dsc": 0.5, "unreg_dsc/LV": 0.4},
+        "C": {"unreg_dsc": 0.4},
+    }
+    assert inconsistent_groups(runs) == ["B"]
+    assert inconsistent_groups(runs, tol=1e-2) == []
+
+
+def test_hardware_names_the_cpu():
+    from pathlib import Path
+
+    from dcc.evaluation.runs import cpu_name, hardware
+
+    info = Path("/proc/cpuinfo")
+    if info.is_file():
+        names = [line.split(":", 1)[1].strip() for line in info.read_text().splitlines()
+                 if line.startswith("model name")]
+        if names:
+            assert cpu_name() == names[0]
+    assert cpu_name() and hardware().startswith(f"{cpu_name()}, ")
+    assert f"torch {torch.__version__}" in hardware()

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+import textwrap
+from collections.abc import Mapping, Sequence
 from functools import partial
 
 import numpy as np
@@ -20,7 +21,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from scipy import ndimage
 
-__all__ = ["save_montage", "save_overlay"]
+__all__ = ["save_montage", "save_overlay", "save_group_columns"]
 
 MAX_PER_ROW = 10
 PANEL_INCHES = 2.2
@@ -290,6 +291,50 @@ def save_overlay(
         ]
         ax.legend(handles=handles, loc="upper right", fontsize=7, ncol=math.ceil(len(values) / 8))
     fig.tight_layout()
+    _save(fig, path)
+
+
+def save_group_columns(
+    path: str | os.PathLike,
+    columns: Sequence[Mapping],
+    order: Sequence[str],
+    structures: Sequence[str],
+    title: str = "",
+) -> None:
+    """Write a PNG of one group as several methods see it (like the paper's Fig. 10): a column
+    per method, a row per sequence of ``order`` and a last row of label maps.
+
+    Each column is a mapping: ``"title"``; ``"images"`` ``(N, H, W)`` and ``"sequences"`` (the
+    name of each image); ``"contour"`` ``(H, W)``, the labels outlined on every image of the
+    column; ``"seg"`` ``(H, W)``, the label map of the last row, and ``"seg_title"``. Labels
+    ``1..len(structures)`` get a colour each, named in a legend."""
+    colours = _label_colours(len(structures))
+    values = list(range(1, len(structures) + 1))
+    cmap = ListedColormap(["black", *colours])
+    fig = Figure(figsize=(PANEL_INCHES * len(columns), PANEL_INCHES * (len(order) + 1) + 0.6))
+    axes = fig.subplots(len(order) + 1, len(columns), squeeze=False)
+    for c, col in enumerate(columns):
+        contour = _to_numpy(col["contour"])
+        for r, sequence in enumerate(order):
+            ax = axes[r, c]
+            image = _to_numpy(col["images"][list(col["sequences"]).index(sequence)])
+            ax.imshow(_normalise(image), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            _draw_label_contours(ax, contour, values, colours)
+            ax.set_title(col["title"] if r == 0 else "", fontsize=8)
+            ax.set_ylabel(sequence if c == 0 else "", fontsize=8)
+        ax = axes[len(order), c]
+        ax.imshow(
+            _to_numpy(col["seg"]), cmap=cmap, vmin=0, vmax=len(structures),
+            interpolation="nearest",
+        )
+        ax.set_xlabel(col["seg_title"], fontsize=7)
+        for ax in axes[:, c]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(textwrap.fill(title, 40 * len(columns)), fontsize=7)
+    handles = [Patch(color=c, label=n) for c, n in zip(colours, structures, strict=True)]
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
     _save(fig, path)
 
 

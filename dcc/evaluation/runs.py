@@ -1,7 +1,8 @@
 """Training run folders as the benches and comparisons read them (``train.py`` writes them):
 the checkpoint a run tested, its per-group test table (:class:`dcc.lit.metrics_table.MetricsTable`),
 its training budget, and the paired statistics that compare two runs on the same test groups.
-Used by ``bench/mscmr_table5.py``, ``bench/mscmr_compare.py`` and ``bench/bench_mscmr_refine.py``.
+Used by ``bench/mscmr_table5.py`` (with :mod:`dcc.evaluation.tables`), ``bench/mscmr_compare.py``
+and ``bench/bench_mscmr_refine.py``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import yaml
 from scipy import stats
 
 __all__ = [
-    "Run", "best_checkpoint", "read_groups", "values", "mean_std", "patient", "paired_ttest",
+    "Run", "best_checkpoint", "resolve_run", "read_groups", "unregistered_rows",
+    "inconsistent_groups", "values", "mean_std", "patient", "paired_ttest", "paired_groups",
     "budget", "cpu_name", "hardware", "load_yaml", "read_curve", "run_overrides",
 ]
 
@@ -65,6 +67,24 @@ def best_checkpoint(folder: Path) -> Path | None:
     return last if last.is_file() else None
 
 
+def resolve_run(strategy: str, source: Path) -> Run | None:
+    """The run of ``source``: a checkpoint file (its run folder is the one holding its
+    ``checkpoints/``, else its own folder), or a run folder (its :func:`best_checkpoint` and, when
+    tested, ``metrics/test_groups.csv``). None when absent, or a folder with neither."""
+    if source.is_file():
+        parent = source.parent
+        folder = parent.parent if parent.name == "checkpoints" else parent
+        return Run(strategy, source, folder, source)
+    if source.is_dir():
+        table = source / "metrics" / "test_groups.csv"
+        run = Run(strategy, source, source, best_checkpoint(source))
+        run.table = table if table.is_file() else None
+        if run.table is None and run.checkpoint is None:
+            return None
+        return run
+    return None
+
+
 def read_groups(path: Path) -> dict[str, dict[str, float]]:
     """``test_groups.csv`` of :class:`dcc.lit.metrics_table.MetricsTable`: case -> column -> value
     (empty cells are NaN)."""
@@ -79,6 +99,30 @@ def read_groups(path: Path) -> dict[str, dict[str, float]]:
         if column not in next(iter(rows.values())):
             raise ValueError(f"{path}: no column {column!r} (not a MetricsTable test_groups.csv)")
     return rows
+
+
+def unregistered_rows(runs: Mapping[str, Run]) -> dict[str, dict[str, float]]:
+    """The unregistered Dice columns (``unreg_dsc*``) of every test group any run tested (case ->
+    column; the first run that tested a group gives its values)."""
+    out: dict[str, dict[str, float]] = {}
+    for run in runs.values():
+        for case, row in run.rows.items():
+            out.setdefault(case, {k: v for k, v in row.items() if k.startswith("unreg_dsc")})
+    return out
+
+
+def inconsistent_groups(runs: Mapping[str, Run], tol: float = 1e-4) -> list[str]:
+    """Test groups whose unregistered Dice differs between runs by more than ``tol``: the runs
+    were tested on different data (image size, spacing, misalignment), so their Reg DSC do not
+    compare."""
+    first: dict[str, float] = {}
+    bad = []
+    for run in runs.values():
+        for case, row in run.rows.items():
+            value = first.setdefault(case, row["unreg_dsc"])
+            if abs(value - row["unreg_dsc"]) > tol and case not in bad:
+                bad.append(case)
+    return bad
 
 
 # ---------------------------------------------------------------------------- statistics
@@ -105,6 +149,24 @@ def paired_ttest(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
         return math.nan, math.nan
     result = stats.ttest_rel(b, a)
     return float(result.statistic), float(result.pvalue)
+
+
+def paired_groups(a: Mapping[str, float], b: Mapping[str, float]) -> dict[str, Any]:
+    """``b`` against ``a`` (case -> value) on the groups both hold, NaNs left out: their number,
+    the mean difference ``b - a`` in points (x 100), :func:`paired_ttest` over the groups, and the
+    same test on the per-patient means (a slice's misalignments and a patient's slices are not
+    independent: the per-patient test is the conservative one)."""
+    common = [c for c in a if c in b and not (math.isnan(a[c]) or math.isnan(b[c]))]
+    diff = [b[c] - a[c] for c in common]
+    out: dict[str, Any] = {"groups": len(common)}
+    out["diff_mean"] = 100 * statistics.fmean(diff) if diff else math.nan
+    out["t"], out["p"] = paired_ttest([a[c] for c in common], [b[c] for c in common])
+    patients = sorted({patient(c) for c in common})
+    pa = [statistics.fmean(a[c] for c in common if patient(c) == p) for p in patients]
+    pb = [statistics.fmean(b[c] for c in common if patient(c) == p) for p in patients]
+    out["patients"] = len(patients)
+    out["t_patients"], out["p_patients"] = paired_ttest(pa, pb)
+    return out
 
 
 # ---------------------------------------------------------------------------- budgets

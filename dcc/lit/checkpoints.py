@@ -26,6 +26,7 @@ __all__ = [
     "network_mismatch",
     "check_resume",
     "data_settings",
+    "evaluate_command",
     "export_model",
     "DATAMODULE_CLASS_KEY",
 ]
@@ -190,6 +191,38 @@ def data_settings(
             raise InputError(f"data override {item}: use KEY=VALUE with KEY one of {sorted(saved)}")
         saved[key] = yaml.safe_load(value)
     return saved
+
+
+def evaluate_command(
+    checkpoint: str | Path, defaults: Mapping[str, Any], data: Sequence[str] = ()
+) -> str:
+    """``python evaluate.py data=myops ckpt_path=...`` that tests ``checkpoint`` on data made like
+    its own: the saved data settings that differ from ``defaults`` (the data group's, e.g.
+    ``conf/data/myops.yaml``: evaluate.py keeps them once ``data=myops`` is given), without the
+    places, the default split file and the training-only settings, then the ``data`` overrides
+    (``key=value``) as given."""
+    from dcc.data.datasets import DEFAULT_SPLIT_FILE
+
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True).get(
+        "datamodule_hyper_parameters", {}
+    )
+    skip = ("root", "with_atlas", "cache_dir", "num_workers", "val_groups_per_slice",
+            "augmentation")
+    given = [item.partition("=")[0] for item in data]
+
+    def default_split(key: str, value: Any) -> bool:
+        return key == "split_file" and Path(str(value)).resolve() == DEFAULT_SPLIT_FILE
+
+    extra = [
+        f"data.{k}={json.dumps(v).replace(' ', '')}"
+        for k, v in saved.items()
+        if k in defaults
+        and k not in (*skip, *given)
+        and defaults[k] != v
+        and not default_split(k, v)
+    ]
+    extra += [f"data.{item}" for item in data]
+    return " ".join(["python evaluate.py data=myops", f"ckpt_path={checkpoint}", *extra])
 
 
 def export_model(
