@@ -102,6 +102,9 @@ PLANS: dict[str, object] = {
     "--out results/myops_bench":
         {"replace": [("--split test", "--cases Case3030"), ("--seeds 0,1,2,3,4", "--seeds 0"),
                      ("--workers 2", "--workers 1")], "add": ["--models", "smooth"]},
+    "python bench/bench_openms.py --out results/openms_bench":  # one study at ~6 mm, 2 steps
+        {"add": ["--studies", "patient12_study1", "--shrink", "8", "--threads", "1",
+                 "--sitk-iterations", "3", "--", "--iterations", "2"]},
 }
 
 
@@ -259,6 +262,11 @@ def test_readme_commands_run(tmp_path, monkeypatch, capsys):
             continue
         if (_uses_myops(command) or "bench_myops" in command) and data_root() is None:
             skipped.append(f"{command} (no MyoPS data)")
+            continue
+        root = data_root()
+        if "bench_openms" in command and (
+                root is None or not (root / "open_ms" / "patient12_study1").is_dir()):
+            skipped.append(f"{command} (no open-MS data)")
             continue
         text = command
         for old, new in plan.get("replace", []):

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from dcc.spatial.grid import Grid
+from dcc.spatial.transforms import Affine
 
 
 class InputError(ValueError):
@@ -75,6 +76,50 @@ def write_image(
         array = array.astype(np.uint8)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     sitk.WriteImage(grid.to_sitk(array, is_vector=is_vector), str(path))
+
+
+def linear_group(transforms: Sequence[sitk.Transform]) -> Affine:
+    """One :class:`~dcc.spatial.transforms.Affine` group of linear SimpleITK transforms (any
+    linear kind: affine, Euler, translation, a composite of them), member ``j`` mapping points
+    as ``transforms[j].TransformPoint`` does: ``A_j x + b_j`` with ``b_j = T_j(0)`` and the
+    columns of ``A_j`` ``T_j(e_k) - b_j``. E.g. the pairwise results of an ITK registration (fixed
+    point -> moving point) with the identity for the fixed image, as a group to score with
+    :func:`dcc.metrics.registration_error`."""
+    if not transforms:
+        raise ValueError("linear_group: no transforms")
+    d = transforms[0].GetDimension()
+    matrices, offsets = [], []
+    for j, transform in enumerate(transforms):
+        if transform.GetDimension() != d or not transform.IsLinear():
+            raise ValueError(
+                f"linear_group: transform {j} ({transform.GetName()}) is not a linear {d}D map"
+            )
+        b = np.asarray(transform.TransformPoint((0.0,) * d))
+        columns = [np.asarray(transform.TransformPoint(tuple(e))) - b for e in np.eye(d)]
+        matrices.append(np.stack(columns, axis=1))
+        offsets.append(b)
+    group = Affine(len(transforms), d)
+    with torch.no_grad():
+        group.matrix.copy_(torch.from_numpy(np.stack(matrices)))
+        group.offset.copy_(torch.from_numpy(np.stack(offsets)))
+    return group.requires_grad_(False)
+
+
+def read_linear_transforms(paths: Sequence[str | os.PathLike]) -> Affine:
+    """The linear ITK transform files ``paths`` (e.g. ``transforms/<name>.tfm`` of
+    ``dcc-register``, which map common-space points to image ``j``) as one group
+    (:func:`linear_group`); :class:`InputError` names a file that cannot be read."""
+    transforms = []
+    for path in paths:
+        try:
+            transforms.append(sitk.ReadTransform(str(path)))
+        except RuntimeError as error:
+            raise InputError(f"{path}: not a readable ITK transform ({_short_reason(error)})") \
+                from None
+    try:
+        return linear_group(transforms)
+    except ValueError as error:
+        raise InputError(f"{', '.join(map(str, paths))}: {error}") from None
 
 
 def resample_to_grid(
