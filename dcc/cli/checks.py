@@ -13,6 +13,7 @@ from dcc.coreg.checks import check_device
 from dcc.coreg.config import STAGES, XCoRegConfig
 from dcc.data.io import InputError
 from dcc.spatial.grid import Grid
+from dcc.spatial.pyramid import pyramid_grids
 
 # option dest: (flag, low, high, low is exclusive); None = unbounded
 RANGES = {
@@ -75,11 +76,10 @@ def check_with_images(config: XCoRegConfig, common: Grid, args) -> None:
             )
     shape = "x".join(map(str, common.shape))
     for stage in config.stages:
-        coarse = _coarsest(common, stage.levels)
+        coarse = pyramid_grids(common, stage.levels)[0]
         if not _big_enough(common, coarse):
-            most = max(
-                n for n in range(1, stage.levels) if _big_enough(common, _coarsest(common, n))
-            )
+            most = max(n for n in range(1, stage.levels)
+                       if _big_enough(common, pyramid_grids(common, n)[0]))
             raise InputError(
                 f"--levels {stage.levels} (stage {stage.name}): the coarsest level would be "
                 f"{'x'.join(map(str, coarse.shape))} voxels (common grid {shape}); use --levels "
@@ -119,10 +119,6 @@ def _range_text(value, low, high, open_low) -> str:
     return f"a number in {'(' if open_low else '['}{low:g}, {high:g}]"
 
 
-def _coarsest(grid: Grid, levels: int) -> Grid:
-    for _ in range(levels - 1):
-        grid = grid.downsample(2)
-    return grid
 
 
 def _big_enough(fine: Grid, coarse: Grid) -> bool:

@@ -44,6 +44,10 @@ class StageConfig:
     # another try (XCoReg._choose)
     tries: int = 1
     spread_warning: float = 5.0
+    # at most this many voxels in a step's coordinate sample (None: sample_rate alone): a
+    # linear stage has at most 12 parameters, and on a 3D volume a 10 % sample is hundreds of
+    # thousands of voxels per step that cost time but add no accuracy (bench/bench_openms.py)
+    max_sample: int | None = None
 
     def __post_init__(self):
         if self.name not in STAGES:
@@ -52,6 +56,8 @@ class StageConfig:
             raise ValueError(f"stage '{self.name}': iterations, levels and tries must be >= 1")
         if self.lr <= 0 or self.ffd_spacing <= 0:
             raise ValueError(f"stage '{self.name}': lr and ffd_spacing must be positive")
+        if self.max_sample is not None and self.max_sample < 1:
+            raise ValueError(f"stage '{self.name}': max_sample must be >= 1 or None")
         if not 0 < self.lr_final <= 1:
             raise ValueError(
                 f"stage '{self.name}': lr_final must be in (0, 1], got {self.lr_final}"

@@ -42,30 +42,44 @@ class _OverlapLost(RuntimeError):
 
 VALID = 0.999  # a warped validity mask above this means "inside the image's field of view"
 # EM of the Gamma initialisation and of the stage checks runs on at most this many overlap
-# voxels (a fixed subsample); the dense Gamma is then one E-step (Eq. 20) on the whole overlap
+# voxels (a fixed subsample)
 EM_POINTS = 8192
+# The stage checks and overlap references look at every voxel of a grid up to this size and at
+# a fixed random subset of this many voxels of a larger one (a 3D volume)
+ASSESS_POINTS = 65536
+# voxels per pass of the full-resolution update at the end (bounds its memory)
+CHUNK = 2**17
 
 
 @dataclass
 class CommonSpace:
-    """Common-space parameters alpha = (Gamma, pi) on one grid (Sec. 3.2.1)."""
+    """Common-space parameters alpha = (Gamma, pi) (Sec. 3.2.1).
 
-    grid: Grid
-    log_gamma: torch.Tensor  # (M, K)
+    Gamma at a voxel follows from its warped intensities, the appearance model f (Eq. 12) and
+    pi (Eq. 20), so the engine carries ``(log f, log pi)`` and takes Gamma only on the points
+    it needs (:meth:`log_gamma_at`): Algorithm 1 needs it on the coordinate sample only. The
+    result also holds Gamma on its grid (``log_gamma``).
+    """
+
+    log_f: torch.Tensor  # (N, L, K)
     log_pi: torch.Tensor  # (K,)
+    grid: Grid | None = None
+    log_gamma: torch.Tensor | None = None  # (M, K) on grid
+
+    @property
+    def bins(self) -> int:
+        return self.log_f.shape[-2]
 
     @property
     def gamma(self) -> torch.Tensor:
         return self.log_gamma.exp()
 
-    def resampled(self, grid: Grid) -> CommonSpace:
-        """Gamma interpolated linearly onto another grid (next resolution level)."""
-        k = self.log_gamma.shape[-1]
-        gamma = self.gamma.T.reshape(1, k, *self.grid.shape)
-        points = grid.points(device=gamma.device).unsqueeze(0)
-        new = sample(gamma, self.grid.world_to_normalized(points)).reshape(k, -1).T
-        new = new / new.sum(-1, keepdim=True).clamp_min(XF.EPS)
-        return CommonSpace(grid, torch.log(new.clamp_min(XF.EPS)), self.log_pi)
+    def log_gamma_at(self, values: torch.Tensor, bins: int) -> torch.Tensor:
+        """log Gamma (Eq. 20) at warped intensities ``(N, m)`` in the bin units of ``bins``
+        levels (a stage with other bins than the model's: mapped linearly onto its levels)."""
+        if bins != self.bins:
+            values = 1 + (values - 1) * ((self.bins - 3) / (bins - 3))
+        return XF.posterior(values, self.log_f, self.log_pi)[0]
 
 
 @dataclass
@@ -92,7 +106,7 @@ class CoRegResult:
     @property
     def posterior(self) -> torch.Tensor:
         """Gamma as ``(K, *grid.shape)``."""
-        k = self.common.log_gamma.shape[-1]
+        k = self.common.log_pi.numel()
         return self.common.gamma.T.reshape(k, *self.common.grid.shape)
 
 
@@ -151,6 +165,8 @@ class XCoReg:
         device = torch.device(cfg.device)
         self._roi_source = (None if roi is None else roi.to(device).float(), grid)
         self._roi_cache: dict = {}  # the roi on each level's lattice
+        self._assess_cache: dict = {}  # the voxels the checks look at, per grid (_assessment)
+        self._sample_cache: dict = {}  # the flat indices of the roi, per grid (_draw)
         torch.manual_seed(cfg.seed)
         # random draws come from a CPU generator and are moved to the device: the same seed
         # gives the same Gamma^[0] and coordinate samples on every device
@@ -160,7 +176,11 @@ class XCoReg:
             valid = valid * ~padding_mask(images)
         images, valid = images.float().to(device), valid.to(device)
         # the intensity range of each image (its histogram bins) from inside the roi only
-        in_roi = valid if roi is None else valid * roi.to(device)
+        ranges = XF.intensity_range(images, valid if roi is None else valid * roi.to(device))
+        # one pyramid of the images and their fields of view for all stages, in bin units per
+        # stage (to_bins is linear; clipped after the smoothing)
+        levels = max(s.levels for s in cfg.stages)
+        raw = image_pyramid(torch.stack([images, valid], 1), grid, levels)
         transform = transform or ComposedTransform(n, grid.ndim)
         transform.to(device)
         start = time.perf_counter()
@@ -178,14 +198,16 @@ class XCoReg:
                     bar.update(stage_cfg.iterations)
                     continue
                 bins = stage_cfg.bins or cfg.bins
-                stacked = torch.stack([XF.normalize_intensities(images, bins, in_roi), valid], 1)
+                pyramid = [(torch.stack([XF.to_bins(x[:, 0], ranges, bins), x[:, 1]], 1), g)
+                           for x, g in raw[levels - stage_cfg.levels:]]
+                stacked = pyramid[-1][0]
                 log_f_gt = self._label_appearance(stacked, labels, bins)
                 if common is None:
                     common, diagnostics["gamma_init"] = self._initial_common(
                         transform, stacked, grid, bins, log_f_gt
                     )
                 report, common, record = self._run_stage(
-                    stage_cfg, transform, stacked, grid, bins, common, log_f_gt, bar
+                    stage_cfg, transform, pyramid, bins, common, log_f_gt, bar
                 )
                 reports.append(report)
                 diagnostics["stages"].append(record)
@@ -247,11 +269,26 @@ class XCoReg:
             self._roi_cache[grid] = inside.reshape(-1) > 0.5
         return self._roi_cache[grid]
 
-    def _region(self, transform, images, grid):
-        """:func:`warp_group` with the overlap region restricted to the region of interest."""
-        normalized, values, overlap = warp_group(transform, images, grid)
+    def _assessment(self, transform, images, grid):
+        """The group ``images`` ``(N, 2, *S)`` warped onto the voxels of ``grid`` that the
+        checks look at: all of them, or :data:`ASSESS_POINTS` fixed random ones of a larger
+        grid. Returns the intensities ``(N, P)``, the overlap region Omega^phi (Eq. 14) among
+        those voxels (within the roi) ``(P,)`` and its fraction of the grid."""
         roi = self._roi_on(grid)
-        return normalized, values, overlap if roi is None else overlap & roi
+        if grid.numel <= ASSESS_POINTS:
+            _, values, overlap = warp_group(transform, images, grid)
+        else:
+            if grid not in self._assess_cache:  # the same voxels for every check on this grid
+                generator = torch.Generator().manual_seed(self.config.seed + 2)
+                drawn = torch.randperm(grid.numel, generator=generator)[:ASSESS_POINTS]
+                self._assess_cache[grid] = drawn.sort().values.to(images.device)
+            index = self._assess_cache[grid]
+            points = grid.world_to_normalized(transform.lattice_at(grid, index))
+            warped = sample(images, points)  # (N, 2, P)
+            values, overlap = warped[:, 0], (warped[:, 1] > VALID).all(0)
+            roi = None if roi is None else roi[index]
+        overlap = overlap if roi is None else overlap & roi
+        return values, overlap, overlap.float().mean().item()
 
     def _label_appearance(self, stacked, labels, bins):
         """Ground-truth appearance model f_jk of Eq. (48) from each image's own labels."""
@@ -282,25 +319,26 @@ class XCoReg:
         """Gamma^[0] (Eq. 22), then ``em_warmup`` EM steps on the initial alignment; of
         ``inits`` random draws the one with the highest log-likelihood (Eq. 23) is kept."""
         cfg = self.config
-        _, values, overlap = self._region(transform, images, grid)
+        values, overlap, _ = self._assessment(transform, images, grid)
         if not overlap.any():
             raise RegistrationError("the images do not overlap (in the roi) at the start")
         draws = cfg.inits if cfg.em_warmup > 0 and log_f_gt is None else 1
         best, scores = None, []
         for _ in range(draws):
-            common = self._common_space(None, grid, log_f_gt, images.device)
-            fit = self._fit_common(common, values, overlap, bins, log_f_gt, cfg.em_warmup)
+            fit = self._fit_common(None, values, overlap, bins, log_f_gt, cfg.em_warmup)
             scores.append(fit["log_likelihood"])
             if best is None or scores[-1] > max(scores[:-1]):
                 best = fit["common"]
         return best, {"draws": draws, "em_steps": cfg.em_warmup, "log_likelihood": scores}
 
     # ------------------------------------------------------------------ algorithm 1
-    def _run_stage(self, cfg, transform, stacked, grid, bins, common, log_f_gt, bar):
-        """One stage with the overlap guard, the objective check, restarts (one try) or
-        ``cfg.tries`` independent tries of which the medoid is kept (:meth:`_choose`)."""
+    def _run_stage(self, cfg, transform, pyramid, bins, common, log_f_gt, bar):
+        """One stage on its ``pyramid`` (coarsest first) with the overlap guard, the objective
+        check, restarts (one try) or ``cfg.tries`` independent tries of which the medoid is
+        kept (:meth:`_choose`)."""
         top = self.config
         t0 = time.perf_counter()
+        stacked, grid = pyramid[-1]
         n = stacked.shape[0]
         transform.append(self._make_stage(cfg, n, grid).to(stacked.device))
         before = self._assess(transform, stacked, grid, bins, common, log_f_gt)
@@ -318,8 +356,7 @@ class XCoReg:
                     lr,
                     stage,
                     transform,
-                    stacked,
-                    grid,
+                    pyramid,
                     bins,
                     common,
                     log_f_gt,
@@ -399,8 +436,7 @@ class XCoReg:
         lr,
         stage,
         transform,
-        images,
-        grid,
+        pyramid,
         bins,
         common,
         log_f_gt,
@@ -410,9 +446,8 @@ class XCoReg:
     ):
         """Resolution levels (and FFD levels) of one try of a stage; fills ``report``."""
         sublevels = max(cfg.levels, cfg.ffd_levels if cfg.name == "ffd" else 1)
-        pyramid = image_pyramid(images, grid, cfg.levels)
         with torch.no_grad():  # overlap at the stage start, per level (the guard's reference)
-            start = [self._region(transform, x, g)[2].float().mean().item() for x, g in pyramid]
+            start = [self._assessment(transform, x, g)[2] for x, g in pyramid]
         per_level = [
             cfg.iterations // sublevels + (i < cfg.iterations % sublevels) for i in range(sublevels)
         ]
@@ -420,12 +455,17 @@ class XCoReg:
             level_images, level_grid = pyramid[min(sub, cfg.levels - 1)]
             if sub > 0 and isinstance(stage, MultiLevelFFD) and len(stage.levels) < cfg.ffd_levels:
                 stage.add_level()
-            common = self._common_space(common, level_grid, log_f_gt, images.device)
+            if start[min(sub, cfg.levels - 1)] == 0:  # too coarse: the smoothed fields of view
+                bar.update(per_level[sub])  # no longer overlap anywhere
+                report.levels.append({"grid": list(level_grid.shape), "iterations": 0,
+                                      "skipped": "no overlap on this level"})
+                continue
             optimizer = torch.optim.Adam(stage.parameter_groups(lr))
             schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
                 cosine_factor, steps=per_level[sub], final=cfg.lr_final))
             steps, x_value, common = self._optimize(
                 per_level[sub],
+                cfg.max_sample,
                 stage,
                 transform,
                 schedule,
@@ -445,32 +485,29 @@ class XCoReg:
             report.x_metric = x_value
         return common
 
-    def _common_space(self, common, grid, log_f_gt, device):
-        if common is None:
-            k = self._num_classes(log_f_gt)
-            gamma = XF.random_posterior(grid.numel, k, self.generator, device)  # Eq. (22)
-            log_pi = torch.full((k,), -torch.log(torch.tensor(float(k))).item(), device=device)
-            return CommonSpace(grid, torch.log(gamma), log_pi)
-        return common if common.grid == grid else common.resampled(grid)
-
     @torch.no_grad()
-    def _fit_common(
-        self, common, values, overlap, bins, log_f_gt, steps, points=EM_POINTS, dense=None
-    ):
-        """``steps`` EM steps (Eqs. 12, 20, 14) from ``common`` on a fixed subsample of the
-        ``overlap`` region (at most ``points`` voxels, ``None``: all), then Gamma on the whole
-        of it, or of ``dense`` if given (``common``'s elsewhere).
+    def _fit_common(self, common, values, overlap, bins, log_f_gt, steps, points=EM_POINTS):
+        """``steps`` EM steps (Eqs. 12, 20, 14) from ``common`` (``None``: from a random
+        Gamma^[0], Eq. 22) on a fixed subsample of the ``overlap`` region of the warped
+        ``values`` ``(N, P)`` (at most ``points`` voxels, ``None``: all).
 
-        Returns ``{"common", "x"}`` (X of Eq. 8 on the subsample), ``"log_likelihood"`` (Eq. 23
-        per voxel) and ``"overlap"`` (voxels). The subsample is drawn from a generator of its
-        own, so that X before and after a stage is measured on the same voxels.
+        Returns ``{"common"}`` (the fitted f and pi), ``"x"`` (X of Eq. 8 on the subsample) and
+        its terms ``"x_images"``, and ``"log_likelihood"`` (Eq. 23 per voxel). The subsample is
+        drawn from a generator of its own, so that X before and after a stage is measured on
+        the same voxels.
         """
         idx = overlap.nonzero().squeeze(1)
         if points is not None and idx.numel() > points:
             generator = torch.Generator().manual_seed(self.config.seed + 1)
             idx = idx[torch.randperm(idx.numel(), generator=generator)[:points].to(idx.device)]
         sub = values[:, idx]
-        log_gamma, log_pi, log_f, loglik = common.log_gamma[idx], common.log_pi, log_f_gt, None
+        k = self._num_classes(log_f_gt)
+        if common is None:
+            log_pi = torch.full((k,), -math.log(k), device=values.device)
+            log_gamma = torch.log(XF.random_posterior(idx.numel(), k, self.generator, sub.device))
+        else:
+            log_pi, log_gamma = common.log_pi, common.log_gamma_at(sub, bins)
+        log_f, loglik = log_f_gt, None
         for _ in range(max(1, steps)):
             if log_f_gt is None:
                 log_f = XF.appearance_model(sub, log_gamma.exp(), bins)
@@ -478,30 +515,30 @@ class XCoReg:
             log_pi = torch.log(XF.proportions(log_gamma.exp()).clamp_min(XF.EPS))
             loglik = log_evidence.mean().item()
         terms = XF.x_metric(sub, log_gamma.exp(), bins, reduction="none")  # I(U_j; Z) per image
-        where = overlap if dense is None else dense
         return {
-            "common": dense_posterior(common, values, where, log_f, log_pi),
+            "common": CommonSpace(log_f, log_pi),
             "x": terms.sum().item(),
             "x_images": terms.tolist(),
             "log_likelihood": loglik,
-            "overlap": int(overlap.sum()),
         }
 
     @torch.no_grad()
     def _assess(self, transform, images, grid, bins, common, log_f_gt):
         """X (Eq. 8) at full resolution after ``em_warmup`` EM steps from ``common``
-        (:meth:`_fit_common`), and the overlap size (voxels)."""
-        common = self._common_space(common, grid, log_f_gt, images.device)
-        _, values, overlap = self._region(transform, images, grid)
+        (:meth:`_fit_common`) on the voxels of :meth:`_assessment`, and the overlap size
+        (voxels; estimated from those on a large grid)."""
+        values, overlap, fraction = self._assessment(transform, images, grid)
         if not overlap.any():
             n = images.shape[0]
             return {"x": float("-inf"), "x_images": [float("-inf")] * n, "overlap": 0,
                     "common": common}
-        return self._fit_common(common, values, overlap, bins, log_f_gt, self.config.em_warmup)
+        fit = self._fit_common(common, values, overlap, bins, log_f_gt, self.config.em_warmup)
+        return fit | {"overlap": round(fraction * grid.numel)}
 
     def _optimize(
         self,
         iterations,
+        max_sample,
         stage,
         transform,
         schedule,
@@ -520,21 +557,25 @@ class XCoReg:
         f and pi (Eq. 20), so the E-step needs no dense Gamma: each step draws Omega_S from the
         lattice, warps the images only there, takes Gamma^[t] there from the previous step's
         (f, pi) (from ``common`` at the first step), steps on -X + lambda R with it (Eqs. 15-17)
-        and fits (f, pi) on it for the next step (Eqs. 12, 14).
-        The dense Gamma is computed once, at the end of the level (for the next level, the
-        checks and the output). The overlap guard uses the sampled fraction of the overlap.
+        and fits (f, pi) on it for the next step (Eqs. 12, 14); autograd runs over the sample
+        only. The overlap guard uses the sampled fraction of the overlap. A sample of more
+        than ``max_sample`` voxels (``None``: no bound) is replaced by ``max_sample`` voxels
+        drawn uniformly (with replacement).
         """
         cfg = self.config
         optimizer = schedule.optimizer  # Adam, its step decayed by cosine_factor
         losses: list[float] = []
         x_value = float("nan")
         intensities = images[:, :1]
-        log_f, log_pi = log_f_gt, common.log_pi
         roi = self._roi_on(grid)
         region = grid.numel if roi is None else int(roi.sum())
         rate = min(1.0, max(cfg.sample_rate, cfg.min_sample / region))
+        bounded = max_sample is not None and rate * region > max_sample
         for step in range(1, iterations + 1):
-            drawn = coordinate_sample(roi, rate, self.generator, grid.numel, images.device)
+            if bounded:
+                drawn = self._draw(roi, grid, max_sample, images.device)
+            else:
+                drawn = coordinate_sample(roi, rate, self.generator, grid.numel, images.device)
             normalized = grid.world_to_normalized(transform.lattice_at(grid, drawn))  # (N, m, d)
             with torch.no_grad():
                 warped_all = sample(images, normalized.detach())  # (N, 2, m)
@@ -553,11 +594,7 @@ class XCoReg:
                 raise RegistrationError("the images no longer overlap; lower the step size (--lr)")
             values = warped_all[:, 0, keep]
             with torch.no_grad():  # E-step (Eq. 20) with the previous step's f and pi
-                if log_f is None:  # first step: Gamma^[0] of the level
-                    log_gamma = common.log_gamma[drawn[keep]]
-                else:
-                    log_gamma, _ = XF.posterior(values, log_f, log_pi)
-                gamma = log_gamma.exp()
+                gamma = common.log_gamma_at(values, bins).exp()
                 log_pi = torch.log(XF.proportions(gamma).clamp_min(XF.EPS))  # Eq. (14)
             warped = sample(intensities, normalized[:, keep])[:, 0]  # (N, m) with gradient
             # one Parzen histogram serves X (Eqs. 17, 21) and, detached, the next step's
@@ -565,8 +602,8 @@ class XCoReg:
             counts = XF.joint_histogram(warped, gamma, bins, normalize=False)
             pmf = counts / counts.sum((-2, -1), keepdim=True).clamp_min(XF.EPS)
             x = XF.mutual_information(pmf).sum()
-            if log_f_gt is None:
-                log_f = XF.log_pmf(counts.detach())
+            log_f = XF.log_pmf(counts.detach()) if log_f_gt is None else log_f_gt
+            common = CommonSpace(log_f, log_pi)
             loss = -x + cfg.bending_weight * stage.regularization()  # Eq. (15)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -585,18 +622,20 @@ class XCoReg:
                 bar.update(iterations - step)
                 iterations = step
                 break
-        return iterations, x_value, self._dense_common(
-            common, transform, images, grid, log_f, log_pi
-        )
+        return iterations, x_value, common
 
-    @torch.no_grad()
-    def _dense_common(self, common, transform, images, grid, log_f, log_pi) -> CommonSpace:
-        """Gamma on the whole overlap from the appearance model ``log_f`` and ``log_pi``
-        (Eq. 20); ``common``'s Gamma elsewhere."""
-        if log_f is None:
-            return common
-        _, values, overlap = warp_group(transform, images, grid)
-        return dense_posterior(common, values, overlap, log_f, log_pi)
+    def _draw(self, roi, grid, size, device):
+        """``size`` voxels drawn uniformly with replacement from the roi (the lattice)."""
+        if roi is None:
+            region = None
+        else:
+            if grid not in self._sample_cache:
+                self._sample_cache[grid] = roi.nonzero().squeeze(1)
+            region = self._sample_cache[grid]
+        count = grid.numel if region is None else region.numel()
+        u = XF.seeded_draw(torch.rand, (size,), self.generator, device)
+        index = (u * count).long().clamp_max(count - 1).sort().values  # sorted: memory locality
+        return index if region is None else region[index]
 
     def _converged(self, losses):
         p = self.config.patience
@@ -608,13 +647,29 @@ class XCoReg:
 
     @torch.no_grad()
     def _final_state(self, transform, images, grid, bins, common, log_f_gt):
-        """One last common-space update at full resolution; X on all overlapping voxels."""
-        common = common if common.grid == grid else common.resampled(grid)
-        _, values, overlap = warp_group(transform, images, grid)
-        roi = self._roi_on(grid)
-        region = overlap if roi is None else overlap & roi
-        fit = self._fit_common(common, values, region, bins, log_f_gt, 1, None, overlap)
-        return fit["x"], fit["log_likelihood"] * fit["overlap"], fit["common"]
+        """One last common-space update at full resolution: an EM step (Eqs. 12, 20, 14) on
+        the voxels of :meth:`_assessment` (every overlap voxel of a grid up to
+        :data:`ASSESS_POINTS`), X (Eq. 8) and the log-likelihood (Eq. 23, summed over the
+        overlap) there, then Gamma on the whole grid (:meth:`_dense_gamma`)."""
+        values, overlap, fraction = self._assessment(transform, images, grid)
+        fit = self._fit_common(common, values, overlap, bins, log_f_gt, 1, points=None)
+        final = fit["common"]
+        final.grid, final.log_gamma = grid, self._dense_gamma(final, transform, images, grid)
+        return fit["x"], fit["log_likelihood"] * fraction * grid.numel, final
+
+    def _dense_gamma(self, common, transform, images, grid) -> torch.Tensor:
+        """log Gamma ``(M, K)`` on every voxel of ``grid`` (Eq. 20), in passes of
+        :data:`CHUNK` voxels; where not every image covers a voxel, from the images that do
+        (pi alone where none does)."""
+        out = images.new_empty(grid.numel, common.log_pi.numel())
+        for start in range(0, grid.numel, CHUNK):
+            index = torch.arange(start, min(start + CHUNK, grid.numel), device=images.device)
+            warped = sample(images, grid.world_to_normalized(transform.lattice_at(grid, index)))
+            covered = (warped[:, 1] > VALID).unsqueeze(-1)  # (N, m, 1)
+            terms = XF.log_appearance(warped[:, 0], common.log_f) * covered
+            joint = terms.sum(0) + common.log_pi
+            out[index] = joint - joint.logsumexp(-1, keepdim=True)
+        return out
 
 
 @contextlib.contextmanager
@@ -642,15 +697,6 @@ def deterministic_kernels(enabled: bool = True):
             yield
     finally:
         torch.use_deterministic_algorithms(mode, warn_only=warn_only)
-
-
-@torch.no_grad()
-def dense_posterior(common: CommonSpace, values, where, log_f, log_pi) -> CommonSpace:
-    """Gamma (Eq. 20) of warped ``values`` ``(N, M)`` from ``log_f`` and ``log_pi`` where
-    ``where`` ``(M,)`` holds, ``common``'s Gamma elsewhere."""
-    log_gamma, _ = XF.posterior(values, log_f, log_pi)
-    log_gamma = torch.where(where.unsqueeze(-1), log_gamma, common.log_gamma)
-    return CommonSpace(common.grid, log_gamma, log_pi)
 
 
 def skipped_ffd(linear: dict) -> dict:

@@ -141,6 +141,9 @@ def resample_to_grid(
     if tuple(image.shape[image.ndim - d :]) != grid.shape:
         raise ValueError(f"resample_to_grid: image shape {tuple(image.shape)} vs grid {grid.shape}")
     integer = not (image.is_floating_point() or image.is_complex())
+    if grid.same_geometry(target, tol=1e-6):  # already there: every voxel centre coincides
+        out = image.to(torch.int64 if integer and mode == "nearest" else torch.float32, copy=True)
+        return out, torch.ones(target.shape, device=image.device)
     dtype = torch.float64 if integer or image.dtype == torch.float64 else torch.float32
     lead = image.shape[: image.ndim - d]
     source = image.reshape(1, -1, *grid.shape).to(dtype)

@@ -5,9 +5,9 @@ Layout (every image on the ``common`` grid, geometry kept in the NIfTI headers):
 
     warped/<name>.nii.gz                  U_j o phi_j: the original image j sampled at phi_j(x)
     labels/<name>.nii.gz                  its label map, warped (nearest), when labels are given
-    transforms/<name>_displacement.nii.gz phi_j(x) - x in mm, (x, y[, z]) vectors in ITK's LPS
-                                          frame: ITK's displacement-field convention, mapping a
-                                          common-space point to image j
+    transforms/<name>_displacement.nii.gz phi_j(x) - x in mm, (x, y[, z]) float32 vectors in
+                                          ITK's LPS frame: ITK's displacement-field convention,
+                                          mapping a common-space point to image j
     transforms/<name>.tfm                 the linear part of phi_j (ITK affine), if there is one
     posterior.nii.gz                      the common-space posterior, K components per voxel
     segmentation.nii.gz                   its argmax (uint8)
@@ -115,7 +115,7 @@ def write_group(
             write_image(folder / "labels" / f"{name}.nii.gz", lab.to(torch.int32), common)
     base = common.points(dtype=points.dtype)
     for j, name in enumerate(names):
-        field = (points[j] - base).double()
+        field = (points[j] - base).float()  # float32 as ITK writes fields; read as float64
         path = folder / "transforms" / f"{name}_displacement.nii.gz"
         write_image(path, field, common, is_vector=True)
         if linear is not None:

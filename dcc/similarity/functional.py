@@ -52,11 +52,19 @@ def normalize_intensities(
     The range is given by robust ``percentiles`` of the voxels in ``mask`` (all voxels if
     ``None``); values outside it are clipped.
     """
-    if bins < 4:
-        raise ValueError(f"normalize_intensities: need at least 4 bins, got {bins}")
+    return to_bins(images, intensity_range(images, mask, percentiles), bins)
+
+
+def intensity_range(
+    images: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    percentiles: tuple[float, float] = (0.5, 99.5),
+) -> torch.Tensor:
+    """``(N, 2)``: the robust ``percentiles`` of each image ``(N, *shape)`` over the voxels in
+    ``mask`` (all if ``None``), or its min and max where they coincide."""
     flat = images.reshape(images.shape[0], -1).float()
     valid = None if mask is None else mask.reshape(images.shape[0], -1) > 0.5
-    out = torch.empty_like(flat)
+    out = []
     for j in range(flat.shape[0]):
         vals = flat[j] if valid is None else flat[j][valid[j]]
         if vals.numel() == 0:
@@ -64,6 +72,18 @@ def normalize_intensities(
         lo, hi = _quantiles(vals[:: max(1, vals.numel() // 1_000_000)], percentiles).tolist()
         if hi - lo <= 0:
             lo, hi = vals.min().item(), vals.max().item()
+        out.append((lo, hi))
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def to_bins(images: torch.Tensor, ranges: torch.Tensor, bins: int) -> torch.Tensor:
+    """Each image ``(N, *shape)`` mapped linearly from its range ``ranges[j] = (lo, hi)``
+    (:func:`intensity_range`) to bin units ``[1, bins - 2]``, clipped."""
+    if bins < 4:
+        raise ValueError(f"normalize_intensities: need at least 4 bins, got {bins}")
+    flat = images.reshape(images.shape[0], -1).float()
+    out = torch.empty_like(flat)
+    for j, (lo, hi) in enumerate(ranges.tolist()):
         scale = (bins - 3) / max(hi - lo, EPS)
         out[j] = ((flat[j] - lo) * scale).clamp(0, bins - 3) + 1
     return out.reshape(images.shape)

@@ -180,12 +180,16 @@ class Grid:
         return apply_matrix(_normalizing_matrix(self, points.device, points.dtype), points)
 
     # ------------------------------------------------------------------ derived grids
-    def downsample(self, factor: int = 2) -> Grid:
-        """Coarser grid covering the same physical extent (voxel centres at the corners kept)."""
-        size = [max(1, (n - 1) // factor + 1) for n in self.size]
+    def downsample(self, factor: int | Sequence[int] = 2) -> Grid:
+        """Coarser grid covering the same physical extent (voxel centres at the corners kept);
+        ``factor`` for every axis or per axis (x, y[, z] order, as ``size``)."""
+        factors = [factor] * self.ndim if isinstance(factor, int) else list(factor)
+        if len(factors) != self.ndim or min(factors) < 1:
+            raise ValueError(f"Grid.downsample: expected {self.ndim} factors >= 1, got {factor}")
+        size = [max(1, (n - 1) // f + 1) for n, f in zip(self.size, factors, strict=True)]
         spacing = [
-            e / (m - 1) if m > 1 else s * factor
-            for e, m, s in zip(self.extent, size, self.spacing, strict=True)
+            e / (m - 1) if m > 1 else s * f
+            for e, m, s, f in zip(self.extent, size, self.spacing, factors, strict=True)
         ]
         return Grid(tuple(reversed(size)), tuple(spacing), self.origin, self.direction)
 
