@@ -788,3 +788,17 @@ def test_random_posterior_same_draw_whatever_the_device():
     assert torch.allclose(draw.sum(-1), torch.ones(50))
     other = XF.random_posterior(50, 4, torch.Generator().manual_seed(4))
     assert not torch.allclose(draw, other)
+
+
+def test_intensity_bins_are_linear_in_the_number_of_levels():
+    """normalize_intensities = to_bins(intensity_range); the map from L to L' levels is the
+    linear one CommonSpace.log_gamma_at relies on."""
+    torch.manual_seed(0)
+    images = torch.randn(2, 40, 30) * 50 + 100
+    mask = torch.rand(2, 40, 30) > 0.3
+    ranges = XF.intensity_range(images, mask)
+    torch.testing.assert_close(XF.to_bins(images, ranges, 64),
+                               XF.normalize_intensities(images, 64, mask))
+    u32, u64 = XF.to_bins(images, ranges, 32), XF.to_bins(images, ranges, 64)
+    torch.testing.assert_close(1 + (u64 - 1) * (29 / 61), u32, atol=1e-5, rtol=0)
+    assert float(u64.min()) == 1.0 and float(u64.max()) == 62.0  # clipped to [1, L - 2]

@@ -19,7 +19,7 @@ import torch
 from dcc.data.misalignment import warp_images
 from dcc.spatial import functional as SF
 from dcc.spatial.grid import Grid
-from dcc.spatial.pyramid import image_pyramid
+from dcc.spatial.pyramid import gaussian_blur, image_pyramid, pyramid_grids, shrink_factors
 from dcc.spatial.transforms import (
     Affine,
     BSplineFFD,
@@ -881,3 +881,25 @@ def test_lattice_at_equals_the_lattice_at_those_voxels(ndim):
     for transform in transforms:
         dense = transform.lattice(grid).reshape(n, -1, ndim)[:, index]
         torch.testing.assert_close(transform.lattice_at(grid, index), dense, atol=1e-4, rtol=0)
+
+
+def test_pyramid_keeps_thick_slices_until_the_plane_catches_up():
+    grid = Grid.from_shape((36, 64, 64), (0.7, 0.7, 4.0))  # (x, y, z) spacing: thick slices
+    shapes = [g.shape for g in pyramid_grids(grid, 4)][::-1]  # finest first
+    assert shapes == [(36, 64, 64), (36, 32, 32), (36, 16, 16), (18, 8, 8)]
+    iso = GRIDS["3d"]
+    assert pyramid_grids(iso, 2)[0] == iso.downsample(2)  # isotropic: every axis halved
+    assert shrink_factors(grid) == [2, 2, 1]
+
+
+@pytest.mark.parametrize("shape", [(20, 22), (9, 20, 22)])
+def test_gaussian_blur_scipy_path_matches_the_convolution(shape):
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, *shape)
+    sigmas = [0.7, 1.0] if len(shape) == 2 else [0.0, 1.0, 0.7]
+    fast = gaussian_blur(x, sigmas)  # SciPy (CPU, no autograd)
+    conv = gaussian_blur(x.clone().requires_grad_(True), sigmas)  # convolutions
+    torch.testing.assert_close(fast, conv.detach(), atol=1e-6, rtol=0)
+    if len(shape) == 3:  # sigma 0 leaves that axis alone: a profile along z survives
+        profile = torch.linspace(0, 1, shape[0]).view(1, 1, -1, 1, 1).expand(1, 1, *shape)
+        torch.testing.assert_close(gaussian_blur(profile, sigmas), profile)
