@@ -85,11 +85,7 @@ def test_linear_stages_round_trip(tmp_path, group_files, capsys):
         affine = sitk.ReadTransform(str(out / "transforms" / f"{name}.tfm"))
         expected, warped = resample_with(affine, path, warped_path)
         np.testing.assert_allclose(expected[2:-2, 2:-2], warped[2:-2, 2:-2], atol=1e-3)
-        field = sitk.ReadImage(
-            str(out / "transforms" / f"{name}_displacement.nii.gz"), sitk.sitkVectorFloat64
-        )
-        expected, _ = resample_with(sitk.DisplacementFieldTransform(field), path, warped_path)
-        np.testing.assert_allclose(expected[2:-2, 2:-2], warped[2:-2, 2:-2], atol=1e-3)
+        assert not (out / "transforms" / f"{name}_displacement.nii.gz").exists()  # linear
         seg = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "labels" / f"{name}.nii.gz")))
         assert np.issubdtype(seg.dtype, np.integer) and set(np.unique(seg)) <= {0, 1, 2, 3}
     posterior = sitk.ReadImage(str(out / "posterior.nii.gz"))

@@ -5,10 +5,11 @@ Layout (every image on the ``common`` grid, geometry kept in the NIfTI headers):
 
     warped/<name>.nii.gz                  U_j o phi_j: the original image j sampled at phi_j(x)
     labels/<name>.nii.gz                  its label map, warped (nearest), when labels are given
-    transforms/<name>_displacement.nii.gz phi_j(x) - x in mm, (x, y[, z]) float32 vectors in
-                                          ITK's LPS frame: ITK's displacement-field convention,
-                                          mapping a common-space point to image j
-    transforms/<name>.tfm                 the linear part of phi_j (ITK affine), if there is one
+    transforms/<name>.tfm                 phi_j of a linear result (ITK affine)
+    transforms/<name>_displacement.nii.gz phi_j(x) - x in mm of a non-linear result, (x, y[, z])
+                                          float32 vectors in ITK's LPS frame: ITK's
+                                          displacement-field convention; both map a
+                                          common-space point to image j
     posterior.nii.gz                      the common-space posterior, K components per voxel
     segmentation.nii.gz                   its argmax (uint8)
     montage.png                           images before/after, posterior, label contours
@@ -115,14 +116,15 @@ def write_group(
             write_image(folder / "labels" / f"{name}.nii.gz", lab.to(torch.int32), common)
     base = common.points(dtype=points.dtype)
     for j, name in enumerate(names):
-        field = (points[j] - base).float()  # float32 as ITK writes fields; read as float64
-        path = folder / "transforms" / f"{name}_displacement.nii.gz"
-        write_image(path, field, common, is_vector=True)
-        if linear is not None:
+        if linear is not None:  # the map itself, as ANTs and elastix write a linear result
             affine = sitk.AffineTransform(common.ndim)
             affine.SetMatrix(linear[0][j].double().flatten().tolist())
             affine.SetTranslation(linear[1][j].double().tolist())
             sitk.WriteTransform(affine, str(folder / "transforms" / f"{name}.tfm"))
+        else:
+            field = (points[j] - base).float()  # float32 as ITK writes fields
+            path = folder / "transforms" / f"{name}_displacement.nii.gz"
+            write_image(path, field, common, is_vector=True)
     posterior = posterior.detach().float().cpu()
     write_image(folder / "posterior.nii.gz", posterior.movedim(0, -1), common, is_vector=True)
     write_image(folder / "segmentation.nii.gz", posterior.argmax(0).to(torch.uint8), common)
