@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from dcc.coreg import XCoReg, load_preset  # noqa: E402
-from dcc.data.misalignment import MisalignedGroup, random_ffd, warp_images  # noqa: E402
+from dcc.data.misalignment import phantom_group, warp_images  # noqa: E402
 from dcc.data.phantom import brain_phantom  # noqa: E402
 from dcc.evaluation.figures import save_montage  # noqa: E402
 from dcc.metrics import (  # noqa: E402
@@ -99,11 +99,9 @@ def make_config(args, method):
 
 
 def run_case(args, phantom, n, case, method):
-    grid = phantom.grid
-    truth = random_ffd(n, grid, args.spacing, args.std, seed=args.seed * 100_003 + n * 1_009 + case)
-    images = warp_images(phantom.images[:n], grid, truth)
-    labels = warp_images(phantom.labels.expand(n, *grid.shape), grid, truth, mode="nearest")
-    group = MisalignedGroup(images, labels, grid, phantom.names[:n], truth, phantom.labels)
+    seed = args.seed * 100_003 + n * 1_009 + case
+    group = phantom_group(n, phantom, args.spacing, args.std, seed=seed)
+    images, labels, grid = group.images, group.labels, group.grid
     cfg = make_config(args, method)
     result = XCoReg(cfg).register(images, grid, labels=labels)
     iterations = sum(s.iterations for s in result.stages)

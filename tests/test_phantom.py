@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from dcc.data import phantom as ph
+from dcc.data.misalignment import phantom_group
 from dcc.data.phantom import CONTRASTS, TISSUES, brain_phantom
 
 
@@ -100,6 +101,29 @@ def test_bias_field():
     assert not torch.allclose(ratio[0], ratio[1])  # independent fields per image
     field = ph._smooth_field((20, 30), np.random.default_rng(0))
     assert field.min() == pytest.approx(-0.5) and field.max() == pytest.approx(0.5)
+
+
+def test_phantom_group_of_any_size(p2d):
+    """N images for any N: T1/T2/PD of ceil(N / 3) noisy realisations, each under its own FFD."""
+    group = phantom_group(5, seed=3)
+    assert group.images.shape == group.labels.shape == (5, 233, 197)
+    assert group.names == ["T1_0", "T2_0", "PD_0", "T1_1", "T2_1"]
+    assert group.grid == p2d.grid and torch.equal(group.foreground, p2d.labels)
+    assert 2.0 < group.warping_index() < 4.5  # 40 mm FFDs of 5.4 mm std: gWI about 3 mm
+    # no displacement: the phantom's first N images and labels themselves
+    still = phantom_group(5, std=0.0)
+    plain = brain_phantom(realisations=2)
+    torch.testing.assert_close(still.images, plain.images[:5], atol=1e-4, rtol=0)
+    assert torch.equal(still.labels, plain.labels.expand(5, -1, -1))
+    assert not torch.equal(still.images[0], still.images[3])  # T1 of two noise realisations
+    # seeded; an already built phantom gives the same group; each image moves on its own
+    same = phantom_group(5, phantom=plain, seed=3)
+    assert torch.equal(same.images, group.images) and torch.equal(same.labels, group.labels)
+    assert not torch.equal(phantom_group(5, phantom=plain, seed=4).images, group.images)
+    ffd = group.truth.coefficients
+    assert not torch.equal(ffd[0], ffd[1]) and ffd.std().item() == pytest.approx(5.4, rel=0.2)
+    with pytest.raises(ValueError, match="3 images, 4 asked for"):
+        phantom_group(4, phantom=p2d)
 
 
 def test_bad_arguments():

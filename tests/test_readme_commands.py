@@ -105,6 +105,11 @@ PLANS: dict[str, object] = {
     "python bench/bench_openms.py --out results/openms_bench":  # one study at ~6 mm, 2 steps
         {"add": ["--studies", "patient12_study1", "--shrink", "8", "--threads", "1",
                  "--sitk-iterations", "3", "--", "--iterations", "2"]},
+    # N = 3 and 4, two steps of each stage, no targets; this tree only (no git worktree)
+    "python bench/bench_scaling.py --revision 26c714b --out results/scaling":
+        {"replace": [("--revision 26c714b ", "")],
+         "add": ["--sizes", "3", "4", "--iterations", "2", "--repeats", "1", "--warmup", "1",
+                 "--target-sizes"]},
 }
 
 

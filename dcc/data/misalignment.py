@@ -5,6 +5,8 @@ misalignment".
   FFDs per sequence and mesh spacing (Sec. 4.4.1), used by the DCC data sets (phantom, MyoPS);
 * :func:`random_ffd`, :func:`random_rigid`, :func:`misaligned_phantom` (:class:`MisalignedGroup`):
   the brain phantom's misalignments for the X-CoReg benches (gWI / gRE against the truth);
+  :func:`phantom_group`: a group of any size N of the phantom's noisy T1/T2/PD images under
+  random FFDs (``bench/bench_phantom.py``, ``bench/bench_scaling.py``);
 * :func:`random_dense_warp` / :func:`warp_dense`: the dense misalignment model of the MyoPS
   X-CoReg bench (a rigid motion plus a smooth dense deformation per image).
 
@@ -56,7 +58,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from dcc.data.phantom import brain_phantom
+from dcc.data.phantom import Phantom, brain_phantom
 from dcc.metrics import registration_error, warping_index
 from dcc.spatial.functional import sample
 from dcc.spatial.grid import Grid
@@ -328,12 +330,45 @@ def misaligned_phantom(
         truth = random_rigid(n, grid, magnitude, magnitude, seed=seed + 1)
     else:
         raise ValueError(f'misaligned_phantom: kind must be "ffd" or "rigid", got "{kind}"')
+    return _misaligned(phantom, n, truth)
+
+
+def phantom_group(
+    n: int,
+    phantom: Phantom | None = None,
+    spacing: float = 40.0,
+    std: float = 5.4,
+    seed: int = 0,
+    dim: int = 2,
+) -> MisalignedGroup:
+    """A group of ``n`` brain phantom images under random known B-spline misalignments: the
+    first ``n`` of T1/T2/PD x ``ceil(n / 3)`` noisy realisations (``[T1_0, T2_0, PD_0, T1_1,
+    ...]``), image j warped by its own FFD of ``spacing`` mm with control displacements of std
+    ``std`` mm (:func:`random_ffd` from ``seed``; 40 mm and 5.4 mm give a gWI of about 3 mm in
+    2D), the tissue labels alike (nearest neighbour). ``phantom``: one already built with at
+    least ``n`` images (default: ``brain_phantom(dim, realisations=ceil(n / 3))``), so that
+    several groups of one size share its noise. The groups of ``bench/bench_phantom.py``.
+    """
+    if n < 1:
+        raise ValueError(f"phantom_group: n must be >= 1, got {n}")
+    if phantom is None:
+        phantom = brain_phantom(dim=dim, realisations=math.ceil(n / 3))
+    if phantom.images.shape[0] < n:
+        raise ValueError(
+            f"phantom_group: the phantom has {phantom.images.shape[0]} images, {n} asked for"
+        )
+    return _misaligned(phantom, n, random_ffd(n, phantom.grid, spacing, std, seed=seed))
+
+
+def _misaligned(phantom: Phantom, n: int, truth: SpatialTransform) -> MisalignedGroup:
+    """The first ``n`` images of ``phantom`` and its labels moved by ``truth`` (U_j o phi_j)."""
+    grid = phantom.grid
     labels = phantom.labels.expand(n, *phantom.labels.shape)
     return MisalignedGroup(
-        warp_images(phantom.images, grid, truth),
+        warp_images(phantom.images[:n], grid, truth),
         warp_images(labels, grid, truth, mode="nearest"),
         grid,
-        phantom.names,
+        phantom.names[:n],
         truth,
         phantom.labels,
     )

@@ -1,0 +1,499 @@
+"""Cost of X-CoReg against the group size N on the 2D brain phantom (issue #22), one CPU thread.
+
+For every N of ``--sizes`` and every stage of ``--stage``, a fresh process (this script with
+``--child``, ``OMP_NUM_THREADS=1`` and ``torch.set_num_threads(1)``) registers the same phantom
+group: the brain2d preset's settings with a fixed number of ``--iterations`` and the
+convergence test off, either its one 20 mm FFD stage ("ffd") or a rigid stage of the paper's
+defaults in its place ("rigid"). The process first runs one untimed warm-up registration
+(``--warmup`` iterations), then ``--repeats`` timed ones. Reported per (revision, stage, N):
+
+* seconds per iteration, **step**: the median over the timed iterations of the time between
+  two consecutive Adam steps of one optimiser (taken by a global optimiser hook, so the engine
+  is timed as it is; the first ``--skip`` steps of each optimiser are left out);
+* seconds per iteration, **total**: ``result.seconds / iterations`` (set-up, EM warm-up, checks
+  and the final Gamma included), the median over the repeats: the definition of
+  ``bench/bench_phantom.py`` and of the README's "per iteration" figures;
+* peak resident memory of the process (``ru_maxrss`` of ``os.wait4``) and that memory above the
+  process' own after its imports (torch and dcc, before the group is loaded).
+
+Slopes: least squares of log(value) on log(N) (``loglog_slope``). Issue #22's targets are
+measured in the same run on the unchanged brain2d preset (200 steps) at N = 3 and 30
+(``--target-sizes``) with the total definition: at most 0.015 and 0.08 s per iteration.
+
+The groups are ``dcc.data.misalignment.phantom_group`` (the groups of bench_phantom.py, its
+case 0 of each N), built once here and loaded by every process, so the revisions register the
+same tensors with the same settings (the current brain2d preset). ``--revision REV`` also times
+another git revision of the package: a worktree ``/tmp/dcc_rev_<rev>`` (``git worktree add``;
+removed afterwards unless it existed) on the processes' ``PYTHONPATH``; the current tree is
+timed from its own folder the same way, uncommitted changes under dcc/ included (named in the
+results). Results go to ``--out``: ``scaling.json`` (every number, the settings, the hardware,
+the load average and the command), ``scaling.md`` and ``scaling.png``. Not part of the test
+suite. Example::
+
+    python bench/bench_scaling.py --revision 26c714b --out results/scaling
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = (3, 8, 16, 32, 64, 128)
+TARGETS = {3: 0.015, 30: 0.08}  # issue #22: s per iteration, one thread, brain2d preset
+PRESET = "brain2d"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="group sizes N")
+    p.add_argument("--stage", choices=["ffd", "rigid", "both"], default="both")
+    p.add_argument("--iterations", type=int, default=30,
+                   help="timed Adam steps per registration (convergence test off)")
+    p.add_argument("--repeats", type=int, default=3, help="timed registrations per process")
+    p.add_argument("--warmup", type=int, default=3,
+                   help="iterations of the untimed registration before the timed ones")
+    p.add_argument("--skip", type=int, default=2,
+                   help="first steps of each optimiser left out of the step median")
+    p.add_argument("--target-sizes", type=int, nargs="*", default=sorted(TARGETS),
+                   help="N of the issue's targets, on the unchanged preset (none: skip)")
+    p.add_argument("--revision", default=None,
+                   help="also time this git revision (e.g. 26c714b) for a before/after table")
+    p.add_argument("--seed", type=int, default=0, help="misalignment seed (as bench_phantom)")
+    p.add_argument("--out", type=Path, default=Path("results/scaling"))
+    p.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--make-groups", type=Path, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if min(args.sizes + args.target_sizes, default=1) < 1:
+        p.error("group sizes must be >= 1")
+    if args.iterations < 1 or args.repeats < 1 or args.warmup < 1 or args.skip < 0:
+        p.error("--iterations, --repeats and --warmup must be >= 1, --skip >= 0")
+    return args
+
+
+def loglog_slope(x, y) -> tuple[float, float]:
+    """Least-squares fit of ``log y = a log x + b``: ``(a, b)``; NaN for fewer than two points
+    (non-positive values are left out). On exact power-law data ``y = c x^a`` it returns
+    ``(a, log c)``."""
+    pairs = [(math.log(u), math.log(v)) for u, v in zip(x, y, strict=True) if u > 0 and v > 0]
+    if len({u for u, _ in pairs}) < 2:
+        return math.nan, math.nan
+    mx = statistics.fmean(u for u, _ in pairs)
+    my = statistics.fmean(v for _, v in pairs)
+    slope = sum((u - mx) * (v - my) for u, v in pairs) / sum((u - mx) ** 2 for u, _ in pairs)
+    return slope, my - slope * mx
+
+
+# ------------------------------------------------------------------------------ child process
+def _rss_mib() -> float:
+    """Peak resident memory of this process so far, MiB: ``VmHWM`` of ``/proc/self/status``
+    (this program's own since its ``exec``), else ``ru_maxrss`` (which on Linux starts from the
+    parent's resident memory at the fork)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child(spec_path: Path) -> None:
+    """One (revision, stage, N): warm-up, then the timed registrations; JSON to spec["out"]."""
+    spec = json.loads(spec_path.read_text())
+    import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    torch.set_num_threads(1)
+    import dcc
+    from dcc.coreg import StageConfig, XCoReg, XCoRegConfig
+    from dcc.spatial.grid import Grid
+
+    package = Path(dcc.__file__).resolve().parent
+    if package != Path(spec["root"]).resolve() / "dcc":
+        raise SystemExit(f"imported {package}, expected {spec['root']}/dcc (PYTHONPATH?)")
+    rss_imports = _rss_mib()
+    load_start = os.getloadavg()[0]
+    data = torch.load(spec["data"], weights_only=True)
+    images, grid = data["images"], Grid(**{k: tuple(v) for k, v in spec["grid"].items()})
+
+    def config(iterations: int | None):
+        cfg = XCoRegConfig(**json.loads(json.dumps(spec["settings"])))
+        cfg.progress, cfg.tolerance = False, 0.0  # a fixed number of steps
+        if spec["stage"] == "rigid":
+            cfg.stages = [StageConfig.named("rigid")]
+        if iterations is not None:  # "preset": the preset's own
+            for stage in cfg.stages:
+                stage.iterations = iterations
+        return cfg
+
+    stamps: list[tuple[int, float]] = []
+    register_optimizer_step_post_hook(
+        lambda optimizer, args, kwargs: stamps.append((id(optimizer), time.perf_counter()))
+    )
+    iterations = None if spec["stage"] == "preset" else spec["iterations"]
+    XCoReg(config(spec["warmup"])).register(images, grid)  # warm-up, untimed
+    runs, steps = [], []
+    for _ in range(spec["repeats"]):
+        stamps.clear()
+        cfg = config(iterations)
+        start = time.perf_counter()
+        result = XCoReg(cfg).register(images, grid)
+        wall = time.perf_counter() - start
+        done = sum(s.iterations for s in result.stages)
+        intervals: dict[int, list[float]] = {}
+        for (a, ta), (b, tb) in zip(stamps, stamps[1:], strict=False):
+            if a == b:
+                intervals.setdefault(a, []).append(tb - ta)
+        # interval i ends at step i + 2 of its optimiser: leave out the first `skip` steps
+        # (all of a run too short for that keeps its last)
+        timed = [t for ts in intervals.values()
+                 for t in ts[min(max(spec["skip"] - 1, 0), len(ts) - 1):]]
+        steps += timed
+        stages = result.diagnostics.get("stages", [])
+        runs.append({
+            "seconds": result.seconds,
+            "wall_seconds": wall,
+            "iterations": done,
+            "optimizer_steps": len(stamps),
+            "seconds_per_iteration_total": result.seconds / max(done, 1),
+            "step_median": statistics.median(timed) if timed else math.nan,
+            "restarts": sum(s.get("restarts", 0) for s in stages),
+            "accepted": all(s.get("accepted", True) for s in stages),
+        })
+    out = {
+        "N": int(images.shape[0]),
+        "stage": spec["stage"],
+        "package": str(package),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "rss_after_imports_mib": rss_imports,
+        "rss_peak_vmhwm_mib": _rss_mib(),
+        "load_1min": [load_start, os.getloadavg()[0]],
+        "runs": runs,
+        "step_seconds": steps,
+        "seconds_per_iteration_step": statistics.median(steps) if steps else math.nan,
+        "seconds_per_iteration_total": statistics.median(
+            r["seconds_per_iteration_total"] for r in runs
+        ),
+    }
+    Path(spec["out"]).write_text(json.dumps(out))
+
+
+# ----------------------------------------------------------------------------- parent process
+def git(*words: str) -> str:
+    return subprocess.run(["git", "-C", str(ROOT), *words], check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def worktree(revision: str) -> tuple[Path, str, bool]:
+    """``/tmp/dcc_rev_<short>`` at ``revision`` (made with ``git worktree add`` unless there):
+    its folder, the short commit and whether it was made here."""
+    commit = git("rev-parse", "--verify", f"{revision}^{{commit}}")
+    short = git("rev-parse", "--short", commit)
+    path = Path(tempfile.gettempdir()) / f"dcc_rev_{short}"
+    if path.is_dir():
+        head = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True,
+                              text=True).stdout.strip()
+        if head != commit:
+            raise SystemExit(f"{path} exists at {head or 'no commit'}, not {commit}")
+        return path, short, False
+    git("worktree", "add", "--detach", str(path), commit)
+    return path, short, True
+
+
+def spawn(mode: str, spec: dict, root: Path, work: Path, name: str):
+    """This script with ``mode`` (``--child``, ``--make-groups``) on ``spec`` in a fresh process
+    importing dcc from ``root``, one thread; its JSON answer and ``os.wait4``'s resource usage.
+    This process imports neither torch nor dcc before the runs: on Linux a child's ``ru_maxrss``
+    starts from its parent's resident memory at the fork."""
+    spec = {**spec, "root": str(root), "out": str(work / f"{name}.out.json")}
+    path = work / f"{name}.spec.json"
+    path.write_text(json.dumps(spec))
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1",
+           "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    log = work / f"{name}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), mode, str(path)],
+                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=work,
+                                stdin=subprocess.DEVNULL)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"{name}: exit {code}\n{log.read_text()[-3000:]}")
+    return json.loads(Path(spec["out"]).read_text()), usage
+
+
+def run_child(spec: dict, root: Path, work: Path) -> dict:
+    """One (revision, stage, N) in its own process (:func:`child`); its record plus the
+    process' peak resident memory (``ru_maxrss`` of ``os.wait4``)."""
+    start = time.perf_counter()
+    name = f"{spec['revision']}_{spec['stage']}_{spec['N']}"
+    record, usage = spawn("--child", spec, root, work, name)
+    record.update(revision=spec["revision"], process_seconds=time.perf_counter() - start,
+                  peak_rss_mib=usage.ru_maxrss / 1024)
+    record["rss_above_imports_mib"] = record["peak_rss_mib"] - record["rss_after_imports_mib"]
+    return record
+
+
+def make_groups(spec_path: Path) -> None:
+    """bench_phantom's case-0 group of each N of the spec (``phantom_group``), each saved."""
+    spec = json.loads(spec_path.read_text())
+    import torch
+
+    from dcc.data.misalignment import phantom_group
+    from dcc.data.phantom import brain_phantom
+    from dcc.evaluation.runs import hardware
+
+    sizes, seed, work = spec["sizes"], spec["seed"], Path(spec["work"])
+    phantom = brain_phantom(dim=2, realisations=math.ceil(max(sizes) / 3))
+    groups = {}
+    for n in sorted(set(sizes)):
+        group = phantom_group(n, phantom, seed=seed * 100_003 + n * 1_009)
+        path = work / f"group_{n}.pt"
+        torch.save({"images": group.images.contiguous()}, path)
+        g = group.grid
+        groups[n] = {"data": str(path), "gwi_mm": group.warping_index(),
+                     "grid": {"shape": g.shape, "spacing": g.spacing, "origin": g.origin,
+                              "direction": g.direction}}
+    Path(spec["out"]).write_text(json.dumps({"groups": groups, "hardware": hardware()}))
+
+
+def summarise(records: list[dict], revisions: list[str]) -> list[dict]:
+    """Log-log slopes in N per (revision, stage) of the step and total s/it and the memory."""
+    fits = []
+    for revision in revisions:
+        for stage in ("ffd", "rigid"):
+            rows = sorted((r for r in records if r["revision"] == revision
+                           and r["stage"] == stage), key=lambda r: r["N"])
+            if not rows:
+                continue
+            n = [r["N"] for r in rows]
+            fit = {"revision": revision, "stage": stage, "sizes": n}
+            for key in ("seconds_per_iteration_step", "seconds_per_iteration_total",
+                        "peak_rss_mib", "rss_above_imports_mib"):
+                fit[f"slope_{key}"] = loglog_slope(n, [r[key] for r in rows])[0]
+            fits.append(fit)
+    return fits
+
+
+def _f(value: float, digits: int = 4) -> str:
+    return "—" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def markdown(result: dict) -> str:
+    s, revisions = result["settings"], result["revisions"]
+    records, fits = result["scaling"], result["fits"]
+    loads = [v for r in records + result["targets"] for v in r["load_1min"]]
+    lines = [
+        "# X-CoReg cost against the group size N (2D brain phantom, one thread)",
+        "",
+        f"Gathered on {result['hardware']}; one torch thread per process "
+        f"(`OMP_NUM_THREADS=1`); 1-minute load average {min(loads, default=math.nan):.2f}-"
+        f"{max(loads, default=math.nan):.2f} during the runs (2 cores shared with other jobs: "
+        "times are upper bounds). Phantom 233 × 197 at 1 mm, bench_phantom's case-0 group of "
+        f"each N (40 mm FFD misalignments, std 5.4 mm). {s['preset']} preset settings; "
+        f"{s['iterations']} steps per registration (convergence off), {s['repeats']} timed "
+        f"registrations after a {s['warmup']}-step warm-up in a fresh process per (revision, "
+        "stage, N). *step*: median time between two Adam steps (first "
+        f"{s['skip']} of each optimiser left out); *total*: `result.seconds / iterations` "
+        "(bench_phantom.py's and the README's definition, set-up and final Gamma included); "
+        "RSS: peak resident memory of the process, and above its own after the imports.",
+        "",
+        "Revisions: " + "; ".join(f"**{k}** = {v}" for k, v in result["revision_notes"].items()),
+        "",
+    ]
+    for stage in ("ffd", "rigid"):
+        rows = [r for r in records if r["stage"] == stage]
+        if not rows:
+            continue
+        head = ["N"]
+        for rev in revisions:
+            head += [f"{rev} step s/it", f"{rev} total s/it", f"{rev} RSS MiB (above imports)"]
+        if len(revisions) == 2:
+            head.append(f"step {revisions[0]} / {revisions[1]}")
+        lines += [f"## {stage} stage", "", "| " + " | ".join(head) + " |",
+                  "|" + " --- |" * len(head)]
+        for n in sorted({r["N"] for r in rows}):
+            cells, steps = [str(n)], []
+            for rev in revisions:
+                r = next((x for x in rows if x["N"] == n and x["revision"] == rev), None)
+                if r is None:
+                    cells += ["—"] * 3
+                    steps.append(math.nan)
+                    continue
+                steps.append(r["seconds_per_iteration_step"])
+                cells += [_f(r["seconds_per_iteration_step"]),
+                          _f(r["seconds_per_iteration_total"]),
+                          f"{r['peak_rss_mib']:.0f} ({r['rss_above_imports_mib']:.0f})"]
+            if len(revisions) == 2:
+                cells.append(_f(steps[0] / steps[1], 2) if steps[1] else "—")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Log-log slopes in N (least squares)", "",
+              "| revision | stage | N | step s/it | total s/it | peak RSS | RSS above imports |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for f in fits:
+        lines.append(
+            f"| {f['revision']} | {f['stage']} | {min(f['sizes'])}-{max(f['sizes'])} | "
+            f"{_f(f['slope_seconds_per_iteration_step'], 2)} | "
+            f"{_f(f['slope_seconds_per_iteration_total'], 2)} | "
+            f"{_f(f['slope_peak_rss_mib'], 2)} | {_f(f['slope_rss_above_imports_mib'], 2)} |")
+    lines.append("")
+    if result["targets"]:
+        lines += ["## Issue #22 targets (brain2d preset unchanged, 200 steps, one thread)", "",
+                  "| N | revision | total s/it | target | met | step s/it | peak RSS MiB |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in sorted(result["targets"], key=lambda r: (r["N"], revisions.index(r["revision"]))):
+            target = TARGETS.get(r["N"])
+            met = "—" if target is None else (
+                "yes" if r["seconds_per_iteration_total"] <= target else "no")
+            lines.append(
+                f"| {r['N']} | {r['revision']} | {_f(r['seconds_per_iteration_total'])} | "
+                f"{'—' if target is None else f'≤ {target}'} | {met} | "
+                f"{_f(r['seconds_per_iteration_step'])} | {r['peak_rss_mib']:.0f} |")
+        lines.append("")
+    lines += ["Command:", "", "```bash", result["command"], "```", ""]
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.3))
+    for f in result["fits"]:
+        rows = sorted((r for r in result["scaling"] if r["revision"] == f["revision"]
+                       and r["stage"] == f["stage"]), key=lambda r: r["N"])
+        style = {"marker": "o" if f["stage"] == "ffd" else "s",
+                 "linestyle": "-" if f["revision"] == result["revisions"][0] else "--"}
+        name = f"{f['revision']} {f['stage']}"
+        for ax, key in ((left, "seconds_per_iteration_step"), (right, "rss_above_imports_mib")):
+            points = [(r["N"], r[key]) for r in rows if r[key] > 0]  # log axes
+            if points:
+                ax.plot(*zip(*points, strict=True), **style,
+                        label=f"{name}: slope {f['slope_' + key]:.2f}")
+    for ax, label in ((left, "seconds per iteration (step median)"),
+                      (right, "peak RSS above the imports (MiB)")):
+        if ax.lines:
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+        ax.set_xlabel("group size N")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7, title="log-log slope", title_fontsize=7)
+    left.set_title("X-CoReg cost per iteration, one thread", fontsize=9)
+    right.set_title("Peak memory of a fresh process (ru_maxrss) above its imports", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.child is not None:
+        child(args.child)
+        return
+    if args.make_groups is not None:
+        make_groups(args.make_groups)
+        return
+    import yaml  # not torch nor dcc here: see spawn
+
+    command = shlex.join(["python", "bench/bench_scaling.py",
+                          *(sys.argv[1:] if argv is None else argv)])
+    stages = ["ffd", "rigid"] if args.stage == "both" else [args.stage]
+    settings_file = ROOT / "dcc" / "coreg" / "presets" / f"{PRESET}.yaml"
+    preset = yaml.safe_load(settings_file.read_text())
+    dirty = git("status", "--porcelain", "--", "dcc")
+    current = "HEAD" + ("+dirty" if dirty else "")
+    notes = {current: f"this tree at {git('rev-parse', '--short', 'HEAD')}"
+             + (" with uncommitted changes under dcc/" if dirty else "")}
+    trees = [(current, ROOT)]
+    made = None
+    if args.revision:
+        path, short, created = worktree(args.revision)
+        made = path if created else None
+        trees.insert(0, (short, path))
+        notes = {short: f"git worktree {path}", **notes}
+    revisions = [name for name, _ in trees]
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    load_before = os.getloadavg()
+    scaling, targets = [], []
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench_scaling_") as tmp:
+            work = Path(tmp)
+            made_groups, _ = spawn("--make-groups", {
+                "sizes": args.sizes + args.target_sizes, "seed": args.seed, "work": str(work)},
+                ROOT, work, "groups")
+            groups = {int(n): g for n, g in made_groups["groups"].items()}
+            parent_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            base = {"settings": preset, "iterations": args.iterations, "repeats": args.repeats,
+                    "warmup": args.warmup, "skip": args.skip}
+            jobs = [(n, stage, scaling) for n in args.sizes for stage in stages]
+            jobs += [(n, "preset", targets) for n in args.target_sizes]
+            for n, stage, into in jobs:
+                for name, root in trees:  # the revisions in turn for each N: same load
+                    spec = {**base, **groups[n], "N": n, "stage": stage, "revision": name}
+                    record = run_child(spec, root, work)
+                    record["gwi_before_mm"] = groups[n]["gwi_mm"]
+                    into.append(record)
+                    print(f"{name:>10} {stage:>6} N={n:<4} "
+                          f"step {record['seconds_per_iteration_step']:.4f} "
+                          f"total {record['seconds_per_iteration_total']:.4f} s/it  "
+                          f"peak {record['peak_rss_mib']:.0f} MiB  "
+                          f"load {record['load_1min'][0]:.2f}", flush=True)
+    finally:
+        if made is not None:
+            git("worktree", "remove", "--force", str(made))
+    result = {
+        "command": command,
+        "hardware": made_groups["hardware"],
+        "parent_rss_mib": parent_rss,
+        "cpu_count": os.cpu_count(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
+        "wall_seconds": time.time() - started,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "revisions": revisions,
+        "revision_notes": notes,
+        "settings": {**base, "preset": PRESET, "preset_file": str(settings_file),
+                     "sizes": args.sizes, "stages": stages, "target_sizes": args.target_sizes,
+                     "targets_s_per_it": {str(k): v for k, v in TARGETS.items()},
+                     "misalignment": {"ffd_spacing_mm": 40.0, "std_mm": 5.4,
+                                      "seed": "seed * 100003 + N * 1009", "seed_arg": args.seed},
+                     "threads": 1, "env": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}},
+        "fits": summarise(scaling, revisions),
+        "scaling": scaling,
+        "targets": targets,
+    }
+    (args.out / "scaling.json").write_text(json.dumps(result, indent=1))
+    (args.out / "scaling.md").write_text(markdown(result), encoding="utf-8")
+    if result["fits"]:
+        plot(result, args.out / "scaling.png")
+    print(markdown(result))
+    figure = ", scaling.png" if result["fits"] else ""
+    print(f"wrote {args.out}/scaling.json, scaling.md{figure}")
+
+
+if __name__ == "__main__":
+    main()

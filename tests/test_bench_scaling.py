@@ -1,0 +1,61 @@
+"""bench/bench_scaling.py (issue #22): its log-log slope on exact power laws and against
+numpy's least squares, and the command end to end at a tiny budget (N = 3 and 4, two FFD steps,
+a process per size; the README test runs the rigid stage too)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import numpy as np
+import pytest
+from tiny_runs import ROOT, run_script
+
+SPEC = importlib.util.spec_from_file_location("bench_scaling", ROOT / "bench/bench_scaling.py")
+bench = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(bench)
+
+
+@pytest.mark.parametrize("power, scale", [(1.0, 0.01), (2.0, 3.0), (0.5, 250.0), (-1.0, 2.0),
+                                          (0.0, 7.0), (1.37, 0.004)])
+def test_slope_of_an_exact_power_law(power, scale):
+    sizes = [3, 8, 16, 32, 64, 128]
+    slope, intercept = bench.loglog_slope(sizes, [scale * n**power for n in sizes])
+    assert slope == pytest.approx(power, abs=1e-12)
+    assert intercept == pytest.approx(math.log(scale), abs=1e-10)
+
+
+def test_slope_is_least_squares_on_logs():
+    sizes = np.array([3, 8, 16, 32, 64, 128])
+    values = 0.01 * sizes**1.2 * np.exp(np.random.default_rng(0).normal(0, 0.2, sizes.size))
+    expected = np.polyfit(np.log(sizes), np.log(values), 1)
+    np.testing.assert_allclose(bench.loglog_slope(sizes.tolist(), values.tolist()), expected)
+    assert math.isnan(bench.loglog_slope([3], [0.1])[0])  # one size: no slope
+    assert math.isnan(bench.loglog_slope([3, 3], [0.1, 0.2])[0])
+
+
+def test_command_at_a_tiny_budget(tmp_path):
+    tiny = ["--sizes", "3", "4", "--stage", "ffd", "--iterations", "2", "--repeats", "1",
+            "--warmup", "1", "--target-sizes", "--out", str(tmp_path)]
+    proc = run_script("bench/bench_scaling.py", tiny, tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "scaling.json").read_text())
+    assert (tmp_path / "scaling.md").is_file() and (tmp_path / "scaling.png").stat().st_size > 0
+    records = result["scaling"]
+    assert sorted((r["stage"], r["N"]) for r in records) == [("ffd", 3), ("ffd", 4)]
+    for r in records:
+        assert r["torch_threads"] == 1 and r["package"] == str(ROOT / "dcc")
+        for key in ("seconds_per_iteration_step", "seconds_per_iteration_total", "peak_rss_mib",
+                    "rss_after_imports_mib", "rss_above_imports_mib"):
+            assert math.isfinite(r[key]) and r[key] > 0, (key, r[key])
+        assert r["peak_rss_mib"] > result["parent_rss_mib"]  # the child's own memory
+        assert all(run["iterations"] == 2 for run in r["runs"])
+    for fit in result["fits"]:
+        rows = sorted((r for r in records if r["stage"] == fit["stage"]), key=lambda r: r["N"])
+        expected = bench.loglog_slope([r["N"] for r in rows],
+                                      [r["seconds_per_iteration_step"] for r in rows])[0]
+        assert fit["slope_seconds_per_iteration_step"] == pytest.approx(expected)
+        assert math.isfinite(fit["slope_peak_rss_mib"])
+    assert result["command"].startswith("python bench/bench_scaling.py --sizes 3 4")
+    assert result["hardware"] and result["settings"]["threads"] == 1 and not result["targets"]
