@@ -143,7 +143,9 @@ def child(spec_path: Path) -> None:
         lambda optimizer, args, kwargs: stamps.append((id(optimizer), time.perf_counter()))
     )
     iterations = None if spec["stage"] == "preset" else spec["iterations"]
-    XCoReg(config(spec["warmup"])).register(images, grid)  # warm-up, untimed
+    # warm-up, untimed (its seconds recorded: the first registration of a process also pays
+    # torch's one-off lazy imports, e.g. torch._dynamo when the first optimiser is built)
+    warmup = XCoReg(config(spec["warmup"])).register(images, grid)
     runs, steps = [], []
     for _ in range(spec["repeats"]):
         stamps.clear()
@@ -181,6 +183,7 @@ def child(spec_path: Path) -> None:
         "rss_after_imports_mib": rss_imports,
         "rss_peak_vmhwm_mib": _rss_mib(),
         "load_1min": [load_start, os.getloadavg()[0]],
+        "warmup_seconds": warmup.seconds,
         "runs": runs,
         "step_seconds": steps,
         "seconds_per_iteration_step": statistics.median(steps) if steps else math.nan,
@@ -425,7 +428,7 @@ def main(argv=None) -> None:
     preset = yaml.safe_load(settings_file.read_text())
     dirty = git("status", "--porcelain", "--", "dcc")
     current = "HEAD" + ("+dirty" if dirty else "")
-    notes = {current: f"this tree at {git('rev-parse', '--short', 'HEAD')}"
+    notes = {current: f"this tree ({ROOT}) at {git('rev-parse', '--short', 'HEAD')}"
              + (" with uncommitted changes under dcc/" if dirty else "")}
     trees = [(current, ROOT)]
     made = None
