@@ -175,13 +175,17 @@ def load_preset(name: str, **overrides) -> XCoRegConfig:
     return XCoRegConfig(**values)
 
 
-# Coarsest pyramid level of the automatic settings: at least this many voxels per axis.
-MIN_LEVEL_SIZE = 48
+# Coarsest pyramid level of the automatic settings: at least this many voxels along the two
+# longest axes (48 for slices; a 32 x 32 x n 3D level holds as many voxels as a 180^2 slice,
+# and keeps the paper's 4 levels on a 320 x 320 brain volume)
+MIN_LEVEL_SIZE = {2: 48, 3: 32}
 
 
-def pyramid_levels(grid: Grid, min_size: int = MIN_LEVEL_SIZE, most: int = 4) -> int:
-    """Resolution levels whose coarsest level keeps at least ``min_size`` voxels along the two
-    longest axes (thin 3D slabs of a few thick slices do not limit it)."""
+def pyramid_levels(grid: Grid, min_size: int | None = None, most: int = 4) -> int:
+    """Resolution levels whose coarsest level keeps at least ``min_size`` voxels (default
+    :data:`MIN_LEVEL_SIZE` of the dimension) along the two longest axes (thin 3D slabs of a few
+    thick slices do not limit it)."""
+    min_size = min_size or MIN_LEVEL_SIZE[grid.ndim]
     sizes = sorted(grid.size)[-2:]
     levels = 1
     while levels < most and min(sizes) // 2**levels >= min_size:

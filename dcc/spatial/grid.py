@@ -218,11 +218,16 @@ def _normalizing_matrix(grid: Grid, device: torch.device, dtype: torch.dtype) ->
 
 @functools.lru_cache(maxsize=32)
 def lattice_points(grid: Grid, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """``grid.points()`` cached per grid, device and dtype (read-only: do not modify)."""
-    axes = [torch.arange(n, dtype=torch.float64, device=device) for n in grid.shape]
-    index = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).flip(-1)  # (x, y, z)
+    """``grid.points()`` cached per grid, device and dtype (read-only: do not modify); in
+    float64 one slab of the first axis at a time (a 3D volume needs no float64 copy)."""
     matrix = torch.as_tensor(grid.index_to_world_matrix(), device=device)
-    return apply_matrix(matrix, index).to(dtype)
+    out = torch.empty(*grid.shape, grid.ndim, dtype=dtype, device=device)
+    axes = [torch.arange(n, dtype=torch.float64, device=device) for n in grid.shape]
+    for i in range(grid.shape[0]):
+        first = axes[0][i : i + 1]
+        index = torch.stack(torch.meshgrid(first, *axes[1:], indexing="ij"), dim=-1).flip(-1)
+        out[i] = apply_matrix(matrix, index)[0].to(dtype)  # (x, y, z) order
+    return out
 
 
 @full_precision
