@@ -90,6 +90,9 @@ PLANS: dict[str, object] = {
     "python bench/mscmr_curves.py runs/mscmr_* --out results/mscmr_curves": {},
     "dcc-register --phantom 2 --out outputs/phantom": {"add": ["--iterations", "3"]},
     "dcc-register P_C0.nii.gz P_LGE.nii.gz P_T2.nii.gz --method dcc --out P_dcc": {},
+    "torchrun --standalone --nproc_per_node 2 -m dcc.cli.register a.nii.gz b.nii.gz c.nii.gz "
+    "--out registered_2p": (SKIP, "two processes: tests/test_distributed.py launches "
+                                  "dcc.cli.register under torchrun and compares it with one"),
     "dcc-register t1.nii.gz t2.nii.gz flair_dicom_folder/ --out results/ --stages rigid,ffd "
     "--ffd-spacing 20 --labels t1_seg.nii.gz t2_seg.nii.gz flair_seg.nii.gz":
         {"replace": [("--out results/", "--out registered/")],  # results/ holds the curves

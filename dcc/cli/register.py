@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import datetime
 import functools
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from dcc.cli.checks import check_options, check_with_images
 from dcc.coreg import StageConfig, XCoReg, XCoRegConfig, load_preset
 from dcc.coreg.checks import check_device, check_overlap
 from dcc.coreg.config import METHODS, STAGES, auto_config, available_presets
+from dcc.coreg.distributed import PeerError, agree, shard
 from dcc.coreg.engine import RegistrationError
 from dcc.data.io import InputError, read_image, read_labels, resample_group, write_image
 from dcc.data.misalignment import MisalignedGroup, misaligned_phantom
@@ -362,6 +367,7 @@ def write_outputs(
         ],
         "x_metric": result.x_metric,
         "log_likelihood": result.log_likelihood,
+        "world_size": 1 if result.shard is None else result.shard.world,  # processes
         "wall_time_s": round(seconds, 3),
         "peak_memory_mb": round(peak_memory_mb(config.device), 1),
         **dice,
@@ -436,8 +442,19 @@ def run_dcc(args: argparse.Namespace) -> dict:
         raise InputError(text) from None
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Check every option and ``--out`` before any work, register, then move the results in."""
+def launched_world() -> int:
+    """The number of processes ``torchrun`` started (``WORLD_SIZE``); 1 outside torchrun."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def run(args: argparse.Namespace) -> dict | None:
+    """Check every option and ``--out`` before any work, register, then move the results in.
+    Under ``torchrun`` with several processes: :func:`run_distributed` (``None`` on all but
+    the first process)."""
+    world = launched_world()
+    if world > 1 and (args.method == "dcc" or args.phantom):
+        flag = "--method dcc" if args.method == "dcc" else "--phantom"
+        raise InputError(f"{flag}: runs in one process; start it without torchrun")
     if args.method == "dcc":
         return run_dcc(args)
     dcc_only = [f for f in ("checkpoint", "sequences", "slice") if getattr(args, f) is not None]
@@ -454,12 +471,129 @@ def run(args: argparse.Namespace) -> dict:
     check_device(config.device)
     if config.method == "xcoreg-gt" and args.labels is None and not args.phantom:
         raise InputError("--method xcoreg-gt needs --labels (one label map per image)")
-    inputs = [*args.images, *(args.labels or []), *(args.masks or []), *filter(None, [args.roi])]
-    output = OutputFolder(args.out, inputs, args.overwrite, PROG)
+    if world > 1:
+        return run_distributed(args, config, world)
+    output = OutputFolder(args.out, _inputs(args), args.overwrite, PROG)
     with output as tmp:
         report = _register_into(tmp, args, config)
         output.commit()
     return report
+
+
+def _inputs(args) -> list[str]:
+    return [*args.images, *(args.labels or []), *(args.masks or []), *filter(None, [args.roi])]
+
+
+def run_distributed(args: argparse.Namespace, config: XCoRegConfig, world: int) -> dict | None:
+    """``torchrun --nproc_per_node P -m dcc.cli.register ...``: the group registered by ``P``
+    processes (:mod:`dcc.coreg.distributed`), each holding a contiguous slice of the images
+    (:func:`~dcc.coreg.distributed.shard`); gloo on the CPU, nccl on GPUs (``--device cuda``:
+    ``cuda:LOCAL_RANK``). Process 0 reads every input and writes the output folder as one
+    process does (``report.json``: ``world_size``); the others read the reference image and
+    their slice. The checks before the registration are agreed by all processes (a failure in
+    one stops all, with its message, :func:`~dcc.coreg.distributed.agree`)."""
+    if len(args.images) < world:
+        raise InputError(f"{len(args.images)} images for {world} processes: every process needs "
+                         f"at least one image (torchrun --nproc_per_node {len(args.images)} or "
+                         "fewer)")
+    if config.reference is not None and not 0 <= config.reference < len(args.images):
+        raise InputError(f"--reference {config.reference}: must be an image index in "
+                         f"0..{len(args.images) - 1}")
+    device = torch.device(config.device)
+    if device.type == "cuda":
+        if device.index is None:  # one GPU per process of a node
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            device = torch.device("cuda", local % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(minutes=30))
+    try:
+        rank = dist.get_rank()
+        output, error = None, None
+        try:
+            if rank == 0:
+                output = OutputFolder(args.out, _inputs(args), args.overwrite, PROG)
+        except InputError as failed:
+            error = failed
+        agree(error)
+        with output if output is not None else contextlib.nullcontext() as tmp:
+            report = _register_shard(tmp, args, config, str(device), rank, world)
+            if output is not None:
+                output.commit()
+        return report
+    except (InputError, ValueError, RegistrationError):
+        raise  # every process has it (agreed): main says it once, then they leave together
+    except BaseException:
+        dist.destroy_process_group()  # the others' next collective fails instead of waiting
+        raise
+
+
+def leave_group() -> None:
+    """The end of a distributed run (nothing in one process): the processes wait for each
+    other, so that none exits before the first has said how the run ended (``torchrun`` stops
+    the others as soon as one process exits with an error), then close the process group."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
+def _register_shard(tmp, args, config, device: str, rank: int, world: int) -> dict | None:
+    """One process of :func:`run_distributed`: load (all on process 0, else the reference and
+    this process's slice), agree on the checks, register the slice, gather the transforms;
+    process 0 writes the outputs and returns the report."""
+    part = shard(len(args.images), rank, world)
+    error = None
+    try:
+        loaded = _load_for(args, config, device, rank, part)
+    except (InputError, ValueError) as failed:
+        error = failed
+    agree(error)
+    config, local, everything = loaded
+    start = time.perf_counter()
+    result = XCoReg(config).register(*local, distributed=True)
+    seconds = time.perf_counter() - start
+    full = dataclasses.replace(result, transform=result.gather_transform())
+    if rank != 0:
+        return None
+    names, originals, labels, common, images, warped_labels, extra = everything
+    return write_outputs(tmp, args, names, full, config, originals, labels, common, images,
+                         warped_labels, seconds, extra)
+
+
+def _load_for(args, config, device: str, rank: int, part: slice):
+    """What one process needs: the settings (picked from the common grid as
+    :func:`_register_into` does), the arguments of ``XCoReg.register`` for its slice and, on
+    process 0, those of :func:`write_outputs` (the whole group, checked as one process does)."""
+    paths, label_paths, ref = args.images, args.labels, config.reference or 0
+    index = list(range(len(paths)))[part]
+    if rank != 0:  # the reference image first: its grid is the common grid
+        index = [ref, *index]
+        paths = [args.images[i] for i in index]
+        label_paths = None if args.labels is None else [args.labels[i] for i in index]
+        args = argparse.Namespace(**{**vars(args), "masks": None if args.masks is None else
+                                     [args.masks[i] for i in index]})
+    originals, labels, common, images, valid, warped_labels = load_group(
+        paths, label_paths, ref if rank == 0 else 0
+    )
+    if not args.preset:  # settings picked from the data
+        config = make_config(args, common)
+    config.device = device
+    check_with_images(config, common, args)
+    extra = {}
+    if rank == 0:
+        extra["initial_overlap"] = check_overlap(valid, paths, ref, args.min_initial_overlap)
+    valid, roi = apply_masks(args, paths, originals, common, valid)
+    extra.update({"masks": args.masks, "roi": args.roi})
+    mine = part if rank == 0 else slice(1, None)
+    local = (images[mine], common, valid[mine],
+             None if warped_labels is None else warped_labels[mine], None, roi)
+    everything = None
+    if rank == 0:
+        everything = (unique_names(paths), originals, labels, common, images, warped_labels,
+                      extra)
+    return config, local, everything
 
 
 def _register_into(tmp: Path, args: argparse.Namespace, config: XCoRegConfig) -> dict:
@@ -518,11 +652,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = run(args)
     except (InputError, ValueError, RegistrationError) as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
+        # under torchrun every process knows the error (the same options, or agreed checks):
+        # the first one says it
+        if launched_world() == 1 or int(os.environ.get("RANK", "0")) == 0:
+            where = f" (process {error.rank})" if isinstance(error, PeerError) else ""
+            print(f"{PROG}: error{where}: {error}", file=sys.stderr)
+        leave_group()
         return 2
     except KeyboardInterrupt:  # while the output folder is open, it handles Ctrl-C itself
         print(f"{PROG}: interrupted; nothing written", file=sys.stderr)
         return 130
+    leave_group()
+    if report is None:  # a process of a distributed run other than the first
+        return 0
     if args.method == "dcc":
         print(
             f"{PROG}: {len(report['names'])} images ({', '.join(report['sequences'])}) registered "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
@@ -16,6 +17,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from dcc.coreg.config import StageConfig, XCoRegConfig
+from dcc.coreg.distributed import ImageShard, fingerprint, gather_transform, join
 from dcc.similarity import functional as XF
 from dcc.spatial.functional import sample
 from dcc.spatial.grid import Grid
@@ -74,12 +76,22 @@ class CommonSpace:
     def gamma(self) -> torch.Tensor:
         return self.log_gamma.exp()
 
-    def log_gamma_at(self, values: torch.Tensor, bins: int) -> torch.Tensor:
+    def log_gamma_at(self, values: torch.Tensor, bins: int, reduce=None) -> torch.Tensor:
         """log Gamma (Eq. 20) at warped intensities ``(N, m)`` in the bin units of ``bins``
-        levels (a stage with other bins than the model's: mapped linearly onto its levels)."""
+        levels (a stage with other bins than the model's: mapped linearly onto its levels).
+        ``reduce``: the sums over a slice of the group -> over the group (a distributed run,
+        :func:`XF.posterior`)."""
+        return XF.posterior(self._levels(values, bins), self.log_f, self.log_pi, reduce)[0]
+
+    def log_joint_at(self, values: torch.Tensor, bins: int) -> torch.Tensor:
+        """``sum_j log f_jk(u_j)`` ``(m, K)`` over the images of ``values`` ``(N, m)`` (those of
+        this process in a distributed run): Eq. (12) before the prior and the normalisation."""
+        return XF.log_appearance(self._levels(values, bins), self.log_f).sum(-3)
+
+    def _levels(self, values: torch.Tensor, bins: int) -> torch.Tensor:
         if bins != self.bins:
             values = 1 + (values - 1) * ((self.bins - 3) / (bins - 3))
-        return XF.posterior(values, self.log_f, self.log_pi)[0]
+        return values
 
 
 @dataclass
@@ -102,12 +114,23 @@ class CoRegResult:
     # What the safeguards did (JSON-able): Gamma initialisation, and per stage the tries with
     # their step size, smallest overlap fraction, X before/after and the decision.
     diagnostics: dict = field(default_factory=dict)
+    # the slice of the group this process registered (distributed mode; one process: all of it)
+    shard: ImageShard | None = None
+
+    def gather_transform(self) -> ComposedTransform:
+        """The transforms of the whole group: in a distributed run (a collective: every process
+        calls it) ``transform`` holds this process's slice and this gathers all ``N`` images'
+        in global order on every process (:func:`dcc.coreg.distributed.gather_transform`);
+        in one process, ``transform`` itself."""
+        return self.transform if self.shard is None else gather_transform(self.transform,
+                                                                         self.shard)
 
     @property
     def posterior(self) -> torch.Tensor:
-        """Gamma as ``(K, *grid.shape)``."""
+        """Gamma as ``(K, *grid.shape)`` (a view of channels-last memory: ``movedim(0, -1)``
+        is contiguous, as a vector image is written)."""
         k = self.common.log_pi.numel()
-        return self.common.gamma.T.reshape(k, *self.common.grid.shape)
+        return self.common.gamma.reshape(*self.common.grid.shape, k).movedim(-1, 0)
 
 
 class XCoReg:
@@ -139,10 +162,26 @@ class XCoReg:
       Flags are ``warnings`` in the stage records of ``result.diagnostics``.
 
     In unbiased mode Eq. (37) holds for the composed phi (all stages), not for each stage alone.
+
+    Distributed mode (``distributed=True``, or a process group; :mod:`dcc.coreg.distributed`):
+    each process of an initialised ``torch.distributed`` group (gloo on the CPU, nccl on
+    GPUs; e.g. under ``torchrun``) calls ``register`` with its contiguous slice of the group
+    (:func:`~dcc.coreg.distributed.shard`; slices in rank order), the same ``grid``, ``roi``
+    and settings. The per-point sums of log f_jk over the images (Eq. 12), the overlap
+    region (Eq. 14), the means of the transforms for Eq. (37), X and its per-image terms
+    (Eqs. 8, 17) and the final Gamma are all-reduced, so every process sees the same common
+    space and takes the same decisions; each steps its own transforms (the gradient of
+    I(U_j; Z) with Gamma fixed involves image j alone). ``config.reference`` is a global
+    index. The result holds this process's transforms (``result.transform``), the whole
+    group's diagnostics, X and Gamma; ``result.gather_transform()`` gathers all transforms.
+    The result equals the single-process run's up to float rounding (sums in another order).
     """
 
     def __init__(self, config: XCoRegConfig):
         self.config = config
+        # the images this process holds and the reductions over the group (set by register;
+        # until then one process, every reduction the identity)
+        self.shard = ImageShard(0)
 
     # ------------------------------------------------------------------ public
     def register(
@@ -153,15 +192,19 @@ class XCoReg:
         labels: torch.Tensor | None = None,
         transform: ComposedTransform | None = None,
         roi: torch.Tensor | None = None,
+        distributed=False,
     ) -> CoRegResult:
+        """Register ``images`` (see the class); with ``distributed`` (``True``: the default
+        process group, or a ``torch.distributed`` process group) ``images``, ``valid``,
+        ``labels`` and ``transform`` are this process's slice of the group."""
         cuda = torch.device(self.config.device).type == "cuda"
         with deterministic_kernels(self.config.deterministic and cuda):
-            return self._register(images, grid, valid, labels, transform, roi)
+            return self._register(images, grid, valid, labels, transform, roi, distributed)
 
-    def _register(self, images, grid, valid, labels, transform, roi) -> CoRegResult:
+    def _register(self, images, grid, valid, labels, transform, roi, distributed) -> CoRegResult:
         cfg = self.config
         n = images.shape[0]
-        self._check_inputs(images, grid, valid, labels, roi)
+        self.shard = self._join(images, grid, valid, labels, roi, distributed)
         device = torch.device(cfg.device)
         self._roi_source = (None if roi is None else roi.to(device).float(), grid)
         self._roi_cache: dict = {}  # the roi on each level's lattice
@@ -188,7 +231,8 @@ class XCoReg:
         reports = []
         diagnostics: dict = {"stages": []}
         total = sum(s.iterations for s in cfg.stages)
-        with tqdm(total=total, disable=not cfg.progress, desc="X-CoReg", leave=False) as bar:
+        quiet = not cfg.progress or self.shard.rank != 0  # one bar for a distributed run
+        with tqdm(total=total, disable=quiet, desc="X-CoReg", leave=False) as bar:
             for stage_cfg in cfg.stages:
                 linear = [r for r in diagnostics["stages"] if r["name"] != "ffd"]
                 if (stage_cfg.name == "ffd" and cfg.skip_ffd_after_rejected_linear
@@ -198,6 +242,7 @@ class XCoReg:
                     bar.update(stage_cfg.iterations)
                     continue
                 bins = stage_cfg.bins or cfg.bins
+                pyramid = stacked = None  # the last stage's levels go before the next are made
                 pyramid = [(torch.stack([XF.to_bins(x[:, 0], ranges, bins), x[:, 1]], 1), g)
                            for x, g in raw[levels - stage_cfg.levels:]]
                 stacked = pyramid[-1][0]
@@ -215,7 +260,7 @@ class XCoReg:
             transform, stacked, grid, bins, common, log_f_gt
         )
         if cfg.reference is None:
-            diagnostics["mean_displacement_mm"] = mean_displacement(transform, grid)
+            diagnostics["mean_displacement_mm"] = mean_displacement(transform, grid, self.shard)
         return CoRegResult(
             transform,
             common,
@@ -224,10 +269,42 @@ class XCoReg:
             loglik,
             time.perf_counter() - start,
             diagnostics,
+            self.shard if self.shard.distributed else None,
         )
 
     # ------------------------------------------------------------------ set-up
-    def _check_inputs(self, images, grid, valid, labels, roi=None):
+    def _join(self, images, grid, valid, labels, roi, distributed) -> ImageShard:
+        """The slice of the group this process holds, after the input checks: the whole group
+        (:class:`ImageShard`), or with ``distributed`` this process's slice of a group spread
+        over a process group (:func:`~dcc.coreg.distributed.join`: the checks of every process
+        agree before any work; the settings, grid and roi must be the same everywhere)."""
+        if not distributed:
+            self._check_inputs(images, grid, valid, labels, roi)
+            return ImageShard(images.shape[0])
+        error = None
+        try:
+            self._check_inputs(images, grid, valid, labels, roi, group=False)
+        except ValueError as failed:
+            error = failed
+        settings = {k: v for k, v in dataclasses.asdict(self.config).items()
+                    if k not in ("device", "progress")}
+        digest = fingerprint(settings, grid.to_dict(), None if roi is None else int(roi.sum()))
+        group = None if distributed is True else distributed
+        shard = join(images.shape[0], self.config.device, group, digest, error)
+        self._check_group(shard.total)
+        return shard
+
+    def _check_group(self, n: int) -> None:
+        """Checks of the group as a whole (``n`` images in all)."""
+        if n < 2:
+            raise ValueError(f"XCoReg: groupwise registration needs at least 2 images, got {n}")
+        ref = self.config.reference
+        if ref is not None and not 0 <= ref < n:
+            raise ValueError(f"XCoReg: reference index {ref} is outside 0..{n - 1}")
+
+    def _check_inputs(self, images, grid, valid, labels, roi=None, group=True):
+        """Shapes and values of the inputs; with ``group`` the group checks as well
+        (:meth:`_check_group`; a distributed run makes them once the group's size is known)."""
         n = images.shape[0]
         if roi is not None:
             if tuple(roi.shape) != grid.shape:
@@ -241,14 +318,14 @@ class XCoReg:
                 f"XCoReg: expected images of shape (N, {', '.join(map(str, grid.shape))}), got "
                 f"{tuple(images.shape)}"
             )
-        if n < 2:
+        if group and n < 2:
             raise ValueError(f"XCoReg: groupwise registration needs at least 2 images, got {n}")
         if valid is not None and valid.shape != images.shape:
             raise ValueError(
                 f"XCoReg: valid must have shape {tuple(images.shape)}, got {tuple(valid.shape)}"
             )
         ref = self.config.reference
-        if ref is not None and not 0 <= ref < n:
+        if group and ref is not None and not 0 <= ref < n:
             raise ValueError(f"XCoReg: reference index {ref} is outside 0..{n - 1}")
         if self.config.method == "xcoreg-gt":
             if labels is None or labels.shape != images.shape:
@@ -277,6 +354,7 @@ class XCoReg:
         roi = self._roi_on(grid)
         if grid.numel <= ASSESS_POINTS:
             _, values, overlap = warp_group(transform, images, grid)
+            overlap = self.shard.all(overlap)  # every image of the group, on every process
         else:
             if grid not in self._assess_cache:  # the same voxels for every check on this grid
                 generator = torch.Generator().manual_seed(self.config.seed + 2)
@@ -285,7 +363,7 @@ class XCoReg:
             index = self._assess_cache[grid]
             points = grid.world_to_normalized(transform.lattice_at(grid, index))
             warped = sample(images, points)  # (N, 2, P)
-            values, overlap = warped[:, 0], (warped[:, 1] > VALID).all(0)
+            values, overlap = warped[:, 0], self.shard.all((warped[:, 1] > VALID).all(0))
             roi = None if roi is None else roi[index]
         overlap = overlap if roi is None else overlap & roi
         return values, overlap, overlap.float().mean().item()
@@ -297,7 +375,7 @@ class XCoReg:
         n = stacked.shape[0]
         values = stacked[:, 0].reshape(n, -1)
         inside = stacked[:, 1].reshape(n, -1) > VALID
-        classes = torch.unique(labels)
+        classes = self.shard.unique(torch.unique(labels))  # the classes of the whole group
         onehot = labels.reshape(n, -1, 1).to(stacked.device) == classes.to(stacked.device)
         onehot = onehot.float() * inside.unsqueeze(-1)
         return XF.appearance_model(values, onehot, bins)
@@ -374,7 +452,9 @@ class XCoReg:
                 trial["x_after"] = after["x"]
                 trial["x_images_start"] = [round(v, 4) for v in start_terms["x_images"]]
                 trial["x_images_after"] = [round(v, 4) for v in after["x_images"]]
-                trial["moved_mm"] = [round(v, 2) for v in stage_motion(stage, grid)]
+                moved = self.shard.gather(torch.tensor(stage_motion(stage, grid),
+                                                       device=stacked.device))
+                trial["moved_mm"] = [round(v, 2) for v in moved.tolist()]
                 trial["overlap_fraction"] = after["overlap"] / before["overlap"]
                 accepted = after["x"] >= trial["x_start"]
                 trial["outcome"] = "accepted" if accepted else "objective decreased"
@@ -416,9 +496,10 @@ class XCoReg:
             # distance[a, b, j]: mean |S_a(x) - S_b(x)| of image j
             distance = torch.stack([torch.stack([
                 (a - b).norm(dim=-1).flatten(1).mean(1) for b in maps]) for a in maps])
-        total = distance.amax(-1).sum(1)
+        total = self.shard.max(distance.amax(-1)).sum(1)  # the largest over all N images
         best = int(total.argmin())
-        spread = distance[best].amax(0)  # per image: the farthest try from the medoid
+        # per image: the farthest try from the medoid (all N images, in global order)
+        spread = self.shard.gather(distance[best].amax(0))
         record["chosen_try"] = best
         record["spread_mm"] = [round(v, 2) for v in spread.tolist()]
         worst = int(spread.argmax())
@@ -502,19 +583,23 @@ class XCoReg:
             idx = idx[torch.randperm(idx.numel(), generator=generator)[:points].to(idx.device)]
         sub = values[:, idx]
         k = self._num_classes(log_f_gt)
+        # a distributed run: the per-point sums of log f_jk over this process's images are
+        # all-reduced (Eq. 12), so every process has the same Gamma, pi and log-likelihood
+        reduce = self.shard.sum if self.shard.distributed else None
         if common is None:
             log_pi = torch.full((k,), -math.log(k), device=values.device)
             log_gamma = torch.log(XF.random_posterior(idx.numel(), k, self.generator, sub.device))
         else:
-            log_pi, log_gamma = common.log_pi, common.log_gamma_at(sub, bins)
+            log_pi, log_gamma = common.log_pi, common.log_gamma_at(sub, bins, reduce)
         log_f, loglik = log_f_gt, None
         for _ in range(max(1, steps)):
             if log_f_gt is None:
                 log_f = XF.appearance_model(sub, log_gamma.exp(), bins)
-            log_gamma, log_evidence = XF.posterior(sub, log_f, log_pi)
+            log_gamma, log_evidence = XF.posterior(sub, log_f, log_pi, reduce)
             log_pi = torch.log(XF.proportions(log_gamma.exp()).clamp_min(XF.EPS))
             loglik = log_evidence.mean().item()
-        terms = XF.x_metric(sub, log_gamma.exp(), bins, reduction="none")  # I(U_j; Z) per image
+        # I(U_j; Z) per image, of all N images in global order
+        terms = self.shard.gather(XF.x_metric(sub, log_gamma.exp(), bins, reduction="none"))
         return {
             "common": CommonSpace(log_f, log_pi),
             "x": terms.sum().item(),
@@ -529,7 +614,7 @@ class XCoReg:
         (voxels; estimated from those on a large grid)."""
         values, overlap, fraction = self._assessment(transform, images, grid)
         if not overlap.any():
-            n = images.shape[0]
+            n = self.shard.total if self.shard.distributed else images.shape[0]
             return {"x": float("-inf"), "x_images": [float("-inf")] * n, "overlap": 0,
                     "common": common}
         fit = self._fit_common(common, values, overlap, bins, log_f_gt, self.config.em_warmup)
@@ -571,22 +656,30 @@ class XCoReg:
         region = grid.numel if roi is None else int(roi.sum())
         rate = min(1.0, max(cfg.sample_rate, cfg.min_sample / region))
         bounded = max_sample is not None and rate * region > max_sample
+        shard = self.shard
+        # distributed: X and the loss of this process's images per step, summed over the
+        # processes once at the end of the level (each step, if the convergence test needs it)
+        deferred, last = shard.distributed and cfg.tolerance <= 0, None
         for step in range(1, iterations + 1):
             if bounded:
                 drawn = self._draw(roi, grid, max_sample, images.device)
             else:
                 drawn = coordinate_sample(roi, rate, self.generator, grid.numel, images.device)
             normalized = grid.world_to_normalized(transform.lattice_at(grid, drawn))  # (N, m, d)
+            joint = None
             with torch.no_grad():
                 warped_all = sample(images, normalized.detach())  # (N, 2, m)
-            inside = (warped_all[:, 1] > VALID).all(0)
+                if shard.distributed:  # Omega^phi and the sums of Eq. (12): one all-reduce
+                    inside, joint = self._reduce_step(common, warped_all, bins)
+            if joint is None:
+                inside = (warped_all[:, 1] > VALID).all(0)
             # overlap as a fraction of the level grid (or roi), relative to the stage start's
             ratio = inside.float().mean().item() * region / grid.numel / start_fraction
             trial["min_overlap_fraction"] = min(trial["min_overlap_fraction"], round(ratio, 4))
             if ratio < cfg.min_overlap:
                 bar.update(iterations - step + 1)
                 # the image that covers least of the sample is the one that slid out
-                covered = (warped_all[:, 1] > VALID).float().mean(1)
+                covered = shard.gather((warped_all[:, 1] > VALID).float().mean(1))
                 trial["image"] = int(covered.argmin())
                 raise _OverlapLost(f"overlap fell to {ratio:.2f} of its size at the stage start")
             keep = inside.nonzero().squeeze(1)
@@ -594,7 +687,10 @@ class XCoReg:
                 raise RegistrationError("the images no longer overlap; lower the step size (--lr)")
             values = warped_all[:, 0, keep]
             with torch.no_grad():  # E-step (Eq. 20) with the previous step's f and pi
-                gamma = common.log_gamma_at(values, bins).exp()
+                if joint is None:
+                    gamma = common.log_gamma_at(values, bins).exp()
+                else:  # the same on every process: the group's sums of log f_jk
+                    gamma = XF.posterior_from_joint(joint[keep], common.log_pi)[0].exp()
                 log_pi = torch.log(XF.proportions(gamma).clamp_min(XF.EPS))  # Eq. (14)
             warped = sample(intensities, normalized[:, keep])[:, 0]  # (N, m) with gradient
             # one Parzen histogram serves X (Eqs. 17, 21) and, detached, the next step's
@@ -610,19 +706,37 @@ class XCoReg:
             optimizer.step()  # Eq. (16) with Adam
             schedule.step()
             if cfg.reference is None:
-                project_unbiased(transform, grid.center)  # Eq. (37) on the composed phi
-            else:
-                stage.reset_(cfg.reference)
-            x_value = x.item()
-            losses.append(loss.item())
+                project_unbiased(transform, grid.center, shard)  # Eq. (37) on the composed phi
+            elif shard.owns(cfg.reference):
+                stage.reset_(shard.local(cfg.reference))
             bar.update(1)
+            if deferred:
+                last = torch.stack([x.detach(), loss.detach()])
+                continue
+            if shard.distributed:
+                x_value, loss_value = shard.sum(torch.stack([x.detach(), loss.detach()])).tolist()
+            else:
+                x_value, loss_value = x.item(), loss.item()
+            losses.append(loss_value)
             if step % 10 == 0:
                 bar.set_postfix(stage=type(stage).__name__, X=f"{x_value:.4f}")
             if self._converged(losses):
                 bar.update(iterations - step)
                 iterations = step
                 break
+        if last is not None:  # only the last step's X is reported
+            x_value = shard.sum(last).tolist()[0]
         return iterations, x_value, common
+
+    def _reduce_step(self, common, warped, bins):
+        """Distributed E-step inputs on a coordinate sample of ``m`` points: the points inside
+        every image's field of view (Omega^phi, Eq. 14) and the group's sums
+        ``sum_j log f_jk(u_j)`` ``(m, K)`` (Eq. 12), from one all-reduce of this process's
+        partial sums and image counts, ``m x (K + 1)`` floats."""
+        covered = (warped[:, 1] > VALID).sum(0)  # (m,) this process's images covering a point
+        joint = common.log_joint_at(warped[:, 0], bins)  # (m, K)
+        packed = self.shard.sum(torch.cat([joint, covered.to(joint.dtype).unsqueeze(1)], 1))
+        return packed[:, -1] == self.shard.total, packed[:, :-1]
 
     def _draw(self, roi, grid, size, device):
         """``size`` voxels drawn uniformly with replacement from the roi (the lattice)."""
@@ -667,7 +781,7 @@ class XCoReg:
             warped = sample(images, grid.world_to_normalized(transform.lattice_at(grid, index)))
             covered = (warped[:, 1] > VALID).unsqueeze(-1)  # (N, m, 1)
             terms = XF.log_appearance(warped[:, 0], common.log_f) * covered
-            joint = terms.sum(0) + common.log_pi
+            joint = self.shard.sum(terms.sum(0)) + common.log_pi  # over all N images
             out[index] = joint - joint.logsumexp(-1, keepdim=True)
         return out
 
@@ -792,7 +906,8 @@ def _outer_linear(stages) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def project_unbiased(transform: ComposedTransform, center) -> None:
+def project_unbiased(transform: ComposedTransform, center, group: ImageShard | None = None
+                     ) -> None:
     """Eq. (37) on the composed phi_j = P_j o S_j, for the newest (innermost) stage S_j.
 
     S_j is first made zero-mean on its own. If the outer stages P_j are linear
@@ -806,15 +921,20 @@ def project_unbiased(transform: ComposedTransform, center) -> None:
       linear part of a mean of rotations is not a rotation, so elsewhere it is first-order.
 
     With a non-linear P_j (an FFD before another stage) only the per-stage projection is done.
+
+    ``group``: a group split across processes (:mod:`dcc.coreg.distributed`; ``transform``
+    holds this process's images): the means and sums over j run over all N images
+    (all-reduced), so the constraint holds for the whole group.
     """
+    group = group or ImageShard(transform.groups)
     stage = transform.stages[-1]
-    stage.zero_mean_()
+    stage.zero_mean_(group.mean if group.distributed else None)
     outer = list(transform.stages[:-1])
     if not outer or not all(isinstance(s, LinearTransform) for s in outer):
         return
     a, b = _outer_linear(outer)
-    n, d = a.shape[0], a.shape[-1]
-    gram_inv = torch.linalg.inv((a @ a.transpose(1, 2)).sum(0))  # (d, d)
+    n, d = group.total, a.shape[-1]
+    gram_inv = torch.linalg.inv(group.sum((a @ a.transpose(1, 2)).sum(0)))  # (d, d)
     eye = torch.eye(d, dtype=a.dtype, device=a.device)
 
     def correct(shift: torch.Tensor) -> torch.Tensor:
@@ -825,16 +945,17 @@ def project_unbiased(transform: ComposedTransform, center) -> None:
     if isinstance(stage, MultiLevelFFD):
         for i, level in enumerate(stage.levels):
             c = level.coefficients  # (N, d, *knots)
-            mean_ac = torch.einsum("jde,je...->d...", a, c) / n
-            target = _knot_residual(level, a, b, eye) if i == 0 else torch.zeros_like(mean_ac)
+            mean_ac = group.sum(torch.einsum("jde,je...->d...", a, c)) / n
+            target = (_knot_residual(level, a, b, eye, group) if i == 0
+                      else torch.zeros_like(mean_ac))
             c -= correct(mean_ac - target)
     elif isinstance(stage, LinearTransform):
         centre = torch.as_tensor(center, dtype=a.dtype, device=a.device)
         mapped = transform(centre.unsqueeze(0))[:, 0]  # (N, d)
-        stage.offset -= correct(mapped.mean(0) - centre)
+        stage.offset -= correct(group.mean(mapped) - centre)
 
 
-def _knot_residual(level: BSplineFFD, a, b, eye) -> torch.Tensor:
+def _knot_residual(level: BSplineFFD, a, b, eye, group: ImageShard) -> torch.Tensor:
     """r(x) = x - mean_k (A_k x + b_k) at the knots of ``level``, ``(d, *knots)``."""
     shape = tuple(reversed(level.knots))
     axes = [torch.arange(k, dtype=a.dtype, device=a.device) for k in shape]
@@ -843,7 +964,7 @@ def _knot_residual(level: BSplineFFD, a, b, eye) -> torch.Tensor:
     rot = torch.as_tensor(level.domain.direction_matrix, dtype=a.dtype, device=a.device)
     origin = torch.as_tensor(level.knot_origin(), dtype=a.dtype, device=a.device)
     knots = origin + (index * spacing) @ rot.T  # (*knots, d)
-    residual = knots @ (eye - a.mean(0)).T - b.mean(0)
+    residual = knots @ (eye - group.mean(a)).T - group.mean(b)
     return residual.movedim(-1, 0)
 
 
@@ -856,8 +977,11 @@ def stage_motion(stage: SpatialTransform, grid: Grid) -> list[float]:
 
 
 @torch.no_grad()
-def mean_displacement(transform: SpatialTransform, grid: Grid) -> dict:
-    """Largest and average |(1/N) sum_j phi_j(x) - x| over the lattice, in mm (Eq. 37 check)."""
+def mean_displacement(transform: SpatialTransform, grid: Grid,
+                      group: ImageShard | None = None) -> dict:
+    """Largest and average |(1/N) sum_j phi_j(x) - x| over the lattice, in mm (Eq. 37 check;
+    over all N images of a ``group`` split across processes)."""
+    group = group or ImageShard(transform.groups)
     points = grid.points(device=next(transform.parameters()).device)
-    drift = (transform.lattice(grid).mean(0) - points).norm(dim=-1)
+    drift = (group.mean(transform.lattice(grid)) - points).norm(dim=-1)
     return {"max": drift.max().item(), "mean": drift.mean().item()}

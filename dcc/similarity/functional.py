@@ -10,6 +10,8 @@ All probabilities that multiply are combined in log space.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from dcc.spatial.functional import cubic_bspline_weights, full_precision, reduce
@@ -312,23 +314,43 @@ def log_appearance(values: torch.Tensor, log_f: torch.Tensor) -> torch.Tensor:
 
 @full_precision
 def posterior(
-    values: torch.Tensor, log_f: torch.Tensor, log_prior: torch.Tensor
+    values: torch.Tensor,
+    log_f: torch.Tensor,
+    log_prior: torch.Tensor,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior gamma of the common anatomy (Eq. 12) in log space.
 
     ``values`` ``(*B, N, M)``, ``log_f`` ``(*B, N, L, K)``; ``log_prior`` is ``log pi``,
     ``(K,)`` or ``(*B, K)``, or a spatial prior ``(*B, M, K)`` (Eq. 40). Returns ``log_gamma``
     ``(*B, M, K)`` and the per-point log-likelihood ``(*B, M)``, the summand of Eq. (23).
+
+    ``reduce`` (optional) turns the per-point sums ``sum_j log f_jk(u_j)`` over the ``N``
+    images given into the sums over the whole group, when the group is split across processes
+    (an all-reduce, :mod:`dcc.coreg.distributed`): the posterior depends on the images only
+    through these sums.
     """
-    if log_prior.dim() <= values.dim() - 1:  # log pi per class: (K,) or (*B, K)
-        log_prior = log_prior.unsqueeze(-2)
     joint = log_appearance(values, log_f).sum(-3)
+    if reduce is not None:
+        joint = reduce(joint)
+    return posterior_from_joint(joint, log_prior)
+
+
+@full_precision
+def posterior_from_joint(
+    joint: torch.Tensor, log_prior: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. (12) from the per-point sums ``joint`` ``(*B, M, K)`` of ``log f_jk(u_j)`` over the
+    images (:func:`posterior`, e.g. all-reduced across processes) and ``log_prior`` as in
+    :func:`posterior`: ``(log_gamma, log_evidence)``."""
+    if log_prior.dim() <= joint.dim() - 1:  # log pi per class: (K,) or (*B, K)
+        log_prior = log_prior.unsqueeze(-2)
     try:
         joint = joint + log_prior
     except RuntimeError:
         raise ValueError(
-            f"posterior: log_prior must be (K,), (*B, K) or (*B, M, K) for values (*B, N, M) = "
-            f"{tuple(values.shape)}, got {tuple(log_prior.shape)}"
+            f"posterior: log_prior must be (K,), (*B, K) or (*B, M, K) for points (*B, M) = "
+            f"{tuple(joint.shape[:-1])}, got {tuple(log_prior.shape)}"
         ) from None
     peak = joint.amax(-1, keepdim=True)  # log-sum-exp over the K classes
     log_evidence = peak + (joint - peak).exp().sum(-1, keepdim=True).log()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -18,6 +18,13 @@ from torch import nn
 
 from dcc.spatial import functional as SF
 from dcc.spatial.grid import Grid, lattice_points
+
+# the mean over the group of per-image values (N, ...) -> (...): x.mean(0) in one process
+GroupMean = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _mean(values: torch.Tensor) -> torch.Tensor:
+    return values.mean(0)
 
 
 class SpatialTransform(nn.Module):
@@ -74,8 +81,12 @@ class SpatialTransform(nn.Module):
         return self(self._grid_points(grid).reshape(-1, self.ndim)[index])
 
     @torch.no_grad()
-    def zero_mean_(self) -> None:
-        """Project the parameters onto the unbiased constraint of Eq. (37)."""
+    def zero_mean_(self, mean: GroupMean | None = None) -> None:
+        """Project the parameters onto the unbiased constraint of Eq. (37).
+
+        ``mean`` maps per-image values ``(N, ...)`` to their mean over the group (default
+        ``x.mean(0)``); a group split across processes passes the all-reduced mean over all
+        its images (:mod:`dcc.coreg.distributed`), the transform holding a slice of it."""
         raise NotImplementedError(f"{type(self).__name__} has no unbiased projection")
 
     @torch.no_grad()
@@ -127,8 +138,9 @@ class Translation(LinearTransform):
         return eye, self.offset
 
     @torch.no_grad()
-    def zero_mean_(self):
-        self.offset -= self.offset.mean(0)
+    def zero_mean_(self, mean=None):
+        mean = mean or _mean
+        self.offset -= mean(self.offset)
 
     @torch.no_grad()
     def reset_(self, index):
@@ -170,12 +182,13 @@ class Rigid(LinearTransform):
         ]
 
     @torch.no_grad()
-    def zero_mean_(self):
+    def zero_mean_(self, mean=None):
         """Zero-mean angles and zero-mean displacement of the mean centre (Eq. 37 to first order
         in the angles; exact for translations)."""
-        self.angles -= self.angles.mean(0)
-        c = self.center.mean(0)
-        self.offset -= (self(c.unsqueeze(0))[:, 0] - c).mean(0)
+        mean = mean or _mean
+        self.angles -= mean(self.angles)
+        c = mean(self.center)
+        self.offset -= mean(self(c.unsqueeze(0))[:, 0] - c)
 
     @torch.no_grad()
     def reset_(self, index):
@@ -223,9 +236,10 @@ class Affine(LinearTransform):
         ]
 
     @torch.no_grad()
-    def zero_mean_(self):
-        self.matrix -= self.matrix.mean(0) - torch.eye(self.ndim, device=self.matrix.device)
-        self.offset -= self.offset.mean(0)
+    def zero_mean_(self, mean=None):
+        mean = mean or _mean
+        self.matrix -= mean(self.matrix) - torch.eye(self.ndim, device=self.matrix.device)
+        self.offset -= mean(self.offset)
 
     @torch.no_grad()
     def reset_(self, index):
@@ -352,8 +366,9 @@ class BSplineFFD(SpatialTransform):
         return SF.bending_energy(self.coefficients)
 
     @torch.no_grad()
-    def zero_mean_(self):
-        self.coefficients -= self.coefficients.mean(0)
+    def zero_mean_(self, mean=None):
+        mean = mean or _mean
+        self.coefficients -= mean(self.coefficients)
 
     @torch.no_grad()
     def reset_(self, index):
@@ -405,9 +420,9 @@ class MultiLevelFFD(SpatialTransform):
         return sum(level.regularization() for level in self.levels)
 
     @torch.no_grad()
-    def zero_mean_(self):
+    def zero_mean_(self, mean=None):
         for level in self.levels:
-            level.zero_mean_()
+            level.zero_mean_(mean)
 
     @torch.no_grad()
     def reset_(self, index):
@@ -446,8 +461,9 @@ class DisplacementField(SpatialTransform):
         return super().lattice_at(grid, index)
 
     @torch.no_grad()
-    def zero_mean_(self):
-        self.field -= self.field.mean(0)
+    def zero_mean_(self, mean=None):
+        mean = mean or _mean
+        self.field -= mean(self.field)
 
     @torch.no_grad()
     def reset_(self, index):
