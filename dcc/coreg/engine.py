@@ -489,6 +489,7 @@ class XCoReg:
         """
         if len(candidates) == 1:
             return candidates[0]
+        grid = statistics_grid(grid)
         identity = grid.points(device=device).unsqueeze(0)
         with torch.no_grad():
             maps = [identity.expand(n, *identity.shape[1:]) if c is None else
@@ -968,10 +969,19 @@ def _knot_residual(level: BSplineFFD, a, b, eye, group: ImageShard) -> torch.Ten
     return residual.movedim(-1, 0)
 
 
+def statistics_grid(grid: Grid) -> Grid:
+    """``grid``, or for a grid of more than :data:`ASSESS_POINTS` voxels a coarser one over the
+    same extent with at most that many (means over a 3D lattice need not the whole of it)."""
+    if grid.numel <= ASSESS_POINTS:
+        return grid
+    return grid.downsample(math.ceil((grid.numel / ASSESS_POINTS) ** (1 / grid.ndim)))
+
+
 @torch.no_grad()
 def stage_motion(stage: SpatialTransform, grid: Grid) -> list[float]:
-    """Mean |S_j(x) - x| over the lattice of ``grid`` per image, in mm: how far a stage moved
-    each image."""
+    """Mean |S_j(x) - x| over the lattice of ``grid`` (:func:`statistics_grid`) per image, in
+    mm: how far a stage moved each image."""
+    grid = statistics_grid(grid)
     points = grid.points(device=next(stage.parameters()).device)
     return (stage.lattice(grid) - points).norm(dim=-1).flatten(1).mean(1).tolist()
 
@@ -980,8 +990,9 @@ def stage_motion(stage: SpatialTransform, grid: Grid) -> list[float]:
 def mean_displacement(transform: SpatialTransform, grid: Grid,
                       group: ImageShard | None = None) -> dict:
     """Largest and average |(1/N) sum_j phi_j(x) - x| over the lattice, in mm (Eq. 37 check;
-    over all N images of a ``group`` split across processes)."""
+    over all N images of a ``group`` split across processes; :func:`statistics_grid`)."""
     group = group or ImageShard(transform.groups)
+    grid = statistics_grid(grid)
     points = grid.points(device=next(transform.parameters()).device)
     drift = (group.mean(transform.lattice(grid)) - points).norm(dim=-1)
     return {"max": drift.max().item(), "mean": drift.mean().item()}
