@@ -110,9 +110,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--method",
         choices=(*METHODS, "dcc"),
-        help="xcoreg (default), xcoreg-gt (needs --labels) or dcc: the trained DCC network "
+        help="xcoreg (default), xcoreg-gt (needs --labels), the competing groupwise metrics "
+        "in the same engine: cte (conditional template entropy), ape (accumulated pairwise MI), "
+        "gmm (Gaussian mixture, K components), cg (congealing, N >= 3), vi (variance of "
+        "intensities, one modality); or dcc: the trained DCC network "
         "(cardiac C0/LGE/T2 short-axis slices or stacks; the shipped model unless --checkpoint), "
         "which also segments",
+    )
+    p.add_argument(
+        "--congealing-sigma",
+        type=float,
+        help="--method cg: width of the Gaussian kernel, intensities normalised to [0, 1] "
+        f"(default {XCoRegConfig.congealing_sigma})",
     )
     dcc = p.add_argument_group("the DCC network (--method dcc)")
     dcc.add_argument(
@@ -229,6 +238,7 @@ def make_config(args: argparse.Namespace, grid: Grid | None = None) -> XCoRegCon
             "reference",
             "seed",
             "device",
+            "congealing_sigma",
         )
     }
     top["progress"] = not args.quiet and sys.stderr.isatty()
@@ -400,7 +410,7 @@ def write_phantom_inputs(folder: Path, dim: int, seed: int) -> MisalignedGroup:
 # X-CoReg options that the DCC network does not take
 XCOREG_ONLY = ("preset", "stages", "num_classes", "bins", "sample_rate", "levels", "iterations",
                "lr", "ffd_spacing", "ffd_levels", "bending_weight", "reference", "masks", "roi",
-               "phantom")
+               "phantom", "congealing_sigma")
 # predict mode's settings -> this command's options, in the messages of run_prediction
 PREDICT_OPTIONS = {"predict.inputs": "the images", "predict.labels": "--labels",
                    "predict.sequences": "--sequences", "predict.slice": "--slice",
@@ -672,8 +682,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     else:
         stages = ", ".join(f"{s['name']} {s['iterations']} it" for s in report["stages"])
+        objective = report.get("diagnostics", {}).get("objective")
+        method = "" if objective is None else (
+            f"{objective['method']} objective {objective['value']:.4f}; ")
         print(
-            f"{PROG}: {len(report['names'])} images registered ({stages}); "
+            f"{PROG}: {len(report['names'])} images registered ({stages}); {method}"
             f"X = {report['x_metric']:.4f}; {report['wall_time_s']:.1f} s; wrote {args.out}"
         )
     if "dice_after" in report:

@@ -10,7 +10,11 @@ from omegaconf import OmegaConf
 from dcc.spatial.grid import Grid
 
 STAGES = ("translation", "rigid", "affine", "ffd")
-METHODS = ("xcoreg", "xcoreg-gt")
+# the X-metric (X-CoReg, X-Reg-GT) and the competing groupwise metrics of the paper's experiments
+# in the same engine (dcc.similarity.baselines): conditional template entropy, accumulated
+# pairwise estimates, Gaussian mixture, congealing, variance of intensities
+BASELINES = ("cte", "ape", "gmm", "cg", "vi")
+METHODS = ("xcoreg", "xcoreg-gt", *BASELINES)
 # Paper defaults per stage (Sec. 4.1-4.2): Adam steps of 1 mm for translations and centres,
 # 0.01 rad for rotations, 0.1 mm for FFD coefficients.
 STAGE_DEFAULTS = {
@@ -117,10 +121,15 @@ class XCoRegConfig:
     # images by 4-6 mm, doing the rigid's work, and ended below the start in 3 of 6 groups
     # (results/myops_bench/README.md)
     skip_ffd_after_rejected_linear: bool = True
+    # method "cg": width of the Gaussian kernel of the congealing entropy, in intensities
+    # normalised to [0, 1] (the histogram range); 0.05 as the paper's MoCo runs
+    congealing_sigma: float = 0.05
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown method '{self.method}'; choose from {', '.join(METHODS)}")
+        if self.congealing_sigma <= 0:
+            raise ValueError(f"congealing_sigma must be positive, got {self.congealing_sigma}")
         if self.num_classes < 2:
             raise ValueError(f"num_classes (K) must be >= 2, got {self.num_classes}")
         if not 0 < self.sample_rate <= 1:

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from dcc.coreg.config import StageConfig, XCoRegConfig
 from dcc.coreg.distributed import ImageShard, fingerprint, gather_transform, join
 from dcc.similarity import functional as XF
+from dcc.similarity.modules import group_objective
 from dcc.spatial.functional import sample
 from dcc.spatial.grid import Grid
 from dcc.spatial.pyramid import image_pyramid
@@ -175,10 +176,23 @@ class XCoReg:
     index. The result holds this process's transforms (``result.transform``), the whole
     group's diagnostics, X and Gamma; ``result.gather_transform()`` gathers all transforms.
     The result equals the single-process run's up to float rounding (sums in another order).
+
+    Competing metrics (``config.method`` one of ``cte``, ``ape``, ``gmm``, ``cg``, ``vi``;
+    :mod:`dcc.similarity.baselines`): the same loop, transforms, coordinate sample, schedule,
+    safeguards and Eq. (37) with the method's objective on the sample in place of X
+    (:class:`~dcc.similarity.modules.GroupObjective`; its state, the GMM's parameters, takes
+    the place of the common space, one EM step per Adam step). The stage checks compare that
+    objective (the ``x`` entries of ``result.diagnostics``); ``result.x_metric`` and the
+    posterior are X-CoReg's common space fitted on the final alignment (``em_warmup`` EM steps
+    from a random Gamma^[0]), to compare methods; ``diagnostics["objective"]`` holds the
+    method's final value. Not in distributed mode.
     """
 
     def __init__(self, config: XCoRegConfig):
         self.config = config
+        # a competing metric in place of the X-metric (config.method in BASELINES; None: X)
+        self.objective = group_objective(config.method, config.num_classes,
+                                         config.congealing_sigma)
         # the images this process holds and the reductions over the group (set by register;
         # until then one process, every reduction the identity)
         self.shard = ImageShard(0)
@@ -259,6 +273,8 @@ class XCoReg:
         x_value, loglik, common = self._final_state(
             transform, stacked, grid, bins, common, log_f_gt
         )
+        if self.objective is not None:
+            diagnostics["objective"] = {"method": cfg.method, "value": self._objective_value}
         if cfg.reference is None:
             diagnostics["mean_displacement_mm"] = mean_displacement(transform, grid, self.shard)
         return CoRegResult(
@@ -281,6 +297,11 @@ class XCoReg:
         if not distributed:
             self._check_inputs(images, grid, valid, labels, roi)
             return ImageShard(images.shape[0])
+        if self.objective is not None:  # every process raises the same, before any collective
+            raise ValueError(
+                f"XCoReg: method '{self.config.method}' is not supported in distributed mode "
+                "(only xcoreg and xcoreg-gt); run it in one process"
+            )
         error = None
         try:
             self._check_inputs(images, grid, valid, labels, roi, group=False)
@@ -400,6 +421,10 @@ class XCoReg:
         values, overlap, _ = self._assessment(transform, images, grid)
         if not overlap.any():
             raise RegistrationError("the images do not overlap (in the roi) at the start")
+        if self.objective is not None:  # a competing metric: its state (GMM: EM from a start)
+            fit = self._fit_common(None, values, overlap, bins, log_f_gt, cfg.em_warmup)
+            return fit["common"], {"objective": cfg.method, "em_steps": cfg.em_warmup,
+                                   "value": fit["x"]}
         draws = cfg.inits if cfg.em_warmup > 0 and log_f_gt is None else 1
         best, scores = None, []
         for _ in range(draws):
@@ -569,6 +594,36 @@ class XCoReg:
 
     @torch.no_grad()
     def _fit_common(self, common, values, overlap, bins, log_f_gt, steps, points=EM_POINTS):
+        """The common space (X-CoReg: :meth:`_fit_x`) or a competing metric's state and value
+        (:meth:`_fit_objective`) on a fixed subsample of the overlap."""
+        if self.objective is not None:
+            return self._fit_objective(common, values, overlap, bins, steps, points)
+        return self._fit_x(common, values, overlap, bins, log_f_gt, steps, points)
+
+    def _subsample(self, overlap, points):
+        """The overlap voxels of a check: all, or ``points`` of them drawn from a generator of
+        their own (the same voxels before and after a stage)."""
+        idx = overlap.nonzero().squeeze(1)
+        if points is not None and idx.numel() > points:
+            generator = torch.Generator().manual_seed(self.config.seed + 1)
+            idx = idx[torch.randperm(idx.numel(), generator=generator)[:points].to(idx.device)]
+        return idx
+
+    @torch.no_grad()
+    def _fit_objective(self, state, values, overlap, bins, steps, points=EM_POINTS):
+        """A competing metric on the subsample of :meth:`_subsample`: ``steps`` updates of its
+        state (GMM: EM steps; from its start when ``state`` is ``None``), then its value, as
+        :meth:`_fit_x` gives X."""
+        sub = values[:, self._subsample(overlap, points)]
+        if state is None:
+            state = self.objective.init(sub, bins)
+        for _ in range(steps):
+            state = self.objective.update(sub, bins, state)
+        value = self.objective(sub, bins, state).item()
+        return {"common": state, "x": value, "x_images": [], "log_likelihood": None}
+
+    @torch.no_grad()
+    def _fit_x(self, common, values, overlap, bins, log_f_gt, steps, points=EM_POINTS):
         """``steps`` EM steps (Eqs. 12, 20, 14) from ``common`` (``None``: from a random
         Gamma^[0], Eq. 22) on a fixed subsample of the ``overlap`` region of the warped
         ``values`` ``(N, P)`` (at most ``points`` voxels, ``None``: all).
@@ -578,10 +633,7 @@ class XCoReg:
         drawn from a generator of its own, so that X before and after a stage is measured on
         the same voxels.
         """
-        idx = overlap.nonzero().squeeze(1)
-        if points is not None and idx.numel() > points:
-            generator = torch.Generator().manual_seed(self.config.seed + 1)
-            idx = idx[torch.randperm(idx.numel(), generator=generator)[:points].to(idx.device)]
+        idx = self._subsample(overlap, points)
         sub = values[:, idx]
         k = self._num_classes(log_f_gt)
         # a distributed run: the per-point sums of log f_jk over this process's images are
@@ -686,21 +738,14 @@ class XCoReg:
             keep = inside.nonzero().squeeze(1)
             if keep.numel() == 0:
                 raise RegistrationError("the images no longer overlap; lower the step size (--lr)")
-            values = warped_all[:, 0, keep]
-            with torch.no_grad():  # E-step (Eq. 20) with the previous step's f and pi
-                if joint is None:
-                    gamma = common.log_gamma_at(values, bins).exp()
-                else:  # the same on every process: the group's sums of log f_jk
-                    gamma = XF.posterior_from_joint(joint[keep], common.log_pi)[0].exp()
-                log_pi = torch.log(XF.proportions(gamma).clamp_min(XF.EPS))  # Eq. (14)
-            warped = sample(intensities, normalized[:, keep])[:, 0]  # (N, m) with gradient
-            # one Parzen histogram serves X (Eqs. 17, 21) and, detached, the next step's
-            # appearance model (Eq. 12): both are taken on the same sample with the same Gamma
-            counts = XF.joint_histogram(warped, gamma, bins, normalize=False)
-            pmf = counts / counts.sum((-2, -1), keepdim=True).clamp_min(XF.EPS)
-            x = XF.mutual_information(pmf).sum()
-            log_f = XF.log_pmf(counts.detach()) if log_f_gt is None else log_f_gt
-            common = CommonSpace(log_f, log_pi)
+            if self.objective is not None:  # a competing metric in place of X
+                warped = sample(intensities, normalized[:, keep])[:, 0]  # (N, m) with gradient
+                with torch.no_grad():  # its state on this sample (GMM: one EM step)
+                    common = self.objective.update(warped.detach(), bins, common)
+                x = self.objective(warped, bins, common)
+            else:
+                x, common = self._x_step(warped_all, keep, joint, intensities, normalized,
+                                         bins, common, log_f_gt)
             loss = -x + cfg.bending_weight * stage.regularization()  # Eq. (15)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -728,6 +773,25 @@ class XCoReg:
         if last is not None:  # only the last step's X is reported
             x_value = shard.sum(last).tolist()[0]
         return iterations, x_value, common
+
+    def _x_step(self, warped_all, keep, joint, intensities, normalized, bins, common, log_f_gt):
+        """X (Eqs. 17, 21) on the kept points of a step's sample, with gradient, and the
+        common space for the next step."""
+        values = warped_all[:, 0, keep]
+        with torch.no_grad():  # E-step (Eq. 20) with the previous step's f and pi
+            if joint is None:
+                gamma = common.log_gamma_at(values, bins).exp()
+            else:  # the same on every process: the group's sums of log f_jk
+                gamma = XF.posterior_from_joint(joint[keep], common.log_pi)[0].exp()
+            log_pi = torch.log(XF.proportions(gamma).clamp_min(XF.EPS))  # Eq. (14)
+        warped = sample(intensities, normalized[:, keep])[:, 0]  # (N, m) with gradient
+        # one Parzen histogram serves X (Eqs. 17, 21) and, detached, the next step's
+        # appearance model (Eq. 12): both are taken on the same sample with the same Gamma
+        counts = XF.joint_histogram(warped, gamma, bins, normalize=False)
+        pmf = counts / counts.sum((-2, -1), keepdim=True).clamp_min(XF.EPS)
+        x = XF.mutual_information(pmf).sum()
+        log_f = XF.log_pmf(counts.detach()) if log_f_gt is None else log_f_gt
+        return x, CommonSpace(log_f, log_pi)
 
     def _reduce_step(self, common, warped, bins):
         """Distributed E-step inputs on a coordinate sample of ``m`` points: the points inside
@@ -767,7 +831,13 @@ class XCoReg:
         :data:`ASSESS_POINTS`), X (Eq. 8) and the log-likelihood (Eq. 23, summed over the
         overlap) there, then Gamma on the whole grid (:meth:`_dense_gamma`)."""
         values, overlap, fraction = self._assessment(transform, images, grid)
-        fit = self._fit_common(common, values, overlap, bins, log_f_gt, 1, points=None)
+        if self.objective is None:
+            fit = self._fit_x(common, values, overlap, bins, log_f_gt, 1, points=None)
+        else:  # the method's value; X-CoReg's common space fitted afresh on the alignment
+            self._objective_value = self._fit_objective(common, values, overlap, bins, 1,
+                                                        points=None)["x"]
+            fit = self._fit_x(None, values, overlap, bins, log_f_gt,
+                              max(1, self.config.em_warmup), points=None)
         final = fit["common"]
         final.grid, final.log_gamma = grid, self._dense_gamma(final, transform, images, grid)
         return fit["x"], fit["log_likelihood"] * fraction * grid.numel, final
