@@ -78,7 +78,7 @@ def test_final_gamma_comes_from_the_images_that_cover_each_voxel():
     log_pi = torch.log(torch.tensor([0.2, 0.3, 0.5]))
     engine = XCoReg(XCoRegConfig(progress=False))
     out = engine._dense_gamma(CommonSpace(log_f, log_pi), ComposedTransform(n, 2), images, grid)
-    out = out.reshape(*grid.shape, k)
+    out = out.log().reshape(*grid.shape, k)
     both = XF.posterior(values.reshape(n, -1), log_f, log_pi)[0].reshape(*grid.shape, k)
     only0 = XF.posterior(values[:1].reshape(1, -1), log_f[:1], log_pi)[0].reshape(*grid.shape, k)
     torch.testing.assert_close(out[:, 3:], both[:, 3:])

@@ -25,7 +25,7 @@ from dcc.data.io import InputError, read_image, read_labels, resample_group, wri
 from dcc.data.misalignment import MisalignedGroup, misaligned_phantom
 from dcc.evaluation.outdir import OutputFolder
 from dcc.evaluation.outputs import peak_memory_mb, unique_names, write_group, write_report
-from dcc.spatial.grid import Grid
+from dcc.spatial.grid import Grid, lattice_points
 
 PROG = "dcc-register"
 
@@ -344,8 +344,15 @@ def write_outputs(
     ``images``/``labels`` are the paths given in ``extra`` if any, else those on the command
     line)."""
     transform = result.transform.cpu()
-    with torch.no_grad():
-        points = transform.lattice(common).cpu()
+    linear = transform.linear_part()
+    if linear is None:
+        with torch.no_grad():
+            points = transform.lattice(common).cpu()
+    else:  # A_j x + b_j, one image at a time
+        base = lattice_points(common, torch.device("cpu"), torch.float32)
+
+        def points(j):
+            return base @ linear[0][j].float().T + linear[1][j].float()
     dice = write_group(
         tmp,
         names,
@@ -356,7 +363,7 @@ def write_outputs(
         images,
         labels=labels,
         labels_before=warped_labels_before,
-        linear=transform.linear_part(),
+        linear=linear,
     )
     report = {
         "images": [str(p) for p in args.images],

@@ -61,21 +61,21 @@ class CommonSpace:
     Gamma at a voxel follows from its warped intensities, the appearance model f (Eq. 12) and
     pi (Eq. 20), so the engine carries ``(log f, log pi)`` and takes Gamma only on the points
     it needs (:meth:`log_gamma_at`): Algorithm 1 needs it on the coordinate sample only. The
-    result also holds Gamma on its grid (``log_gamma``).
+    result also holds Gamma on its grid (``gamma``).
     """
 
     log_f: torch.Tensor  # (N, L, K)
     log_pi: torch.Tensor  # (K,)
     grid: Grid | None = None
-    log_gamma: torch.Tensor | None = None  # (M, K) on grid
+    gamma: torch.Tensor | None = None  # (M, K) on grid
 
     @property
     def bins(self) -> int:
         return self.log_f.shape[-2]
 
     @property
-    def gamma(self) -> torch.Tensor:
-        return self.log_gamma.exp()
+    def log_gamma(self) -> torch.Tensor:
+        return torch.log(self.gamma.clamp_min(XF.EPS))
 
     def log_gamma_at(self, values: torch.Tensor, bins: int, reduce=None) -> torch.Tensor:
         """log Gamma (Eq. 20) at warped intensities ``(N, m)`` in the bin units of ``bins``
@@ -839,11 +839,11 @@ class XCoReg:
             fit = self._fit_x(None, values, overlap, bins, log_f_gt,
                               max(1, self.config.em_warmup), points=None)
         final = fit["common"]
-        final.grid, final.log_gamma = grid, self._dense_gamma(final, transform, images, grid)
+        final.grid, final.gamma = grid, self._dense_gamma(final, transform, images, grid)
         return fit["x"], fit["log_likelihood"] * fraction * grid.numel, final
 
     def _dense_gamma(self, common, transform, images, grid) -> torch.Tensor:
-        """log Gamma ``(M, K)`` on every voxel of ``grid`` (Eq. 20), in passes of
+        """Gamma ``(M, K)`` on every voxel of ``grid`` (Eq. 20), in passes of
         :data:`CHUNK` voxels; where not every image covers a voxel, from the images that do
         (pi alone where none does)."""
         out = images.new_empty(grid.numel, common.log_pi.numel())
@@ -853,7 +853,7 @@ class XCoReg:
             covered = (warped[:, 1] > VALID).unsqueeze(-1)  # (N, m, 1)
             terms = XF.log_appearance(warped[:, 0], common.log_f) * covered
             joint = self.shard.sum(terms.sum(0)) + common.log_pi  # over all N images
-            out[index] = joint - joint.logsumexp(-1, keepdim=True)
+            out[index] = (joint - joint.logsumexp(-1, keepdim=True)).exp()
         return out
 
 

@@ -22,7 +22,7 @@ import dataclasses
 import json
 import re
 import resource
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import SimpleITK as sitk
@@ -60,13 +60,21 @@ def unique_names(paths: Sequence[str]) -> list[str]:
     return names
 
 
+Points = torch.Tensor | Callable[[int], torch.Tensor]
+
+
+def _points_of(points: Points, j: int) -> torch.Tensor:
+    """Image j's points ``(*S, d)`` on the CPU."""
+    return (points(j) if callable(points) else points[j]).cpu()
+
+
 @torch.no_grad()
-def sample_at_points(points: torch.Tensor, volumes: Sequence[Volume], mode: str) -> list:
+def sample_at_points(points: Points, volumes: Sequence[Volume], mode: str) -> list:
     """Each original volume ``j`` (on its own grid) sampled at the world points ``points[j]``
-    ``(*S, d)``; ``mode="nearest"`` keeps the volume's dtype (label maps)."""
+    ``(*S, d)`` (or ``points(j)``); ``mode="nearest"`` keeps the volume's dtype (label maps)."""
     out = []
     for j, (volume, grid) in enumerate(volumes):
-        normalized = grid.world_to_normalized(points[j : j + 1])
+        normalized = grid.world_to_normalized(_points_of(points, j).unsqueeze(0))
         warped = sample(volume.float()[None, None], normalized, mode=mode)[0, 0]
         out.append(warped.to(volume.dtype) if mode == "nearest" else warped)
     return out
@@ -76,7 +84,7 @@ def write_group(
     folder: Path,
     names: Sequence[str],
     common: Grid,
-    points: torch.Tensor,
+    points: Points,
     originals: Sequence[Volume],
     posterior: torch.Tensor,
     images: torch.Tensor,
@@ -89,7 +97,9 @@ def write_group(
     Args:
         names: output name of every image.
         common: the common grid.
-        points: phi_j(x) at every voxel of ``common``, world coordinates ``(N, *S, d)``.
+        points: phi_j(x) at every voxel of ``common``, world coordinates ``(N, *S, d)``, or
+            a function of j giving image j's ``(*S, d)`` (one image at a time: a 3D group's
+            points at once are N x 3 floats per voxel).
         originals: ``(image, grid)`` of every input on its own grid.
         posterior: ``(K, *S)`` common-space posterior.
         images: ``(N, *S)`` the inputs resampled onto ``common`` (the montage's "before").
@@ -101,7 +111,6 @@ def write_group(
     maps on the common grid, :func:`pairwise_dice`) when labels are given, else ``{}``.
     """
     folder = Path(folder)
-    points = points.cpu()
     warped = sample_at_points(points, originals, "bilinear")
     for sub in ("warped", "transforms"):
         (folder / sub).mkdir(exist_ok=True)
@@ -114,7 +123,7 @@ def write_group(
         warped_labels = sample_at_points(points, volumes, "nearest")
         for name, lab in zip(names, warped_labels, strict=True):
             write_image(folder / "labels" / f"{name}.nii.gz", lab.to(torch.int32), common)
-    base = common.points(dtype=points.dtype)
+    base = common.points()
     for j, name in enumerate(names):
         if linear is not None:  # the map itself, as ANTs and elastix write a linear result
             affine = sitk.AffineTransform(common.ndim)
@@ -122,7 +131,7 @@ def write_group(
             affine.SetTranslation(linear[1][j].double().tolist())
             sitk.WriteTransform(affine, str(folder / "transforms" / f"{name}.tfm"))
         else:
-            field = (points[j] - base).float()  # float32 as ITK writes fields
+            field = (_points_of(points, j).float() - base)  # float32 as ITK writes fields
             path = folder / "transforms" / f"{name}_displacement.nii.gz"
             write_image(path, field, common, is_vector=True)
     posterior = posterior.detach().float().cpu()
