@@ -193,6 +193,17 @@ def test_registration_recovers_a_rigid_misalignment(method, groups):
     assert math.isfinite(result.x_metric) and result.posterior.shape[0] == config.num_classes
 
 
+def test_group_to_reference_with_a_baseline(groups):
+    group = groups["mono"]
+    config = XCoRegConfig(stages=[StageConfig.named("rigid", iterations=60, levels=1)],
+                          method="cg", reference=0, progress=False, sample_rate=0.5,
+                          mask_zero_fill=False)
+    result = XCoReg(config).register(group.images, group.grid)
+    rigid = result.transform.stages[0]
+    assert rigid.angles[0].abs().max() == 0 and rigid.offset[0].abs().max() == 0
+    assert result.transform.stages[0].angles[1:].abs().max() > 0
+
+
 def test_gmm_state_is_carried_and_refused_in_distributed_mode(groups):
     group = groups["multi"]
     config = XCoRegConfig(method="gmm", progress=False)

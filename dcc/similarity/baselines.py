@@ -13,10 +13,10 @@ congealing ``sigma`` has a fixed meaning whatever ``L``.
   the leave-one-out Parzen (Gaussian) entropy of the ``N`` intensities. O(N^2 m); needs
   ``N >= 3`` to mean anything (with two images it is the squared difference).
 * :func:`accumulated_pairwise_mi` (APE, Wachinger & Navab 2012): sum of the mutual information
-  of all ``N (N - 1) / 2`` pairs. O(N^2 m L).
+  of all ``N (N - 1) / 2`` pairs. O(N^2 m L^2) (dense, as one matrix product).
 * :func:`conditional_template_entropy` (CTE, Polfliet et al. 2018): sum over images of
   H(U_j | T) for the template T, the first principal component of the z-scored images.
-  O(N m L + N^3).
+  O(N m L^2 + N^3).
 * :func:`gmm_log_likelihood` with :func:`gmm_init` / :func:`gmm_em_step` (GMM, Orchard & Mann
   2010): a K-component multivariate Gaussian mixture over the N-vectors of intensities,
   full covariances. O(K N^2 m + K N^3).
@@ -84,9 +84,13 @@ def pairwise_joint_histograms(values: torch.Tensor, bins: int) -> torch.Tensor:
     (``P = N (N - 1) / 2``, rows ``U_i``, columns ``U_j``) from ``values`` ``(N, m)`` in bin
     units: ``p_ij(a, b) = 1/m sum_x beta_3(u_i(x) - a) beta_3(u_j(x) - b)``."""
     n, m = values.shape
-    w = parzen_weights(values, bins)  # (N, m, L)
+    # all pairs (and each image with itself) in one (N L) x (N L) matrix product of the dense
+    # Parzen weights: no per-pair copies of the weights (a batched product over the pairs
+    # gathered P x m x L floats, 0.9 GB for N = 30 and m = 8192) and faster on a CPU
+    flat = parzen_weights(values, bins).permute(1, 0, 2).reshape(m, n * bins)
+    joint = (flat.T @ flat / m).view(n, bins, n, bins)
     first, second = torch.triu_indices(n, n, 1, device=values.device)
-    return torch.bmm(w[first].transpose(1, 2), w[second]) / m
+    return joint[first, :, second, :]
 
 
 @full_precision
