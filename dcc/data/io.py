@@ -128,8 +128,9 @@ def resample_to_grid(
     """Resample ``image`` (``(..., *grid.shape)``) from ``grid`` onto ``target`` in physical space.
 
     Returns the resampled image ``(..., *target.shape)`` (``float32``, or ``int64`` for
-    ``mode="nearest"`` on integer input) and a ``float32`` validity mask ``target.shape`` that is
-    1 inside the source field of view (zero padding outside).
+    ``mode="nearest"`` on integer input; the image itself, not a copy, when it is on ``target``
+    already) and a ``float32`` validity mask ``target.shape`` that is 1 inside the source field
+    of view (zero padding outside).
     """
     if mode not in ("bilinear", "nearest"):
         raise ValueError(f"resample_to_grid: mode must be 'bilinear' or 'nearest', got {mode!r}")
@@ -142,7 +143,7 @@ def resample_to_grid(
         raise ValueError(f"resample_to_grid: image shape {tuple(image.shape)} vs grid {grid.shape}")
     integer = not (image.is_floating_point() or image.is_complex())
     if grid.same_geometry(target, tol=1e-6):  # already there: every voxel centre coincides
-        out = image.to(torch.int64 if integer and mode == "nearest" else torch.float32, copy=True)
+        out = image.to(torch.int64 if integer and mode == "nearest" else torch.float32)  # no copy
         return out, torch.ones(target.shape, device=image.device)
     dtype = torch.float64 if integer or image.dtype == torch.float64 else torch.float32
     lead = image.shape[: image.ndim - d]
