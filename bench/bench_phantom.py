@@ -33,6 +33,7 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from dcc.coreg import XCoReg, load_preset  # noqa: E402
+from dcc.coreg.config import METHODS  # noqa: E402
 from dcc.data.misalignment import phantom_group, warp_images  # noqa: E402
 from dcc.data.phantom import brain_phantom  # noqa: E402
 from dcc.evaluation.figures import save_montage  # noqa: E402
@@ -52,7 +53,8 @@ def parse_args(argv=None):
     )
     p.add_argument("--groups", type=int, nargs="+", default=[3, 10, 30], help="group sizes N")
     p.add_argument(
-        "--methods", nargs="+", default=["xcoreg", "xcoreg-gt"], choices=["xcoreg", "xcoreg-gt"]
+        "--methods", nargs="+", default=["xcoreg", "xcoreg-gt"], choices=METHODS,
+        help="xcoreg, xcoreg-gt, or the competing metrics cte, ape, gmm, cg, vi (README)",
     )
     p.add_argument("--preset", default="brain2d")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
