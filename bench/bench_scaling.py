@@ -449,7 +449,7 @@ def main(argv=None) -> None:
                 "sizes": args.sizes + args.target_sizes, "seed": args.seed, "work": str(work)},
                 ROOT, work, "groups")
             groups = {int(n): g for n, g in made_groups["groups"].items()}
-            parent_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            parent_rss = _rss_mib()  # its own: ru_maxrss would start from its parent's
             base = {"settings": preset, "iterations": args.iterations, "repeats": args.repeats,
                     "warmup": args.warmup, "skip": args.skip}
             jobs = [(n, stage, scaling) for n in args.sizes for stage in stages]
