@@ -36,7 +36,6 @@ import math
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,6 +49,7 @@ from tqdm.auto import tqdm
 from dcc.data.cardiac import data_root
 from dcc.data.io import InputError, linear_group, read_linear_transforms, write_image
 from dcc.data.open_ms import MAX_ANGLE, MAX_OFFSET, OpenMSStudy, find_studies, load_study
+from dcc.evaluation.processes import run_measured
 from dcc.evaluation.runs import hardware
 from dcc.metrics import registration_error
 
@@ -121,22 +121,6 @@ def study_folders(names: list[str] | None) -> list[Path]:
 
 
 # ---------------------------------------------------------------------- X-CoReg (a process)
-def run_measured(command: list[str], log: Path) -> tuple[int, float, float]:
-    """Run ``command`` (output to ``log``); return its exit code, wall seconds and the peak
-    resident memory of that process in MiB (``ru_maxrss`` of ``wait4``: its own, not ours)."""
-    start = time.perf_counter()
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, time.perf_counter() - start, usage.ru_maxrss / 1024
-
-
 def run_xcoreg(paths: list[Path], work: Path, args) -> dict:
     """``dcc-register`` on ``paths`` in its own process; its transforms, seconds, memory."""
     out = work / "xcoreg"

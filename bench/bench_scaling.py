@@ -48,6 +48,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from dcc.evaluation.processes import run_measured  # standard library only: no torch here
+
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = (3, 8, 16, 32, 64, 128)
 TARGETS = {3: 0.015, 30: 0.08}  # issue #22: s per iteration, one thread, brain2d preset
@@ -218,7 +220,7 @@ def worktree(revision: str) -> tuple[Path, str, bool]:
 
 def spawn(mode: str, spec: dict, root: Path, work: Path, name: str):
     """This script with ``mode`` (``--child``, ``--make-groups``) on ``spec`` in a fresh process
-    importing dcc from ``root``, one thread; its JSON answer and ``os.wait4``'s resource usage.
+    importing dcc from ``root``, one thread; its JSON answer and its peak RSS in MiB.
     This process imports neither torch nor dcc before the runs: on Linux a child's ``ru_maxrss``
     starts from its parent's resident memory at the fork."""
     spec = {**spec, "root": str(root), "out": str(work / f"{name}.out.json")}
@@ -227,20 +229,11 @@ def spawn(mode: str, spec: dict, root: Path, work: Path, name: str):
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1",
            "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     log = work / f"{name}.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), mode, str(path)],
-                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=work,
-                                stdin=subprocess.DEVNULL)
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-    code = os.waitstatus_to_exitcode(status)
+    code, _, peak_mib = run_measured(
+        [sys.executable, str(Path(__file__).resolve()), mode, str(path)], log, env, work)
     if code != 0:
         raise SystemExit(f"{name}: exit {code}\n{log.read_text()[-3000:]}")
-    return json.loads(Path(spec["out"]).read_text()), usage
+    return json.loads(Path(spec["out"]).read_text()), peak_mib
 
 
 def run_child(spec: dict, root: Path, work: Path) -> dict:
@@ -248,9 +241,9 @@ def run_child(spec: dict, root: Path, work: Path) -> dict:
     process' peak resident memory (``ru_maxrss`` of ``os.wait4``)."""
     start = time.perf_counter()
     name = f"{spec['revision']}_{spec['stage']}_{spec['N']}"
-    record, usage = spawn("--child", spec, root, work, name)
+    record, peak_mib = spawn("--child", spec, root, work, name)
     record.update(revision=spec["revision"], process_seconds=time.perf_counter() - start,
-                  peak_rss_mib=usage.ru_maxrss / 1024)
+                  peak_rss_mib=peak_mib)
     record["rss_above_imports_mib"] = record["peak_rss_mib"] - record["rss_after_imports_mib"]
     return record
 
