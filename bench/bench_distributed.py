@@ -10,7 +10,9 @@ warm-up of ``--warmup`` steps. Per P (process 0's view):
 
 * **step**: median time between two consecutive Adam steps (a global optimiser hook; the first
   two steps left out), the time of one iteration of Algorithm 1 in the slowest process (every
-  step waits for the all-reduce);
+  step waits for the all-reduce); **CPU**: process 0's CPU seconds in that interval (all its
+  threads), what a step costs a process when it has a core of its own (less sensitive to other
+  jobs on the machine than the wall time);
 * **total**: ``result.seconds / iterations`` (set-up, EM warm-up, checks and the final Gamma
   included), as ``bench/bench_phantom.py`` and ``bench/bench_scaling.py`` define it;
 * **collectives**: the calls, bytes (per process, sent into each all-reduce / all-gather) and
@@ -97,9 +99,10 @@ def child(spec_path: Path) -> None:
 
     for name in ("all_reduce", "all_gather", "all_gather_object"):
         setattr(dist, name, counted(getattr(dist, name)))
-    stamps: list[tuple] = []  # per Adam step: optimiser, time, collectives so far
+    stamps: list[tuple] = []  # per Adam step: optimiser, time, CPU time, collectives so far
     register_optimizer_step_post_hook(lambda optimizer, args, kwargs: stamps.append(
-        (id(optimizer), time.perf_counter(), counts["calls"], counts["bytes"], counts["seconds"])))
+        (id(optimizer), time.perf_counter(), time.process_time(), counts["calls"],
+         counts["bytes"], counts["seconds"])))
 
     def register(iterations):
         return XCoReg(config(iterations)).register(group.images[part], group.grid,
@@ -116,14 +119,15 @@ def child(spec_path: Path) -> None:
     # and seconds (the first interval left out)
     steps = [[u - v for u, v in zip(b[1:], a[1:], strict=True)]
              for a, b in zip(stamps, stamps[1:], strict=False) if a[0] == b[0]][1:]
-    step = {key: statistics.median(s[i] for s in steps)
-            for i, key in enumerate(("seconds", "calls", "bytes", "collective_seconds"))}
+    step = {key: statistics.median(s[i] for s in steps) for i, key in
+            enumerate(("seconds", "cpu_seconds", "calls", "bytes", "collective_seconds"))}
     if rank == 0:
         Path(spec["out"]).write_text(json.dumps({
             "processes": world,
             "images_per_process": [shard(spec["size"], r, world).stop
                                    - shard(spec["size"], r, world).start for r in range(world)],
             "step_seconds": step["seconds"],
+            "step_cpu_seconds": step["cpu_seconds"],
             "step_collectives": step["calls"],
             "step_collective_bytes": step["bytes"],
             "step_collective_seconds": step["collective_seconds"],
@@ -165,18 +169,20 @@ def markdown(result: dict) -> str:
     lines = [
         "# X-CoReg across processes (gloo, one thread each): seconds per iteration",
         "",
-        f"Gathered on {result['hardware']}; 1-minute load average "
-        f"{min(loads):.2f}-{max(loads):.2f} during the timed runs. Group: N = {s['size']} "
+        f"Gathered on {result['hardware']}; 1-minute load average {result['load_before']:.2f} "
+        f"before the runs, {min(loads):.2f}-{max(loads):.2f} during the timed ones (this "
+        f"bench's own processes included). Group: N = {s['size']} "
         "brain phantom images (233 x 197 at 1 mm, 40 mm FFD misalignments), brain2d preset "
         f"(one 20 mm FFD stage, sample rate 0.1, K = 4, L = 64), {s['iterations']} timed steps "
-        "after an untimed warm-up. *step*: median interval between Adam steps; *total*: "
+        "after an untimed warm-up. *step*: median interval between Adam steps; *CPU*: process "
+        "0's CPU seconds in it; *total*: "
         "result.seconds / iterations; *collectives*: medians per step of process 0's calls, "
         "the bytes it contributed and its seconds inside them (waiting for the slower "
         "processes included).",
         "",
-        "| processes | images each | step s | speed-up | total s/it | collectives per step | "
-        "KiB per step | s in collectives per step | X | gWI mm |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| processes | images each | step s | speed-up | CPU s per step | total s/it | "
+        "collectives per step | KiB per step | s in collectives per step | X | gWI mm |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     base = result["runs"][0]["step_seconds"] if result["runs"][0]["processes"] == 1 else None
     for r in result["runs"]:
@@ -184,7 +190,7 @@ def markdown(result: dict) -> str:
         each = sorted(set(r["images_per_process"]))
         lines.append(
             f"| {r['processes']} | {'/'.join(map(str, each))} | {r['step_seconds']:.4f} | "
-            f"{speed} | {r['total_seconds_per_iteration']:.4f} | "
+            f"{speed} | {r['step_cpu_seconds']:.4f} | {r['total_seconds_per_iteration']:.4f} | "
             f"{r['step_collectives']:g} | {r['step_collective_bytes'] / 1024:.1f} | "
             f"{r['step_collective_seconds']:.4f} | {r['x_metric']:.4f} | "
             f"{r['gwi_mm']:.3f} |")
@@ -206,14 +212,14 @@ def main(argv=None) -> None:
 
     spec = {"size": args.size, "iterations": args.iterations, "warmup": args.warmup,
             "seed": args.seed}
-    runs = []
+    runs, load_before = [], os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         for processes in args.processes:
             start = time.perf_counter()
             runs.append(launch(processes, spec, Path(tmp)))
             print(f"{processes} processes: {runs[-1]['step_seconds']:.4f} s per step "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
-    result = {"settings": spec, "runs": runs, "cores": os.cpu_count(),
+    result = {"settings": spec, "runs": runs, "cores": os.cpu_count(), "load_before": load_before,
               "hardware": hardware(),
               "command": " ".join(["python", "bench/bench_distributed.py", *sys.argv[1:]])}
     args.out.mkdir(parents=True, exist_ok=True)

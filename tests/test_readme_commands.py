@@ -109,6 +109,9 @@ PLANS: dict[str, object] = {
         {"add": ["--studies", "patient12_study1", "--shrink", "8", "--threads", "1",
                  "--sitk-iterations", "3", "--", "--iterations", "2"]},
     # N = 3 and 4, two steps of each stage, no targets; this tree only (no git worktree)
+    "python bench/bench_distributed.py --size 64 --processes 1 2 4 --out results/distributed":
+        {"replace": [("--size 64", "--size 2"), ("--processes 1 2 4", "--processes 2")],
+         "add": ["--iterations", "3", "--warmup", "1"]},  # one torchrun launch, 2 processes
     "python bench/bench_scaling.py --revision 26c714b --out results/scaling":
         {"replace": [("--revision 26c714b ", "")],
          "add": ["--sizes", "3", "4", "--iterations", "2", "--repeats", "1", "--warmup", "1",
