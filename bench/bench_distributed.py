@@ -224,7 +224,7 @@ def main(argv=None) -> None:
               "command": " ".join(["python", "bench/bench_distributed.py", *sys.argv[1:]])}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "distributed.json").write_text(json.dumps(result, indent=1))
-    (args.out / "distributed.md").write_text(markdown(result))
+    (args.out / "distributed.md").write_text(markdown(result), encoding="utf-8")
     print(markdown(result))
     if not all(math.isfinite(r["x_metric"]) for r in runs):
         raise SystemExit("a run ended without a finite X")

@@ -440,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"settings": settings, "summary": stats, "rows": rows}
     (args.out / f"{args.tag}.json").write_text(json.dumps(_json_ready(payload), indent=2))
     table = markdown(rows, stats, settings)
-    (args.out / f"{args.tag}.md").write_text(table)
+    (args.out / f"{args.tag}.md").write_text(table, encoding="utf-8")
     figure(args.out / f"{args.tag}.png", examples, rows, names)
     print(table)
     print(f"{PROG}: wrote {args.out / args.tag}.json/.md/.png")
