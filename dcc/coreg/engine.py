@@ -73,10 +73,6 @@ class CommonSpace:
     def bins(self) -> int:
         return self.log_f.shape[-2]
 
-    @property
-    def log_gamma(self) -> torch.Tensor:
-        return torch.log(self.gamma.clamp_min(XF.EPS))
-
     def log_gamma_at(self, values: torch.Tensor, bins: int, reduce=None) -> torch.Tensor:
         """log Gamma (Eq. 20) at warped intensities ``(N, m)`` in the bin units of ``bins``
         levels (a stage with other bins than the model's: mapped linearly onto its levels).
