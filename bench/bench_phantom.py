@@ -6,13 +6,19 @@ The misalignments are cubic B-spline FFDs of 40 mm control spacing with control 
 of std 5.4 mm (gWI about 3 mm); ``--spacing 20 --std 5.5`` gives a rougher field of the same gWI.
 Reported per (N, method), as mean +- std over the cases: the groupwise warping index (Eq. 49)
 before/after, the mean pairwise Dice of the tissue labels warped with nearest neighbour
-before/after, seconds per iteration, and the process' peak resident memory.
-Results go to ``--out``: ``results.json``, ``gwi_boxplot.png`` and one example montage.
+before/after, seconds per iteration, and the peak resident memory of the method's process
+(each method runs in its own process when several are named); and per N the paper's Table 2
+comparison (:mod:`dcc.evaluation.comparison`): every method's gWI against X-CoReg's on the
+same misalignments (paired t-test), and its time and memory ratios.
+Results go to ``--out``: ``<tag>.json``, ``<tag>.md``, ``<tag>_gwi.png`` (box plot) and
+``<tag>_montage.png`` (the first case of the first method).
 
-Not part of the test suite. Example::
+Not part of the test suite. Examples::
 
     python bench/bench_phantom.py --cases 20 --groups 3 10 30 --methods xcoreg xcoreg-gt \\
         --preset brain2d --out bench/results
+    python bench/bench_phantom.py --cases 50 --groups 3 --methods xcoreg xcoreg-gt cte ape gmm \\
+        --threads 1 --tag table2 --out results/phantom_table2
 """
 
 from __future__ import annotations
@@ -22,7 +28,10 @@ import json
 import math
 import resource
 import statistics
+import sys
+import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import matplotlib
@@ -36,7 +45,14 @@ from dcc.coreg import XCoReg, load_preset  # noqa: E402
 from dcc.coreg.config import METHODS  # noqa: E402
 from dcc.data.misalignment import phantom_group, warp_images  # noqa: E402
 from dcc.data.phantom import brain_phantom  # noqa: E402
+from dcc.evaluation.comparison import (  # noqa: E402
+    compare_methods,
+    comparison_markdown,
+    write_experiment,
+)
 from dcc.evaluation.figures import save_montage  # noqa: E402
+from dcc.evaluation.processes import run_measured  # noqa: E402
+from dcc.evaluation.runs import mean_std  # noqa: E402
 from dcc.metrics import (  # noqa: E402
     pairwise_dice,
 )
@@ -58,6 +74,11 @@ def parse_args(argv=None):
     )
     p.add_argument("--preset", default="brain2d")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
+    p.add_argument("--tag", default="phantom", help="file name stem of the results")
+    p.add_argument("--in-process", action="store_true",
+                   help="run every method in this process (peak memory is then the largest "
+                   "so far, not per method)")
+    p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # records of one method
     p.add_argument(
         "--std",
         type=float,
@@ -172,62 +193,153 @@ def print_table(rows):
 
 
 def boxplot(records, rows, path):
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(rows), 4))
+    fig, ax = plt.subplots(figsize=(2.4 + 1.1 * len(rows), 4))
     data, ticks = [], []
     for r in rows:
         sel = [x for x in records if x["N"] == r["N"] and x["method"] == r["method"]]
-        data += [[x["gwi_before"] for x in sel], [x["gwi_after"] for x in sel]]
-        ticks += [f"N={r['N']}\nbefore", f"N={r['N']}\n{r['method']}"]
+        if not ticks or not ticks[-1].startswith(f"N={r['N']}\n"):  # once per group size
+            data.append([x["gwi_before"] for x in sel])
+            ticks.append(f"N={r['N']}\nbefore")
+        data.append([x["gwi_after"] for x in sel])
+        ticks.append(f"N={r['N']}\n{NAMES.get(r['method'], r['method'])}")
     ax.boxplot(data)
     ax.set_xticks(range(1, len(ticks) + 1), ticks, fontsize=7)
-    ax.set_ylabel("gWI (mm)")
-    ax.set_title("Brain phantom: groupwise warping index before / after X-CoReg")
+    ax.set_yscale("log")
+    ax.set_ylabel("gWI (mm, log scale)")
+    ax.set_title("Brain phantom: groupwise warping index before / after registration")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
+NAMES = {"xcoreg": "X-Reg-UN", "xcoreg-gt": "X-Reg-GT", "cte": "CTE", "ape": "APE",
+         "gmm": "GMM", "cg": "CG", "vi": "VI"}
+
+
+def run_methods(args, methods) -> tuple[list[dict], tuple | None]:
+    """Every case of every group size with ``methods``, in this process."""
     records, example = [], None
-    total = sum(c for c in args.cases) * len(args.methods)
-    start = time.perf_counter()
-    with tqdm(total=total, desc="bench") as bar:
+    total = sum(args.cases) * len(methods)
+    with tqdm(total=total, desc="bench", disable=args.worker is not None) as bar:
         for n, cases in zip(args.groups, args.cases, strict=True):
             phantom = brain_phantom(dim=2, realisations=math.ceil(n / 3))
-            for method in args.methods:
+            for method in methods:
                 for case in range(cases):
                     record, ex = run_case(args, phantom, n, case, method)
-                    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-                    record["peak_rss_mb"] = rss
+                    record["trial"] = f"N{n}-{case}"
+                    record["peak_rss_mb"] = (
+                        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
                     records.append(record)
                     if example is None:
                         example = (phantom.names[:n], *ex)
                     bar.set_postfix(N=n, method=method, gwi=f"{record['gwi_after']:.3f}")
                     bar.update(1)
+    return records, example
+
+
+def run_isolated(args, argv) -> list[dict]:
+    """Each method in its own process (this script with ``--worker``), so that its peak
+    resident memory is its own; records carry that process' peak."""
+    records = []
+    own, skipping = [], False  # argv without its --methods list
+    for word in argv:
+        skipping = word == "--methods" or (skipping and not word.startswith("-"))
+        own += [] if skipping else [word]
+    with tempfile.TemporaryDirectory(prefix="bench_phantom_") as tmp:
+        for method in tqdm(args.methods, desc="methods"):
+            path = Path(tmp) / f"{method}.json"
+            command = [sys.executable, __file__, *own, "--methods", method, "--worker",
+                       str(path)]
+            code, seconds, rss = run_measured(command, Path(tmp) / f"{method}.log")
+            if code != 0:
+                log = (Path(tmp) / f"{method}.log").read_text(errors="replace")[-3000:]
+                raise SystemExit(f"bench_phantom: method {method} failed (exit {code}):\n{log}")
+            for record in json.loads(path.read_text(encoding="utf-8")):
+                record["peak_rss_mb"] = rss
+                records.append(record)
+            print(f"{method}: {seconds:.0f} s, peak RSS {rss:.0f} MB", flush=True)
+    return records
+
+
+def table2(records, args) -> tuple[dict, str]:
+    """Per group size: :func:`compare_methods` of gWI against X-Reg-UN (or the first method)
+    and its Markdown."""
+    tables, parts = {}, []
+    reference = "xcoreg" if "xcoreg" in args.methods else args.methods[0]
+    for n in args.groups:
+        sel = [r for r in records if r["N"] == n]
+        rows = compare_methods(sel, "gwi_after", reference=reference, baseline="gwi_before")
+        dice = {r["method"]: r for r in compare_methods(sel, "dice_after", reference=reference,
+                                                        higher_is_better=True)}
+        for row in rows:
+            row["dice_mean"], row["dice_std"] = dice[row["method"]]["mean"], dice[
+                row["method"]]["std"]
+        tables[f"N={n}"] = rows
+        before = mean_std([r["gwi_before"] for r in sel if r["method"] == reference])
+        parts.append(
+            f"### N = {n}: gWI (mm), {before[2]} misalignments, before {before[0]:.3f} ± "
+            f"{before[1]:.3f} mm\n\n" + comparison_markdown(rows, "gWI (mm)", names=NAMES,
+                                                         reference=reference)
+            + "\nPairwise Dice of the warped tissue labels after: " + ", ".join(
+                f"{NAMES.get(r['method'], r['method'])} {r['dice_mean']:.3f} ± "
+                f"{r['dice_std']:.3f}" for r in rows) + ".\n")
+    return tables, "\n".join(parts)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.worker is not None:
+        records, example = run_methods(args, args.methods)
+        args.worker.write_text(json.dumps(records), encoding="utf-8")
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    example = None
+    if len(args.methods) > 1 and not args.in_process:
+        records = run_isolated(args, argv)
+    else:
+        records, example = run_methods(args, args.methods)
     rows = summarise(records)
     print_table(rows)
+    tables, comparison = table2(records, args)
+    print(comparison)
     meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     meta["wall_seconds"] = time.perf_counter() - start
     meta["torch_threads"] = torch.get_num_threads()
-    (args.out / "results.json").write_text(
-        json.dumps({"args": meta, "summary": rows, "cases": records}, indent=2)
-    )
-    boxplot(records, rows, args.out / "gwi_boxplot.png")
+    meta["command"] = "python bench/bench_phantom.py " + " ".join(argv)
+    meta["preset"] = asdict(make_config(args, args.methods[0])) | {"method": "(each)"}
+    tables["summary"] = rows
+    text = (
+        f"# Brain phantom, nonrigid groupwise registration (paper Table 2 analogue)\n\n"
+        f"`{meta['command']}`\n\n"
+        f"Misalignments: cubic B-spline FFDs, {args.spacing:g} mm control spacing, control "
+        f"displacements of std {args.std:g} mm; every method registers the same misalignments "
+        f"with the `{args.preset}` preset (only the objective differs). Paired t-tests "
+        f"against X-Reg-UN on the same misalignments (SciPy `ttest_rel`; verdict at p < 0.05); "
+        f"time ratio = mean registration seconds / X-Reg-UN's; memory = peak RSS of the "
+        f"method's process / X-Reg-UN's; wall {meta['wall_seconds'] / 60:.1f} min.\n\n"
+        + comparison)
+    write_experiment(args.out, args.tag, settings=meta, records=records, tables=tables,
+                     markdown=text)
+    boxplot(records, rows, args.out / f"{args.tag}_gwi.png")
+    if example is None:  # isolated workers: redo the first case of the first method here
+        phantom = brain_phantom(dim=2, realisations=math.ceil(args.groups[0] / 3))
+        _, ex = run_case(args, phantom, args.groups[0], 0, args.methods[0])
+        example = (phantom.names[: args.groups[0]], *ex)
     names, before, after, posterior, labels_after = example
     save_montage(
-        args.out / "example_montage.png",
+        args.out / f"{args.tag}_montage.png",
         before,
         after,
         posterior=posterior,
         names=names,
         labels_after=labels_after,
     )
-    print(f"wrote {args.out}/results.json, gwi_boxplot.png, example_montage.png")
+    print(f"wrote {args.out}/{args.tag}.json, .md, _gwi.png, _montage.png")
 
 
 if __name__ == "__main__":
