@@ -17,6 +17,12 @@ seed ``--seed + k`` for every study) and the three misaligned images are written
   initialisation); FLAIR's map is the identity, so the pairwise results form a group.
 
 gRE (mm) at the 8 vertices of the FLAIR field of view is reported before and after each method.
+``--methods`` adds the competing groupwise metrics of the same engine (``dcc-register --method
+cte|ape|gmm``, the same stages and settings otherwise; the paper's Table 3), ``--classes K ...``
+X-CoReg runs with ``-K K`` (the paper's Fig. 7: gRE against the number of classes). With more
+than one method the Markdown holds the comparison of :mod:`dcc.evaluation.comparison`: gRE mean
+± std, a paired t-test of every method against X-CoReg on the same trials, and its time and
+memory ratios (SimpleITK runs in the bench's process: no memory of its own).
 ``--shrink F`` coarsens the FLAIR grid first (spacing at least F times the finest, the field of
 view kept; :func:`dcc.data.open_ms.coarse_grid`), for quick runs. Output in ``--out``:
 ``<tag>.json`` (every row and the settings), ``<tag>.md`` (the table, hardware, command) and
@@ -26,6 +32,10 @@ Examples::
     python bench/bench_openms.py --out results/openms_bench
     python bench/bench_openms.py --shrink 4 --out /tmp/openms -- --iterations 20
     python bench/bench_openms.py --skip-xcoreg --tag sitk_only --out results/openms_bench
+    python bench/bench_openms.py --trials 25 --methods xcoreg cte ape gmm --tag table3 \\
+        --out results/openms_table3
+    python bench/bench_openms.py --trials 4 --skip-sitk --classes 2 4 6 8 12 16 --tag classes \\
+        --out results/openms_table3
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -49,12 +60,23 @@ from tqdm.auto import tqdm
 from dcc.data.cardiac import data_root
 from dcc.data.io import InputError, linear_group, read_linear_transforms, write_image
 from dcc.data.open_ms import MAX_ANGLE, MAX_OFFSET, OpenMSStudy, find_studies, load_study
+from dcc.evaluation.comparison import compare_methods, comparison_markdown
 from dcc.evaluation.processes import run_measured
 from dcc.evaluation.runs import hardware
 from dcc.metrics import registration_error
 
 PROG = "bench_openms"
 STAGES = "translation,rigid"
+# the methods that apply to a multimodal group without labels (cg and vi assume one intensity
+# scale, xcoreg-gt needs label maps)
+METHOD_CHOICES = ("xcoreg", "cte", "ape", "gmm")
+NAMES = {"xcoreg": "X-CoReg", "cte": "CTE", "ape": "APE", "gmm": "GMM", "sitk": "SimpleITK"}
+
+
+def runs(args) -> list[tuple[str, list[str]]]:
+    """``(key, dcc-register options)`` of every dcc-register run of a trial."""
+    out = [(m, [] if m == "xcoreg" else ["--method", m]) for m in args.methods]
+    return out + [(f"xcoreg-K{k}", ["-K", str(k)]) for k in args.classes]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,6 +99,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="coarsen the FLAIR grid by this factor before misaligning (each "
                    "spacing at least F x the finest, same field of view; default 1: native)")
     p.add_argument("--skip-sitk", action="store_true", help="no SimpleITK reference")
+    p.add_argument("--methods", nargs="+", default=["xcoreg"], choices=METHOD_CHOICES,
+                   help="dcc-register --method of each run (default xcoreg)")
+    p.add_argument("--classes", type=int, nargs="+", default=[],
+                   help="also X-CoReg with -K K for each K (gRE against K, the paper's Fig. 7)")
     p.add_argument("--skip-xcoreg", action="store_true", help="no dcc-register runs")
     p.add_argument("--sitk-iterations", type=int, default=200,
                    help="SimpleITK: optimiser iterations per resolution level (default 200)")
@@ -94,6 +120,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--sitk-sampling must be in (0, 1]")
     if args.skip_sitk and args.skip_xcoreg:
         p.error("--skip-sitk and --skip-xcoreg: nothing left to run")
+    if any(k < 2 for k in args.classes):
+        p.error("--classes: K must be >= 2")
     return args
 
 
@@ -121,16 +149,19 @@ def study_folders(names: list[str] | None) -> list[Path]:
 
 
 # ---------------------------------------------------------------------- X-CoReg (a process)
-def run_xcoreg(paths: list[Path], work: Path, args) -> dict:
-    """``dcc-register`` on ``paths`` in its own process; its transforms, seconds, memory."""
-    out = work / "xcoreg"
+def run_xcoreg(paths: list[Path], work: Path, args, key: str = "xcoreg",
+               options: Sequence[str] = ()) -> dict:
+    """``dcc-register`` (plus ``options``) on ``paths`` in its own process; its transforms,
+    seconds, memory."""
+    out = work / key
+    log = work / f"dcc-register-{key}.log"
     command = [sys.executable, "-m", "dcc.cli.register", *map(str, paths), "--stages", STAGES,
-               "--out", str(out), "--threads", str(args.threads), "--quiet",
+               "--out", str(out), "--threads", str(args.threads), "--quiet", *options,
                *(["--overwrite"] if args.keep else []), *args.extra]  # --keep: rerun in place
-    code, seconds, rss = run_measured(command, work / "dcc-register.log")
+    code, seconds, rss = run_measured(command, log)
     row = {"seconds": round(seconds, 2), "peak_rss_mb": round(rss, 1), "returncode": code}
     if code != 0:
-        tail = (work / "dcc-register.log").read_text(errors="replace")[-2000:]
+        tail = log.read_text(errors="replace")[-2000:]
         return {**row, "error": tail.strip()}
     report = json.loads((out / "report.json").read_text())
     names = report["names"]
@@ -217,13 +248,14 @@ def run_trial(study: OpenMSStudy, trial: int, args, work: Path) -> tuple[dict, d
         paths = [work / f"{name}.nii.gz" for name in study.names]
         for path, image in zip(paths, images, strict=True):
             write_image(path, image, grid)
-        result = run_xcoreg(paths, work, args)
-        estimate, after = result.pop("estimate", None), result.pop("after", None)
-        result["gre_mm"] = math.nan if estimate is None else registration_error(
-            truth, grid, estimate)
-        row["xcoreg"] = result
-        if after is not None:
-            panels["X-CoReg"] = np.stack(after)
+        for key, options in runs(args):
+            result = run_xcoreg(paths, work, args, key, options)
+            estimate, after = result.pop("estimate", None), result.pop("after", None)
+            result["gre_mm"] = math.nan if estimate is None else registration_error(
+                truth, grid, estimate)
+            row[key] = result
+            if after is not None and key in NAMES:
+                panels[NAMES[key]] = np.stack(after)
     if not args.skip_sitk:
         result = run_sitk(images, study, args)
         estimate, after = result.pop("estimate"), result.pop("after")
@@ -246,14 +278,26 @@ def _fmt(value: float, digits: int = 2) -> str:
     return "—" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
-COLUMNS = [  # header, (method or None, key), digits
-    ("gRE before (mm)", (None, "gre_before_mm"), 2),
-    ("X-CoReg gRE (mm)", ("xcoreg", "gre_mm"), 2),
-    ("X-CoReg s", ("xcoreg", "seconds"), 1),
-    ("peak RSS (MB)", ("xcoreg", "peak_rss_mb"), 0),
-    ("SimpleITK gRE (mm)", ("sitk", "gre_mm"), 2),
-    ("SimpleITK s", ("sitk", "seconds"), 1),
-]
+def method_keys(rows: list[dict]) -> list[str]:
+    """The methods the rows hold: dcc-register runs in their order, then SimpleITK."""
+    keys = dict.fromkeys(k for r in rows for k, v in r.items() if isinstance(v, dict)
+                         and "returncode" in v)
+    return [*keys, *(["sitk"] if any("sitk" in r for r in rows) else [])]
+
+
+def _label(key: str) -> str:
+    return NAMES.get(key, key.replace("xcoreg-K", "X-CoReg K="))
+
+
+def columns(rows: list[dict]) -> list[tuple[str, tuple, int]]:
+    """header, (method or None, key), digits of the per-trial table"""
+    out = [("gRE before (mm)", (None, "gre_before_mm"), 2)]
+    for key in method_keys(rows):
+        out += [(f"{_label(key)} gRE (mm)", (key, "gre_mm"), 2),
+                (f"{_label(key)} s", (key, "seconds"), 1)]
+        if key == "xcoreg":
+            out.append(("peak RSS (MB)", (key, "peak_rss_mb"), 0))
+    return out
 
 
 def _column(row: dict, where: tuple) -> float:
@@ -264,25 +308,38 @@ def _column(row: dict, where: tuple) -> float:
 def summary(rows: list[dict]) -> dict:
     """Mean and max over the rows of every column (finite values only; NaN if none)."""
     out = {}
-    for header, where, _ in COLUMNS:
+    for header, where, _ in columns(rows):
         values = [v for v in (_column(r, where) for r in rows) if math.isfinite(v)]
         out[header] = {"mean": statistics.fmean(values) if values else math.nan,
                        "max": max(values) if values else math.nan, "n": len(values)}
     return out
 
 
-def markdown(rows: list[dict], stats: dict, settings: dict) -> str:
-    head = ["study", "trial", *(h for h, _, _ in COLUMNS)]
+def comparison(rows: list[dict], keys: list[str]) -> list[dict]:
+    """:func:`compare_methods` of gRE over the trials for ``keys`` (against X-CoReg)."""
+    records = [{"method": key, "trial": f"{r['study']}/{r['trial']}",
+                "gre_before_mm": r["gre_before_mm"], **r[key]}
+               for key in keys for r in rows if key in r]
+    return compare_methods(records, "gre_mm", reference="xcoreg", baseline="gre_before_mm")
+
+
+def markdown(rows: list[dict], stats: dict, settings: dict, tables: dict) -> str:
+    cols = columns(rows)
+    head = ["study", "trial", *(h for h, _, _ in cols)]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         cells = [r["study"], str(r["trial"])]
-        cells += [_fmt(_column(r, where), d) for _, where, d in COLUMNS]
-        if r.get("xcoreg", {}).get("returncode", 0) != 0:
-            cells[3] = "failed"
+        for _, (method, key), digits in cols:
+            failed = method is not None and r.get(method, {}).get("returncode", 0) != 0
+            cells.append("failed" if failed and key == "gre_mm" else
+                         _fmt(_column(r, (method, key)), digits))
         lines.append("| " + " | ".join(cells) + " |")
     for kind in ("mean", "max"):
-        cells = [f"**{kind}**", ""] + [_fmt(stats[h][kind], d) for h, _, d in COLUMNS]
+        cells = [f"**{kind}**", ""] + [_fmt(stats[h][kind], d) for h, _, d in cols]
         lines.append("| " + " | ".join(cells) + " |")
+    for title, table in tables.items():
+        lines += ["", f"### {title}", "", comparison_markdown(
+            table, "gRE (mm)", digits=2, names={k: _label(k) for k in method_keys(rows)})]
     xsettings = settings.get("dcc_register_settings")
     stages = "" if not xsettings else " (" + "; ".join(
         f"{s['name']} {s['iterations']} steps over {s['levels']} level(s), {s.get('bins')} bins"
@@ -292,6 +349,12 @@ def markdown(rows: list[dict], stats: dict, settings: dict) -> str:
         call = " ".join(["dcc-register FLAIR T1W T2W --stages", STAGES, "--threads",
                          str(settings["threads"]), *settings["dcc_register_extra"]])
         methods.append(f"X-CoReg: `{call}`{stages}; seconds and peak RSS of its whole process.")
+        others = [k for k in method_keys(rows) if k not in ("xcoreg", "sitk")]
+        if others:
+            methods.append("The others: the same command with " + ", ".join(
+                f"`{' '.join(options)}` ({_label(k)})" for k, options in settings["runs"]
+                if k != "xcoreg") + " (same stages, sampling and steps; only the objective or "
+                "K differs).")
     if not settings["skip_sitk"]:
         methods.append(
             "SimpleITK: pairwise Euler3D onto FLAIR, Mattes MI (50 bins, "
@@ -349,8 +412,8 @@ def figure(path: Path, examples: list[tuple[str, dict]], rows: list[dict], names
     ax = fig.add_subplot(grid[-1, :])
     studies = list(dict.fromkeys(r["study"] for r in rows))
     methods = [(label, method, key, f"C{k}") for k, (label, method, key) in enumerate(
-        [("before", None, "gre_before_mm"), ("X-CoReg", "xcoreg", "gre_mm"),
-         ("SimpleITK", "sitk", "gre_mm")]) if method is None or any(method in r for r in rows)]
+        [("before", None, "gre_before_mm"),
+         *((NAMES[m], m, "gre_mm") for m in method_keys(rows) if m in NAMES)])]
     width = 0.8 / len(methods)
     for k, (label, method, key, colour) in enumerate(methods):
         for s, study in enumerate(studies):
@@ -370,6 +433,33 @@ def figure(path: Path, examples: list[tuple[str, dict]], rows: list[dict], names
     FigureCanvasAgg(fig)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
+
+
+def classes_figure(path: Path, rows: list[dict], classes: Sequence[int]) -> None:
+    """gRE against K (the paper's Fig. 7): mean ± std over the trials, and every trial."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 3.4))
+    ax = fig.add_subplot()
+    means, stds = [], []
+    for k in classes:
+        values = [v for v in (_value(r, f"xcoreg-K{k}", "gre_mm") for r in rows)
+                  if math.isfinite(v)]
+        ax.plot([k] * len(values), values, "k.", ms=3, alpha=0.5)
+        means.append(statistics.fmean(values) if values else math.nan)
+        stds.append(statistics.stdev(values) if len(values) > 1 else 0.0)
+    ax.errorbar(classes, means, yerr=stds, marker="o", capsize=3, label="X-CoReg, mean ± std")
+    ax.set_xlabel("K (classes of the common anatomy)")
+    ax.set_ylabel("gRE (mm)")
+    ax.set_yscale("log")
+    ax.set_xticks(list(classes))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"open-MS rigid: gRE against K ({len(rows)} trials)", fontsize=9)
+    fig.tight_layout()
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=100)
 
 
 def _json_ready(value):
@@ -415,7 +505,8 @@ def main(argv: list[str] | None = None) -> int:
     xsettings = next((r["xcoreg"].pop("settings") for r in rows
                       if "settings" in r.get("xcoreg", {})), None)
     for r in rows:
-        r.get("xcoreg", {}).pop("settings", None)
+        for key in method_keys(rows):
+            r.get(key, {}).pop("settings", None)
     settings = {
         "studies": [f.name for f in folders],
         "trials": args.trials,
@@ -427,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
         "dcc_register_stages": STAGES,
         "dcc_register_extra": args.extra,
         "dcc_register_settings": xsettings,
+        "runs": [] if args.skip_xcoreg else runs(args),
         "skip_xcoreg": args.skip_xcoreg,
         "skip_sitk": args.skip_sitk,
         "sitk_iterations": args.sitk_iterations,
@@ -436,15 +528,26 @@ def main(argv: list[str] | None = None) -> int:
         "command": command,
     }
     stats = summary(rows)
+    keys = method_keys(rows)
+    tables = {}
+    if "xcoreg" in keys and len([k for k in keys if not k.startswith("xcoreg-K")]) > 1:
+        tables["Methods on the same trials"] = comparison(
+            rows, [k for k in keys if not k.startswith("xcoreg-K")])
+    if args.classes and "xcoreg" in keys:
+        tables["gRE against K (X-CoReg: K = 8)"] = comparison(
+            rows, ["xcoreg", *(f"xcoreg-K{k}" for k in args.classes)])
     args.out.mkdir(parents=True, exist_ok=True)
-    payload = {"settings": settings, "summary": stats, "rows": rows}
-    (args.out / f"{args.tag}.json").write_text(json.dumps(_json_ready(payload), indent=2))
-    table = markdown(rows, stats, settings)
+    payload = {"settings": settings, "summary": stats, "tables": tables, "rows": rows}
+    (args.out / f"{args.tag}.json").write_text(json.dumps(_json_ready(payload), indent=2),
+                                               encoding="utf-8")
+    table = markdown(rows, stats, settings, tables)
     (args.out / f"{args.tag}.md").write_text(table, encoding="utf-8")
     figure(args.out / f"{args.tag}.png", examples, rows, names)
+    if args.classes:
+        classes_figure(args.out / f"{args.tag}_classes.png", rows, args.classes)
     print(table)
     print(f"{PROG}: wrote {args.out / args.tag}.json/.md/.png")
-    failed = [r for r in rows if r.get("xcoreg", {}).get("returncode", 0) != 0]
+    failed = [r for r in rows if any(r.get(k, {}).get("returncode", 0) != 0 for k in keys)]
     if failed:
         print(f"{PROG}: dcc-register failed on {len(failed)} trial(s); see the JSON",
               file=sys.stderr)
@@ -454,10 +557,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _line(row: dict) -> str:
     parts = [f"{row['study']} trial {row['trial']}: gRE before {row['gre_before_mm']:.2f} mm"]
-    if "xcoreg" in row:
-        x = row["xcoreg"]
-        parts.append(f"X-CoReg {_fmt(x.get('gre_mm', math.nan))} mm in {x['seconds']:.1f} s, "
-                     f"{x['peak_rss_mb']:.0f} MB")
+    for key in method_keys([row]):
+        if key == "sitk":
+            continue
+        x = row[key]
+        parts.append(f"{_label(key)} {_fmt(x.get('gre_mm', math.nan))} mm in "
+                     f"{x['seconds']:.1f} s, {x['peak_rss_mb']:.0f} MB")
     if "sitk" in row:
         parts.append(f"SimpleITK {row['sitk']['gre_mm']:.2f} mm in {row['sitk']['seconds']:.1f} s")
     return "; ".join(parts)
