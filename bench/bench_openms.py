@@ -168,6 +168,7 @@ def run_xcoreg(paths: list[Path], work: Path, args, key: str = "xcoreg",
     row.update({
         "registration_s": report["wall_time_s"],
         "x_metric": report["x_metric"],
+        "method": report["settings"]["method"],
         "warnings": report.get("warnings", []),
         "settings": report["settings"],
         "estimate": read_linear_transforms([out / "transforms" / f"{n}.tfm" for n in names]),
@@ -317,8 +318,8 @@ def summary(rows: list[dict]) -> dict:
 
 def comparison(rows: list[dict], keys: list[str]) -> list[dict]:
     """:func:`compare_methods` of gRE over the trials for ``keys`` (against X-CoReg)."""
-    records = [{"method": key, "trial": f"{r['study']}/{r['trial']}",
-                "gre_before_mm": r["gre_before_mm"], **r[key]}
+    records = [{**r[key], "method": key, "trial": f"{r['study']}/{r['trial']}",
+                "gre_before_mm": r["gre_before_mm"]}
                for key in keys for r in rows if key in r]
     return compare_methods(records, "gre_mm", reference="xcoreg", baseline="gre_before_mm")
 

@@ -337,7 +337,7 @@ def test_bench_runs_end_to_end_on_a_tiny_study(tmp_path, monkeypatch):
     monkeypatch.setenv("DCC_DATA_ROOT", str(tmp_path / "data"))
     out = tmp_path / "out"
     argv = ["--trials", "1", "--threads", "1", "--sitk-iterations", "5", "--out", str(out),
-            "--", "--iterations", "3"]
+            "--methods", "xcoreg", "ape", "--classes", "4", "--", "--iterations", "3"]
     assert _bench().main(argv) == 0
     payload = json.loads((out / "openms_bench.json").read_text())
     (row,) = payload["rows"]
@@ -353,3 +353,18 @@ def test_bench_runs_end_to_end_on_a_tiny_study(tmp_path, monkeypatch):
     assert "| tiny_study1 | 0 |" in table and "**mean**" in table and "Hardware:" in table
     assert "bench/bench_openms.py" in table
     assert (out / "openms_bench.png").stat().st_size > 10_000
+    # the competing metric and the K curve: their own dcc-register runs, compared to X-CoReg
+    assert payload["settings"]["runs"] == [["xcoreg", []], ["ape", ["--method", "ape"]],
+                                           ["xcoreg-K4", ["-K", "4"]]]
+    assert [row[k]["method"] for k in ("xcoreg", "ape", "xcoreg-K4")] == ["xcoreg", "ape",
+                                                                         "xcoreg"]
+    assert math.isfinite(row["ape"]["gre_mm"]) and math.isfinite(row["xcoreg-K4"]["gre_mm"])
+    methods = payload["tables"]["Methods on the same trials"]
+    assert [r["method"] for r in methods] == ["xcoreg", "ape", "sitk"]
+    assert methods[1]["mean"] == pytest.approx(row["ape"]["gre_mm"])
+    assert methods[1]["time_ratio"] == pytest.approx(
+        row["ape"]["seconds"] / row["xcoreg"]["seconds"])
+    curve = payload["tables"]["gRE against K (X-CoReg: K = 8)"]
+    assert [r["method"] for r in curve] == ["xcoreg", "xcoreg-K4"]
+    assert "| APE | 1 |" in table and "| X-CoReg K=4 | 1 |" in table
+    assert (out / "openms_bench_classes.png").stat().st_size > 5_000
