@@ -34,3 +34,45 @@ def run_measured(
             proc.wait()
             raise
     return os.waitstatus_to_exitcode(status), time.perf_counter() - start, usage.ru_maxrss / 1024
+
+
+def strip_option(argv: Sequence[str], option: str) -> list[str]:
+    """``argv`` without ``option`` and the values that follow it (up to the next ``-...``)."""
+    out, skipping = [], False
+    for word in argv:
+        skipping = word == option or (skipping and not word.startswith("-"))
+        out += [] if skipping else [word]
+    return out
+
+
+def run_method_workers(
+    script: str | os.PathLike,
+    argv: Sequence[str],
+    methods: Sequence[str],
+    work: str | os.PathLike,
+    *,
+    methods_option: str = "--methods",
+    worker_option: str = "--worker",
+    name: str = "bench",
+) -> list[tuple[str, Path, float, float]]:
+    """Each method in its own process, so that its peak resident memory is its own: runs
+    ``python script *argv --methods M --worker <work>/M.json`` (``argv`` without its own
+    ``--methods`` list) for every ``M`` in turn, the log in ``<work>/M.log``. Returns per method
+    ``(method, its --worker path, wall seconds, peak RSS MiB)``; a failed method stops the
+    bench (``SystemExit`` with the tail of its log)."""
+    import sys
+
+    work = Path(work)
+    own = strip_option(argv, methods_option)
+    done = []
+    for method in methods:
+        path, log = work / f"{method}.json", work / f"{method}.log"
+        command = [sys.executable, str(script), *own, methods_option, method, worker_option,
+                   str(path)]
+        code, seconds, rss = run_measured(command, log)
+        if code != 0:
+            tail = log.read_text(encoding="utf-8", errors="replace")[-3000:]
+            raise SystemExit(f"{name}: method {method} failed (exit {code}):\n{tail}")
+        print(f"{name}: {method}: {seconds:.0f} s, peak RSS {rss:.0f} MB", flush=True)
+        done.append((method, path, seconds, rss))
+    return done
