@@ -31,6 +31,18 @@ the load average and the command), ``scaling.md`` and ``scaling.png``. Not part 
 suite. Example::
 
     python bench/bench_scaling.py --revision 26c714b --out results/scaling
+
+``--methods`` (issue #23, experiment 5) times the competing groupwise metrics of
+``dcc-register --method`` (cte, ape, gmm, cg, vi; README) in the same run, each in its own
+process per (stage, N), with the same phantom groups, preset, transforms, sample and Adam
+schedule (only ``XCoRegConfig.method`` differs): one line per method in the tables and the
+log-log plot, the slopes per method, and per N each baseline's step time over X-CoReg's. cg and vi
+assume one intensity scale (monomodal); on the multimodal phantom they are timed only, their
+accuracy is not meaningful. A ``--revision`` is timed with X-CoReg only (older trees may lack
+the baselines). Example::
+
+    python bench/bench_scaling.py --methods xcoreg cte ape gmm cg vi --sizes 3 8 16 32 64 \
+        --stage ffd --target-sizes --out results/scaling_methods
 """
 
 from __future__ import annotations
@@ -49,6 +61,10 @@ import time
 from pathlib import Path
 
 from dcc.evaluation.processes import run_measured  # standard library only: no torch here
+
+# dcc.coreg.config.METHODS without xcoreg-gt (it times as xcoreg); not imported: that module
+# imports torch, which this parent keeps out of its memory (see spawn)
+METHODS = ("xcoreg", "cte", "ape", "gmm", "cg", "vi")
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = (3, 8, 16, 32, 64, 128)
@@ -71,6 +87,9 @@ def parse_args(argv=None):
                    help="N of the issue's targets, on the unchanged preset (none: skip)")
     p.add_argument("--revision", default=None,
                    help="also time this git revision (e.g. 26c714b) for a before/after table")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=["xcoreg"],
+                   help="groupwise metrics timed (dcc-register --method); xcoreg first is the "
+                   "reference of the ratios")
     p.add_argument("--seed", type=int, default=0, help="misalignment seed (as bench_phantom)")
     p.add_argument("--out", type=Path, default=Path("results/scaling"))
     p.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
@@ -80,6 +99,7 @@ def parse_args(argv=None):
         p.error("group sizes must be >= 1")
     if args.iterations < 1 or args.repeats < 1 or args.warmup < 1 or args.skip < 0:
         p.error("--iterations, --repeats and --warmup must be >= 1, --skip >= 0")
+    args.methods = list(dict.fromkeys(args.methods))
     return args
 
 
@@ -133,6 +153,8 @@ def child(spec_path: Path) -> None:
     def config(iterations: int | None):
         cfg = XCoRegConfig(**json.loads(json.dumps(spec["settings"])))
         cfg.progress, cfg.tolerance = False, 0.0  # a fixed number of steps
+        if spec.get("method", "xcoreg") != "xcoreg":  # a revision is timed as xcoreg only
+            cfg.method = spec["method"]
         if spec["stage"] == "rigid":
             cfg.stages = [StageConfig.named("rigid")]
         if iterations is not None:  # "preset": the preset's own
@@ -179,6 +201,7 @@ def child(spec_path: Path) -> None:
     out = {
         "N": int(images.shape[0]),
         "stage": spec["stage"],
+        "method": spec.get("method", "xcoreg"),
         "package": str(package),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -240,10 +263,10 @@ def run_child(spec: dict, root: Path, work: Path) -> dict:
     """One (revision, stage, N) in its own process (:func:`child`); its record plus the
     process' peak resident memory (``ru_maxrss`` of ``os.wait4``)."""
     start = time.perf_counter()
-    name = f"{spec['revision']}_{spec['stage']}_{spec['N']}"
+    name = f"{spec['revision']}_{spec['method']}_{spec['stage']}_{spec['N']}"
     record, peak_mib = spawn("--child", spec, root, work, name)
-    record.update(revision=spec["revision"], process_seconds=time.perf_counter() - start,
-                  peak_rss_mib=peak_mib)
+    record.update(revision=spec["revision"], method=spec["method"],
+                  process_seconds=time.perf_counter() - start, peak_rss_mib=peak_mib)
     record["rss_above_imports_mib"] = record["peak_rss_mib"] - record["rss_after_imports_mib"]
     return record
 
@@ -271,17 +294,27 @@ def make_groups(spec_path: Path) -> None:
     Path(spec["out"]).write_text(json.dumps({"groups": groups, "hardware": hardware()}))
 
 
+def series(records: list[dict], revisions: list[str]) -> list[tuple[str, str]]:
+    """The (revision, method) pairs measured, revisions in their order, methods in the order
+    of first appearance."""
+    methods = list(dict.fromkeys(r.get("method", "xcoreg") for r in records)) or ["xcoreg"]
+    return [(rev, m) for rev in revisions for m in methods
+            if any(r["revision"] == rev and r.get("method", "xcoreg") == m for r in records)]
+
+
 def summarise(records: list[dict], revisions: list[str]) -> list[dict]:
-    """Log-log slopes in N per (revision, stage) of the step and total s/it and the memory."""
+    """Log-log slopes in N per (revision, method, stage) of the step and total s/it and the
+    memory."""
     fits = []
-    for revision in revisions:
+    for revision, method in series(records, revisions):
         for stage in ("ffd", "rigid"):
             rows = sorted((r for r in records if r["revision"] == revision
-                           and r["stage"] == stage), key=lambda r: r["N"])
+                           and r.get("method", "xcoreg") == method and r["stage"] == stage),
+                          key=lambda r: r["N"])
             if not rows:
                 continue
             n = [r["N"] for r in rows]
-            fit = {"revision": revision, "stage": stage, "sizes": n}
+            fit = {"revision": revision, "method": method, "stage": stage, "sizes": n}
             for key in ("seconds_per_iteration_step", "seconds_per_iteration_total",
                         "peak_rss_mib", "rss_above_imports_mib"):
                 fit[f"slope_{key}"] = loglog_slope(n, [r[key] for r in rows])[0]
@@ -293,12 +326,61 @@ def _f(value: float, digits: int = 4) -> str:
     return "—" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
+def _label(revision: str, method: str, pairs: list[tuple[str, str]]) -> str:
+    """A column or legend name of a (revision, method) series: the part that varies."""
+    if len({m for _, m in pairs}) == 1:
+        return revision
+    if len({r for r, _ in pairs}) == 1:
+        return method
+    return f"{revision} {method}"
+
+
+SLOPE_TARGETS = {"xcoreg": 1.1, "ape": 2.0}  # issue #23: X-CoReg <= 1.1, APE about 2
+FASTER_FROM = 16  # issue #23: X-CoReg faster than every baseline at N >= 16
+
+
+def method_comparison(records: list[dict], fits: list[dict], revision: str) -> dict:
+    """Issue #23 experiment 5 on ``revision``'s records, per stage: every baseline's step and
+    total s/it over X-CoReg's at each N (> 1: X-CoReg faster), whether X-CoReg is faster than
+    every baseline at each N >= :data:`FASTER_FROM` (both definitions), and the slopes beside
+    their targets. Empty without X-CoReg and at least one baseline."""
+    out = {}
+    for stage in ("ffd", "rigid"):
+        rows = [r for r in records if r["revision"] == revision and r["stage"] == stage]
+        methods = list(dict.fromkeys(r.get("method", "xcoreg") for r in rows))
+        if "xcoreg" not in methods or len(methods) < 2:
+            continue
+        by = {(r.get("method", "xcoreg"), r["N"]): r for r in rows}
+        sizes = sorted({r["N"] for r in rows})
+        ratios, faster = {}, {}
+        for n in sizes:
+            ref = by.get(("xcoreg", n))
+            if ref is None:
+                continue
+            for key in ("seconds_per_iteration_step", "seconds_per_iteration_total"):
+                cell = {m: by[(m, n)][key] / ref[key] for m in methods
+                        if m != "xcoreg" and (m, n) in by and ref[key] > 0}
+                ratios.setdefault(key, {})[str(n)] = cell
+                if n >= FASTER_FROM:
+                    faster.setdefault(key, {})[str(n)] = all(v > 1 for v in cell.values())
+        slopes = {f["method"]: {k: f[f"slope_{k}"] for k in (
+            "seconds_per_iteration_step", "seconds_per_iteration_total")}
+            for f in fits if f["revision"] == revision and f["stage"] == stage}
+        out[stage] = {"methods": methods, "sizes": sizes, "ratio_to_xcoreg": ratios,
+                      "xcoreg_faster_than_all": faster, "slopes": slopes}
+    return out
+
+
 def markdown(result: dict) -> str:
     s, revisions = result["settings"], result["revisions"]
     records, fits = result["scaling"], result["fits"]
+    pairs = series(records, revisions)
+    many = len({m for _, m in pairs}) > 1
     loads = [v for r in records + result["targets"] for v in r["load_1min"]]
     lines = [
-        "# X-CoReg cost against the group size N (2D brain phantom, one thread)",
+        ("# Cost per iteration of X-CoReg and the competing groupwise metrics against the "
+         "group size N (2D brain phantom, one thread)" if many else
+         "# X-CoReg cost against the group size N (2D brain phantom, one thread)"),
         "",
         f"Gathered on {result['hardware']}; one torch thread per process "
         f"(`OMP_NUM_THREADS=1`); 1-minute load average {min(loads, default=math.nan):.2f}-"
@@ -307,7 +389,8 @@ def markdown(result: dict) -> str:
         f"each N (40 mm FFD misalignments, std 5.4 mm). {s['preset']} preset settings; "
         f"{s['iterations']} steps per registration (convergence off), {s['repeats']} timed "
         f"registrations after a {s['warmup']}-step warm-up in a fresh process per (revision, "
-        "stage, N). *step*: median time between two Adam steps (first "
+        + ("method, " if many else "") + "stage, N). *step*: median time between two Adam "
+        "steps (first "
         f"{s['skip']} of each optimiser left out); *total*: `result.seconds / iterations` "
         "(bench_phantom.py's and the README's definition, set-up and final Gamma included); "
         "RSS: peak resident memory of the process, and above its own after the imports.",
@@ -315,21 +398,28 @@ def markdown(result: dict) -> str:
         "Revisions: " + "; ".join(f"**{k}** = {v}" for k, v in result["revision_notes"].items()),
         "",
     ]
+    if many:
+        lines += ["Methods (`dcc-register --method`, only the objective on the sample differs): "
+                  + ", ".join(f"**{m}**" for m in dict.fromkeys(m for _, m in pairs))
+                  + ". cg and vi assume one intensity scale: on this multimodal phantom they "
+                  "are timed only.", ""]
     for stage in ("ffd", "rigid"):
         rows = [r for r in records if r["stage"] == stage]
         if not rows:
             continue
         head = ["N"]
-        for rev in revisions:
-            head += [f"{rev} step s/it", f"{rev} total s/it", f"{rev} RSS MiB (above imports)"]
+        for rev, method in pairs:
+            name = _label(rev, method, pairs)
+            head += [f"{name} step s/it", f"{name} total s/it", f"{name} RSS MiB (above imports)"]
         if len(revisions) == 2:
             head.append(f"step {revisions[0]} / {revisions[1]}")
         lines += [f"## {stage} stage", "", "| " + " | ".join(head) + " |",
                   "|" + " --- |" * len(head)]
         for n in sorted({r["N"] for r in rows}):
             cells, steps = [str(n)], []
-            for rev in revisions:
-                r = next((x for x in rows if x["N"] == n and x["revision"] == rev), None)
+            for rev, method in pairs:
+                r = next((x for x in rows if x["N"] == n and x["revision"] == rev
+                          and x.get("method", "xcoreg") == method), None)
                 if r is None:
                     cells += ["—"] * 3
                     steps.append(math.nan)
@@ -338,20 +428,47 @@ def markdown(result: dict) -> str:
                 cells += [_f(r["seconds_per_iteration_step"]),
                           _f(r["seconds_per_iteration_total"]),
                           f"{r['peak_rss_mib']:.0f} ({r['rss_above_imports_mib']:.0f})"]
-            if len(revisions) == 2:
-                cells.append(_f(steps[0] / steps[1], 2) if steps[1] else "—")
+            if len(revisions) == 2:  # X-CoReg of each revision
+                xs = [steps[i] for i, (_, m) in enumerate(pairs) if m == "xcoreg"]
+                cells.append(_f(xs[0] / xs[1], 2) if len(xs) == 2 and xs[1] else "—")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["## Log-log slopes in N (least squares)", "",
-              "| revision | stage | N | step s/it | total s/it | peak RSS | RSS above imports |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+              "| revision | method | stage | N | step s/it | total s/it | peak RSS "
+              "| RSS above imports |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for f in fits:
         lines.append(
-            f"| {f['revision']} | {f['stage']} | {min(f['sizes'])}-{max(f['sizes'])} | "
+            f"| {f['revision']} | {f.get('method', 'xcoreg')} | {f['stage']} | "
+            f"{min(f['sizes'])}-{max(f['sizes'])} | "
             f"{_f(f['slope_seconds_per_iteration_step'], 2)} | "
             f"{_f(f['slope_seconds_per_iteration_total'], 2)} | "
             f"{_f(f['slope_peak_rss_mib'], 2)} | {_f(f['slope_rss_above_imports_mib'], 2)} |")
     lines.append("")
+    for stage, c in result.get("methods", {}).items():
+        others = [m for m in c["methods"] if m != "xcoreg"]
+        lines += [f"## Baselines against X-CoReg, {stage} stage ({revisions[-1]})", "",
+                  "Seconds per iteration of the baseline / X-CoReg's at the same N, step "
+                  "(total in brackets); > 1: X-CoReg is faster.", "",
+                  "| N | " + " | ".join(others) + f" | X-CoReg faster than all (N ≥ {FASTER_FROM})"
+                  " step / total |", "|" + " --- |" * (len(others) + 2)]
+        step = c["ratio_to_xcoreg"].get("seconds_per_iteration_step", {})
+        total = c["ratio_to_xcoreg"].get("seconds_per_iteration_total", {})
+        for n in c["sizes"]:
+            cell_s, cell_t = step.get(str(n), {}), total.get(str(n), {})
+            fast = [c["xcoreg_faster_than_all"].get(k, {}).get(str(n)) for k in (
+                "seconds_per_iteration_step", "seconds_per_iteration_total")]
+            lines.append(f"| {n} | " + " | ".join(
+                f"{_f(cell_s.get(m, math.nan), 2)} ({_f(cell_t.get(m, math.nan), 2)})"
+                for m in others) + " | " + " / ".join(
+                "—" if v is None else ("yes" if v else "no") for v in fast) + " |")
+        lines += ["", "Slopes against issue #23's targets (X-CoReg ≤ 1.1, APE about 2):", "",
+                  "| method | step slope | total slope | target |", "| --- | --- | --- | --- |"]
+        for m, sl in c["slopes"].items():
+            target = {"xcoreg": "≤ 1.1", "ape": "≈ 2"}.get(m, "—")
+            lines.append(f"| {m} | {_f(sl['seconds_per_iteration_step'], 2)} | "
+                         f"{_f(sl['seconds_per_iteration_total'], 2)} | {target} |")
+        lines.append("")
     if result["targets"]:
         lines += ["## Issue #22 targets (brain2d preset unchanged, 200 steps, one thread)", "",
                   "| N | revision | total s/it | target | met | step s/it | peak RSS MiB |",
@@ -376,12 +493,19 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.3))
+    pairs = series(result["scaling"], result["revisions"])
+    many = len({m for _, m in pairs}) > 1
+    colours = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(m for _, m in pairs))}
     for f in result["fits"]:
+        method = f.get("method", "xcoreg")
         rows = sorted((r for r in result["scaling"] if r["revision"] == f["revision"]
-                       and r["stage"] == f["stage"]), key=lambda r: r["N"])
+                       and r.get("method", "xcoreg") == method and r["stage"] == f["stage"]),
+                      key=lambda r: r["N"])
         style = {"marker": "o" if f["stage"] == "ffd" else "s",
                  "linestyle": "-" if f["revision"] == result["revisions"][0] else "--"}
-        name = f"{f['revision']} {f['stage']}"
+        if many:
+            style["color"] = colours[method]
+        name = f"{_label(f['revision'], method, pairs)} {f['stage']}"
         for ax, key in ((left, "seconds_per_iteration_step"), (right, "rss_above_imports_mib")):
             points = [(r["N"], r[key]) for r in rows if r[key] > 0]  # log axes
             if points:
@@ -397,7 +521,8 @@ def plot(result: dict, path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=7, title="log-log slope", title_fontsize=7)
-    left.set_title("X-CoReg cost per iteration, one thread", fontsize=9)
+    left.set_title(("Cost per iteration of each method" if many else "X-CoReg cost per "
+                    "iteration") + ", one thread", fontsize=9)
     right.set_title("Peak memory of a fresh process (ru_maxrss) above its imports", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -445,15 +570,19 @@ def main(argv=None) -> None:
             parent_rss = _rss_mib()  # its own: ru_maxrss would start from its parent's
             base = {"settings": preset, "iterations": args.iterations, "repeats": args.repeats,
                     "warmup": args.warmup, "skip": args.skip}
-            jobs = [(n, stage, scaling) for n in args.sizes for stage in stages]
-            jobs += [(n, "preset", targets) for n in args.target_sizes]
-            for n, stage, into in jobs:
+            jobs = [(n, stage, method, scaling) for n in args.sizes for stage in stages
+                    for method in args.methods]
+            jobs += [(n, "preset", "xcoreg", targets) for n in args.target_sizes]
+            for n, stage, method, into in jobs:
                 for name, root in trees:  # the revisions in turn for each N: same load
-                    spec = {**base, **groups[n], "N": n, "stage": stage, "revision": name}
+                    if method != "xcoreg" and root != ROOT:
+                        continue  # another revision: X-CoReg only
+                    spec = {**base, **groups[n], "N": n, "stage": stage, "revision": name,
+                            "method": method}
                     record = run_child(spec, root, work)
                     record["gwi_before_mm"] = groups[n]["gwi_mm"]
                     into.append(record)
-                    print(f"{name:>10} {stage:>6} N={n:<4} "
+                    print(f"{name:>10} {method:>6} {stage:>6} N={n:<4} "
                           f"step {record['seconds_per_iteration_step']:.4f} "
                           f"total {record['seconds_per_iteration_total']:.4f} s/it  "
                           f"peak {record['peak_rss_mib']:.0f} MiB  "
@@ -474,6 +603,7 @@ def main(argv=None) -> None:
         "revision_notes": notes,
         "settings": {**base, "preset": PRESET, "preset_file": str(settings_file),
                      "sizes": args.sizes, "stages": stages, "target_sizes": args.target_sizes,
+                     "methods": args.methods,
                      "targets_s_per_it": {str(k): v for k, v in TARGETS.items()},
                      "misalignment": {"ffd_spacing_mm": 40.0, "std_mm": 5.4,
                                       "seed": "seed * 100003 + N * 1009", "seed_arg": args.seed},
@@ -482,7 +612,8 @@ def main(argv=None) -> None:
         "scaling": scaling,
         "targets": targets,
     }
-    (args.out / "scaling.json").write_text(json.dumps(result, indent=1))
+    result["methods"] = method_comparison(scaling, result["fits"], revisions[-1])
+    (args.out / "scaling.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
     (args.out / "scaling.md").write_text(markdown(result), encoding="utf-8")
     if result["fits"]:
         plot(result, args.out / "scaling.png")

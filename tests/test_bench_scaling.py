@@ -59,3 +59,60 @@ def test_command_at_a_tiny_budget(tmp_path):
         assert math.isfinite(fit["slope_peak_rss_mib"])
     assert result["command"].startswith("python bench/bench_scaling.py --sizes 3 4")
     assert result["hardware"] and result["settings"]["threads"] == 1 and not result["targets"]
+
+
+def _record(method, n, step, total, revision="HEAD"):
+    return {"revision": revision, "method": method, "stage": "ffd", "N": n,
+            "seconds_per_iteration_step": step, "seconds_per_iteration_total": total,
+            "peak_rss_mib": 500.0 + n, "rss_above_imports_mib": 10.0 + n}
+
+
+def test_methods_slopes_and_ratios_on_power_laws():
+    """Issue #23 exp. 5: one fit per method, the baselines' ratios to X-CoReg and the N >= 16
+    verdict, on exact power laws (X-CoReg 0.01 N, APE 0.001 N^2: APE slower from N = 10; VI
+    always half X-CoReg)."""
+    sizes = [3, 8, 16, 32]
+    records = [_record("xcoreg", n, 0.01 * n, 0.02 * n) for n in sizes]
+    records += [_record("ape", n, 0.001 * n**2, 0.002 * n**2) for n in sizes]
+    records += [_record("vi", n, 0.005 * n, 0.03 * n) for n in sizes]
+    records += [_record("xcoreg", n, 0.03 * n, 0.05 * n, revision="old") for n in sizes]
+    fits = bench.summarise(records, ["old", "HEAD"])
+    slopes = {(f["revision"], f["method"]): f["slope_seconds_per_iteration_step"] for f in fits}
+    assert slopes == pytest.approx({("old", "xcoreg"): 1.0, ("HEAD", "xcoreg"): 1.0,
+                                    ("HEAD", "ape"): 2.0, ("HEAD", "vi"): 1.0})
+    c = bench.method_comparison(records, fits, "HEAD")["ffd"]
+    assert c["methods"] == ["xcoreg", "ape", "vi"] and c["sizes"] == sizes
+    step = c["ratio_to_xcoreg"]["seconds_per_iteration_step"]
+    assert step["32"] == pytest.approx({"ape": 3.2, "vi": 0.5})
+    assert step["3"]["ape"] == pytest.approx(0.3)
+    # VI is faster per step everywhere; by the total definition every baseline is slower
+    assert c["xcoreg_faster_than_all"]["seconds_per_iteration_step"] == {"16": False, "32": False}
+    assert c["xcoreg_faster_than_all"]["seconds_per_iteration_total"] == {"16": True, "32": True}
+    assert c["slopes"]["ape"]["seconds_per_iteration_total"] == pytest.approx(2.0)
+    assert bench.method_comparison(records, fits, "old") == {}  # X-CoReg alone: no comparison
+
+
+def test_command_with_two_methods(tmp_path):
+    tiny = ["--sizes", "3", "4", "--stage", "ffd", "--iterations", "2", "--repeats", "1",
+            "--warmup", "1", "--target-sizes", "--methods", "xcoreg", "vi", "--out",
+            str(tmp_path)]
+    proc = run_script("bench/bench_scaling.py", tiny, tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "scaling.json").read_text(encoding="utf-8"))
+    records = result["scaling"]
+    assert sorted((r["method"], r["N"]) for r in records) == [
+        ("vi", 3), ("vi", 4), ("xcoreg", 3), ("xcoreg", 4)]
+    assert result["settings"]["methods"] == ["xcoreg", "vi"]
+    assert {f["method"] for f in result["fits"]} == {"xcoreg", "vi"}
+    for fit in result["fits"]:
+        rows = sorted((r for r in records if r["method"] == fit["method"]), key=lambda r: r["N"])
+        assert fit["slope_seconds_per_iteration_total"] == pytest.approx(bench.loglog_slope(
+            [3, 4], [r["seconds_per_iteration_total"] for r in rows])[0])
+    by = {(r["method"], r["N"]): r for r in records}
+    ratio = result["methods"]["ffd"]["ratio_to_xcoreg"]["seconds_per_iteration_step"]["4"]["vi"]
+    assert ratio == pytest.approx(by["vi", 4]["seconds_per_iteration_step"]
+                                  / by["xcoreg", 4]["seconds_per_iteration_step"])
+    md = (tmp_path / "scaling.md").read_text(encoding="utf-8")
+    assert "| xcoreg step s/it | xcoreg total s/it |" in md and "| vi step s/it |" in md
+    assert "| vi | ffd | 3-4 |" in md and "## Baselines against X-CoReg, ffd stage" in md
+    assert (tmp_path / "scaling.png").stat().st_size > 0
