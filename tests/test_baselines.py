@@ -234,3 +234,20 @@ def test_cli_variance_of_intensities(tmp_path, capsys):
     assert objective["method"] == "vi" and objective["value"] > report["diagnostics"][
         "stages"][0]["x_before"]
     assert (out / "report.json").is_file()
+
+
+def test_a_competing_metric_is_checked_on_the_overlap_both_alignments_share():
+    """Large translations of a zero-background group: aligning shrinks the field-of-view
+    overlap, and CTE compared on the two different regions rejected its stage (as its open-MS
+    stages, which had found the alignment); on the shared voxels the stage is kept."""
+    phantom = brain_phantom(dim=2, downsample=4)
+    group = _misaligned(phantom, 3, random_rigid(3, phantom.grid, 0.0, 25.0, seed=4))
+    before = group.warping_index()
+    for method, most in (("cte", before - 1.0), ("gmm", 1.5)):
+        config = XCoRegConfig(
+            stages=[StageConfig.named("translation", iterations=60, levels=1)], method=method,
+            progress=False, sample_rate=0.5, mask_zero_fill=False, min_overlap=0.4)
+        result = XCoReg(config).register(group.images, group.grid)
+        stage = result.diagnostics["stages"][0]
+        assert stage["accepted"], (method, stage["tries"])
+        assert group.warping_index(result.transform) < most, method
