@@ -162,31 +162,34 @@ def child(spec_path: Path) -> None:
                 stage.iterations = iterations
         return cfg
 
-    stamps: list[tuple[int, float]] = []
+    stamps: list[tuple[int, float, float]] = []  # optimiser, wall clock, process CPU time
     register_optimizer_step_post_hook(
-        lambda optimizer, args, kwargs: stamps.append((id(optimizer), time.perf_counter()))
+        lambda optimizer, args, kwargs: stamps.append(
+            (id(optimizer), time.perf_counter(), time.process_time()))
     )
     iterations = None if spec["stage"] == "preset" else spec["iterations"]
     # warm-up, untimed (its seconds recorded: the first registration of a process also pays
     # torch's one-off lazy imports, e.g. torch._dynamo when the first optimiser is built)
     warmup = XCoReg(config(spec["warmup"])).register(images, grid)
-    runs, steps = [], []
+    runs, steps, cpu_steps = [], [], []
     for _ in range(spec["repeats"]):
         stamps.clear()
         cfg = config(iterations)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         result = XCoReg(cfg).register(images, grid)
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         done = sum(s.iterations for s in result.stages)
-        intervals: dict[int, list[float]] = {}
-        for (a, ta), (b, tb) in zip(stamps, stamps[1:], strict=False):
+        intervals: dict[int, list[tuple[float, float]]] = {}
+        for (a, ta, ca), (b, tb, cb) in zip(stamps, stamps[1:], strict=False):
             if a == b:
-                intervals.setdefault(a, []).append(tb - ta)
+                intervals.setdefault(a, []).append((tb - ta, cb - ca))
         # interval i ends at step i + 2 of its optimiser: leave out the first `skip` steps
         # (all of a run too short for that keeps its last)
-        timed = [t for ts in intervals.values()
-                 for t in ts[min(max(spec["skip"] - 1, 0), len(ts) - 1):]]
+        kept = [t for ts in intervals.values()
+                for t in ts[min(max(spec["skip"] - 1, 0), len(ts) - 1):]]
+        timed = [t for t, _ in kept]
         steps += timed
+        cpu_steps += [c for _, c in kept]
         stages = result.diagnostics.get("stages", [])
         runs.append({
             "seconds": result.seconds,
@@ -194,6 +197,8 @@ def child(spec_path: Path) -> None:
             "iterations": done,
             "optimizer_steps": len(stamps),
             "seconds_per_iteration_total": result.seconds / max(done, 1),
+            "cpu_seconds": cpu,
+            "cpu_per_iteration_total": cpu / max(done, 1),
             "step_median": statistics.median(timed) if timed else math.nan,
             "restarts": sum(s.get("restarts", 0) for s in stages),
             "accepted": all(s.get("accepted", True) for s in stages),
@@ -215,6 +220,10 @@ def child(spec_path: Path) -> None:
         "seconds_per_iteration_total": statistics.median(
             r["seconds_per_iteration_total"] for r in runs
         ),
+        # the same in CPU seconds of the process (one thread: less sensitive to other jobs
+        # sharing the cores than the wall clock)
+        "cpu_per_iteration_step": statistics.median(cpu_steps) if cpu_steps else math.nan,
+        "cpu_per_iteration_total": statistics.median(r["cpu_per_iteration_total"] for r in runs),
     }
     Path(spec["out"]).write_text(json.dumps(out))
 
@@ -316,8 +325,9 @@ def summarise(records: list[dict], revisions: list[str]) -> list[dict]:
             n = [r["N"] for r in rows]
             fit = {"revision": revision, "method": method, "stage": stage, "sizes": n}
             for key in ("seconds_per_iteration_step", "seconds_per_iteration_total",
+                        "cpu_per_iteration_step", "cpu_per_iteration_total",
                         "peak_rss_mib", "rss_above_imports_mib"):
-                fit[f"slope_{key}"] = loglog_slope(n, [r[key] for r in rows])[0]
+                fit[f"slope_{key}"] = loglog_slope(n, [r.get(key, math.nan) for r in rows])[0]
             fits.append(fit)
     return fits
 
@@ -337,6 +347,8 @@ def _label(revision: str, method: str, pairs: list[tuple[str, str]]) -> str:
 
 SLOPE_TARGETS = {"xcoreg": 1.1, "ape": 2.0}  # issue #23: X-CoReg <= 1.1, APE about 2
 FASTER_FROM = 16  # issue #23: X-CoReg faster than every baseline at N >= 16
+TIMES = ("seconds_per_iteration_step", "seconds_per_iteration_total",
+         "cpu_per_iteration_step", "cpu_per_iteration_total")
 
 
 def method_comparison(records: list[dict], fits: list[dict], revision: str) -> dict:
@@ -357,15 +369,16 @@ def method_comparison(records: list[dict], fits: list[dict], revision: str) -> d
             ref = by.get(("xcoreg", n))
             if ref is None:
                 continue
-            for key in ("seconds_per_iteration_step", "seconds_per_iteration_total"):
-                cell = {m: by[(m, n)][key] / ref[key] for m in methods
-                        if m != "xcoreg" and (m, n) in by and ref[key] > 0}
+            for key in TIMES:
+                if not ref.get(key, math.nan) > 0:
+                    continue
+                cell = {m: by[(m, n)].get(key, math.nan) / ref[key] for m in methods
+                        if m != "xcoreg" and (m, n) in by}
                 ratios.setdefault(key, {})[str(n)] = cell
                 if n >= FASTER_FROM:
                     faster.setdefault(key, {})[str(n)] = all(v > 1 for v in cell.values())
-        slopes = {f["method"]: {k: f[f"slope_{k}"] for k in (
-            "seconds_per_iteration_step", "seconds_per_iteration_total")}
-            for f in fits if f["revision"] == revision and f["stage"] == stage}
+        slopes = {f["method"]: {k: f.get(f"slope_{k}", math.nan) for k in TIMES}
+                  for f in fits if f["revision"] == revision and f["stage"] == stage}
         out[stage] = {"methods": methods, "sizes": sizes, "ratio_to_xcoreg": ratios,
                       "xcoreg_faster_than_all": faster, "slopes": slopes}
     return out
@@ -435,39 +448,49 @@ def markdown(result: dict) -> str:
         lines.append("")
     lines += ["## Log-log slopes in N (least squares)", "",
               "| revision | method | stage | N | step s/it | total s/it | peak RSS "
-              "| RSS above imports |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| RSS above imports | CPU step s/it | CPU total s/it |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for f in fits:
         lines.append(
             f"| {f['revision']} | {f.get('method', 'xcoreg')} | {f['stage']} | "
             f"{min(f['sizes'])}-{max(f['sizes'])} | "
             f"{_f(f['slope_seconds_per_iteration_step'], 2)} | "
             f"{_f(f['slope_seconds_per_iteration_total'], 2)} | "
-            f"{_f(f['slope_peak_rss_mib'], 2)} | {_f(f['slope_rss_above_imports_mib'], 2)} |")
+            f"{_f(f['slope_peak_rss_mib'], 2)} | {_f(f['slope_rss_above_imports_mib'], 2)} | "
+            f"{_f(f.get('slope_cpu_per_iteration_step', math.nan), 2)} | "
+            f"{_f(f.get('slope_cpu_per_iteration_total', math.nan), 2)} |")
     lines.append("")
     for stage, c in result.get("methods", {}).items():
         others = [m for m in c["methods"] if m != "xcoreg"]
         lines += [f"## Baselines against X-CoReg, {stage} stage ({revisions[-1]})", "",
                   "Seconds per iteration of the baseline / X-CoReg's at the same N, step "
-                  "(total in brackets); > 1: X-CoReg is faster.", "",
-                  "| N | " + " | ".join(others) + f" | X-CoReg faster than all (N ≥ {FASTER_FROM})"
-                  " step / total |", "|" + " --- |" * (len(others) + 2)]
-        step = c["ratio_to_xcoreg"].get("seconds_per_iteration_step", {})
-        total = c["ratio_to_xcoreg"].get("seconds_per_iteration_total", {})
-        for n in c["sizes"]:
-            cell_s, cell_t = step.get(str(n), {}), total.get(str(n), {})
-            fast = [c["xcoreg_faster_than_all"].get(k, {}).get(str(n)) for k in (
-                "seconds_per_iteration_step", "seconds_per_iteration_total")]
-            lines.append(f"| {n} | " + " | ".join(
-                f"{_f(cell_s.get(m, math.nan), 2)} ({_f(cell_t.get(m, math.nan), 2)})"
-                for m in others) + " | " + " / ".join(
-                "—" if v is None else ("yes" if v else "no") for v in fast) + " |")
-        lines += ["", "Slopes against issue #23's targets (X-CoReg ≤ 1.1, APE about 2):", "",
-                  "| method | step slope | total slope | target |", "| --- | --- | --- | --- |"]
+                  "(total in brackets), by the wall clock and by the process' CPU time; > 1: "
+                  "X-CoReg is faster.", ""]
+        for clock, (k_step, k_total) in (
+                ("wall", ("seconds_per_iteration_step", "seconds_per_iteration_total")),
+                ("CPU", ("cpu_per_iteration_step", "cpu_per_iteration_total"))):
+            step = c["ratio_to_xcoreg"].get(k_step, {})
+            total = c["ratio_to_xcoreg"].get(k_total, {})
+            if not step:
+                continue
+            lines += [f"| N ({clock}) | " + " | ".join(others) + " | X-CoReg faster than all "
+                      f"(N ≥ {FASTER_FROM}) step / total |", "|" + " --- |" * (len(others) + 2)]
+            for n in c["sizes"]:
+                cell_s, cell_t = step.get(str(n), {}), total.get(str(n), {})
+                fast = [c["xcoreg_faster_than_all"].get(k, {}).get(str(n))
+                        for k in (k_step, k_total)]
+                lines.append(f"| {n} | " + " | ".join(
+                    f"{_f(cell_s.get(m, math.nan), 2)} ({_f(cell_t.get(m, math.nan), 2)})"
+                    for m in others) + " | " + " / ".join(
+                    "—" if v is None else ("yes" if v else "no") for v in fast) + " |")
+            lines.append("")
+        lines += ["Slopes against issue #23's targets (X-CoReg ≤ 1.1, APE about 2):", "",
+                  "| method | step slope | total slope | CPU step slope | CPU total slope "
+                  "| target |", "| --- | --- | --- | --- | --- | --- |"]
         for m, sl in c["slopes"].items():
             target = {"xcoreg": "≤ 1.1", "ape": "≈ 2"}.get(m, "—")
-            lines.append(f"| {m} | {_f(sl['seconds_per_iteration_step'], 2)} | "
-                         f"{_f(sl['seconds_per_iteration_total'], 2)} | {target} |")
+            lines.append(f"| {m} | " + " | ".join(_f(sl.get(k, math.nan), 2) for k in TIMES)
+                         + f" | {target} |")
         lines.append("")
     if result["targets"]:
         lines += ["## Issue #22 targets (brain2d preset unchanged, 200 steps, one thread)", "",
@@ -491,6 +514,7 @@ def plot(result: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.3))
     pairs = series(result["scaling"], result["revisions"])
@@ -516,6 +540,9 @@ def plot(result: dict, path: Path) -> None:
         if ax.lines:
             ax.set_xscale("log")
             ax.set_yscale("log")
+            sizes = sorted({r["N"] for r in result["scaling"]})  # ticks at the sizes measured
+            ax.set_xticks(sizes, [str(n) for n in sizes])
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("group size N")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
@@ -585,6 +612,7 @@ def main(argv=None) -> None:
                     print(f"{name:>10} {method:>6} {stage:>6} N={n:<4} "
                           f"step {record['seconds_per_iteration_step']:.4f} "
                           f"total {record['seconds_per_iteration_total']:.4f} s/it  "
+                          f"CPU step {record['cpu_per_iteration_step']:.4f}  "
                           f"peak {record['peak_rss_mib']:.0f} MiB  "
                           f"load {record['load_1min'][0]:.2f}", flush=True)
     finally:

@@ -108,11 +108,18 @@ def test_command_with_two_methods(tmp_path):
         rows = sorted((r for r in records if r["method"] == fit["method"]), key=lambda r: r["N"])
         assert fit["slope_seconds_per_iteration_total"] == pytest.approx(bench.loglog_slope(
             [3, 4], [r["seconds_per_iteration_total"] for r in rows])[0])
+    for r in records:  # CPU seconds of the one-thread process beside the wall clock
+        assert 0 < r["cpu_per_iteration_step"] and 0 < r["cpu_per_iteration_total"]
+        assert r["cpu_per_iteration_total"] < 2 * r["seconds_per_iteration_total"]
     by = {(r["method"], r["N"]): r for r in records}
+    cpu = result["methods"]["ffd"]["ratio_to_xcoreg"]["cpu_per_iteration_step"]["3"]["vi"]
+    assert cpu == pytest.approx(by["vi", 3]["cpu_per_iteration_step"]
+                                / by["xcoreg", 3]["cpu_per_iteration_step"])
     ratio = result["methods"]["ffd"]["ratio_to_xcoreg"]["seconds_per_iteration_step"]["4"]["vi"]
     assert ratio == pytest.approx(by["vi", 4]["seconds_per_iteration_step"]
                                   / by["xcoreg", 4]["seconds_per_iteration_step"])
     md = (tmp_path / "scaling.md").read_text(encoding="utf-8")
     assert "| xcoreg step s/it | xcoreg total s/it |" in md and "| vi step s/it |" in md
+    assert "| N (CPU) | vi |" in md
     assert "| vi | ffd | 3-4 |" in md and "## Baselines against X-CoReg, ffd stage" in md
     assert (tmp_path / "scaling.png").stat().st_size > 0
