@@ -16,7 +16,13 @@ rigid stage is skipped, as the engine does). The three transformation models of 
 states after each stage. Every method runs in the same engine with the same settings; only the
 objective differs (``XCoRegConfig.method``: X-CoReg with L = 64 bins and K = 6 classes, VI, CG
 with sigma 0.05, CTE with L = 64), except lambda for VI (``--vi-bending-weight``: its objective
-is about 100x smaller than the others', README).
+is about 100x smaller than the others', README; with 0.01 VI's FFD stage was rejected on
+seed 0).
+
+Settings were chosen on trial seed 0 only (reported trials start at ``--seed 1``), for X-CoReg,
+and applied to every method: the FFD step 0.02 mm (myocardium Dice after the FFD stage on seed 0:
+0.837 / 0.833 / 0.828 / 0.823 / 0.813 for lr 0.02 / 0.05 / 0.1 / 0.2 / 0.5, 100 steps; from
+0.827 after the rigid stage: larger steps raise X but fit the contrast change, not the motion).
 
 Metric: the myocardium Dice averaged over all pairs of frames of the label maps warped (nearest
 neighbour) by each frame's recovered transform, and before registration. Per transformation
@@ -95,15 +101,17 @@ def parse_args(argv=None):
                    metavar=("T", "R", "F"), help="Adam steps of translation, rigid, FFD")
     p.add_argument("--levels", type=int, nargs=3, default=[2, 2, 1], metavar=("T", "R", "F"),
                    help="resolution levels of each stage (the steps are shared among them)")
-    p.add_argument("--lr", type=float, nargs=3, default=[1.0, 0.5, 0.2], metavar=("T", "R", "F"),
-                   help="Adam step (mm) of each stage; rotations: lr x --angle-scale radians")
+    p.add_argument("--lr", type=float, nargs=3, default=[1.0, 0.5, 0.02],
+                   metavar=("T", "R", "F"), help="Adam step (mm) of each stage; rotations: lr x "
+                   "--angle-scale radians (FFD 0.02: chosen on seed 0, see the module doc)")
     p.add_argument("--lr-final", type=float, default=0.05,
                    help="final step as a fraction of lr (cosine decay per level)")
     p.add_argument("--angle-scale", type=float, default=0.01)
     p.add_argument("--ffd-spacing", type=float, default=40.0, help="FFD control spacing, mm")
     p.add_argument("--bending-weight", type=float, default=0.01, help="lambda (paper: 0.01)")
-    p.add_argument("--vi-bending-weight", type=float, default=None,
-                   help="lambda for VI (default: the same as --bending-weight)")
+    p.add_argument("--vi-bending-weight", type=float, default=1e-4,
+                   help="lambda for VI (default 1e-4: its objective is ~100x smaller; with "
+                   "0.01 its FFD stage was rejected on seed 0)")
     p.add_argument("--classes", type=int, default=6, help="K of X-CoReg (paper: 6)")
     p.add_argument("--bins", type=int, default=64, help="L (paper: 64)")
     p.add_argument("--sample-rate", type=float, default=0.1)

@@ -221,3 +221,11 @@ def test_bench_runs_end_to_end_on_six_frames(tmp_path, monkeypatch):
     assert "| X-CoReg |" in md and "| VI |" in md and "Hardware:" in md and "nan" not in md
     for name in ("t_dice.png", "t_montage.png", "t_cross_section.png"):
         assert (out / name).stat().st_size > 5_000, name
+
+
+def test_strip_option_drops_the_methods_list_only():
+    from dcc.evaluation.processes import strip_option
+
+    argv = ["--frames", "6", "--methods", "xcoreg", "vi", "--trials", "2", "--methods", "cg"]
+    assert strip_option(argv, "--methods") == ["--frames", "6", "--trials", "2"]
+    assert strip_option(["--out", "x"], "--methods") == ["--out", "x"]
