@@ -360,7 +360,7 @@ def main(argv=None) -> int:
            "three.\n\n" if len(args.methods) > 1 else "")
         + f"Splits: tune = {', '.join(TUNE_CASES)}; test = the other shared patients.\n\n"
     )
-    (out / f"{args.tag}.md").write_text(header + md + "\n" + comparison, encoding="utf-8")
+    (out / f"{args.tag}.md").write_text(header + md + "\n\n" + comparison, encoding="utf-8")
     payload = {"args": {k: v for k, v in vars(args).items()}, "settings": settings,
                "settings_by_method": settings_by_method, "summaries": summaries,
                "groups": results}
