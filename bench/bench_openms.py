@@ -112,6 +112,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tag", default="openms_bench", help="file name stem of the results")
     p.add_argument("--keep", type=Path,
                    help="keep each trial's misaligned images and dcc-register output here")
+    p.add_argument("--rows", type=Path,
+                   help="append every finished trial to this JSON-lines file, and take the "
+                   "trials it already holds (same study and seed) from it instead of running "
+                   "them: an interrupted run resumes, and runs of single studies in parallel "
+                   "processes share one file that a last run over all studies reports")
     args = p.parse_args(argv)
     args.extra = extra
     if args.trials < 1 or args.threads < 1 or args.shrink < 1 or args.sitk_iterations < 1:
@@ -484,13 +489,19 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(shlex.quote(a) for a in ["python", "bench/bench_openms.py",
                                                 *(sys.argv[1:] if argv is None else argv)])
     rows, examples, names = [], [], None
+    done = read_rows(args.rows)
+    if args.rows:
+        args.rows.parent.mkdir(parents=True, exist_ok=True)
     progress = tqdm(total=len(folders) * args.trials, desc=PROG, unit="trial")
     for folder in folders:
         study = load_study(folder, shrink=args.shrink)
         names = study.names
         for trial in range(args.trials):
             progress.set_postfix_str(f"{study.name} trial {trial}")
-            if args.keep:
+            row = done.get((study.name, args.seed + trial))
+            if row is not None:
+                panels = dict(np.load(_slabs_path(args.rows, study.name))) if trial == 0 else {}
+            elif args.keep:
                 work = args.keep / study.name / f"trial{trial:03d}"
                 work.mkdir(parents=True, exist_ok=True)
                 row, panels = run_trial(study, trial, args, work)
@@ -499,7 +510,13 @@ def main(argv: list[str] | None = None) -> int:
                     row, panels = run_trial(study, trial, args, Path(tmp))
             rows.append(row)
             if trial == 0:
+                panels = {label: _middle(volume) for label, volume in panels.items()}
                 examples.append((study.name, panels))
+            if args.rows and (study.name, row["seed"]) not in done:
+                if trial == 0:
+                    np.savez(_slabs_path(args.rows, study.name), **panels)
+                with open(args.rows, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(row) + "\n")  # one write: parallel runs append whole rows
             progress.update()
             tqdm.write(_line(row))
     progress.close()
@@ -554,6 +571,25 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def read_rows(path: Path | None) -> dict[tuple[str, int], dict]:
+    """The trials of a ``--rows`` file by (study, seed); none if there is no file."""
+    if path is None or not path.is_file():
+        return {}
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    return {(r["study"], r["seed"]): r for r in rows}
+
+
+def _slabs_path(rows: Path, study: str) -> Path:
+    """The figure's slices of a study's first trial, beside the ``--rows`` file."""
+    return rows.with_name(f"{rows.stem}.{study}.npz")
+
+
+def _middle(volume: np.ndarray) -> np.ndarray:
+    """The middle axial slice of each image of ``volume`` (N, D, H, W), as (N, 1, H, W)."""
+    d = volume.shape[1]
+    return volume[:, d // 2 : d // 2 + 1]
 
 
 def _line(row: dict) -> str:
