@@ -115,8 +115,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rows", type=Path,
                    help="append every finished trial to this JSON-lines file, and take the "
                    "trials it already holds (same study and seed) from it instead of running "
-                   "them: an interrupted run resumes, and runs of single studies in parallel "
-                   "processes share one file that a last run over all studies reports")
+                   "them (read again before each trial): an interrupted run resumes, and runs "
+                   "in parallel processes (other studies, or later seeds: --seed S+k) share one "
+                   "file that a last run over all studies and trials reports")
     args = p.parse_args(argv)
     args.extra = extra
     if args.trials < 1 or args.threads < 1 or args.shrink < 1 or args.sitk_iterations < 1:
@@ -498,9 +499,10 @@ def main(argv: list[str] | None = None) -> int:
         names = study.names
         for trial in range(args.trials):
             progress.set_postfix_str(f"{study.name} trial {trial}")
+            done |= read_rows(args.rows)  # parallel runs may have done it meanwhile
             row = done.get((study.name, args.seed + trial))
             if row is not None:
-                panels = dict(np.load(_slabs_path(args.rows, study.name))) if trial == 0 else {}
+                panels = {} if trial else dict(np.load(_slabs_path(args.rows, row)))
             elif args.keep:
                 work = args.keep / study.name / f"trial{trial:03d}"
                 work.mkdir(parents=True, exist_ok=True)
@@ -514,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
                 examples.append((study.name, panels))
             if args.rows and (study.name, row["seed"]) not in done:
                 if trial == 0:
-                    np.savez(_slabs_path(args.rows, study.name), **panels)
+                    np.savez(_slabs_path(args.rows, row), **panels)
                 with open(args.rows, "a", encoding="utf-8") as f:
                     f.write(json.dumps(row) + "\n")  # one write: parallel runs append whole rows
             progress.update()
@@ -581,9 +583,9 @@ def read_rows(path: Path | None) -> dict[tuple[str, int], dict]:
     return {(r["study"], r["seed"]): r for r in rows}
 
 
-def _slabs_path(rows: Path, study: str) -> Path:
+def _slabs_path(rows: Path, row: dict) -> Path:
     """The figure's slices of a study's first trial, beside the ``--rows`` file."""
-    return rows.with_name(f"{rows.stem}.{study}.npz")
+    return rows.with_name(f"{rows.stem}.{row['study']}.seed{row['seed']}.npz")
 
 
 def _middle(volume: np.ndarray) -> np.ndarray:
