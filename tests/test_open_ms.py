@@ -337,7 +337,8 @@ def test_bench_runs_end_to_end_on_a_tiny_study(tmp_path, monkeypatch):
     monkeypatch.setenv("DCC_DATA_ROOT", str(tmp_path / "data"))
     out = tmp_path / "out"
     argv = ["--trials", "1", "--threads", "1", "--sitk-iterations", "5", "--out", str(out),
-            "--methods", "xcoreg", "ape", "--classes", "4", "--", "--iterations", "3"]
+            "--methods", "xcoreg", "ape", "--classes", "4", "--rows", str(tmp_path / "rows.jsonl"),
+            "--", "--iterations", "3"]
     assert _bench().main(argv) == 0
     payload = json.loads((out / "openms_bench.json").read_text())
     (row,) = payload["rows"]
@@ -368,3 +369,12 @@ def test_bench_runs_end_to_end_on_a_tiny_study(tmp_path, monkeypatch):
     assert [r["method"] for r in curve] == ["xcoreg", "xcoreg-K4"]
     assert "| APE | 1 |" in table and "| X-CoReg K=4 | 1 |" in table
     assert (out / "openms_bench_classes.png").stat().st_size > 5_000
+    # --rows: a second run takes the finished trial from the file (nothing is registered again)
+    # and writes the same table
+    bench = _bench()
+    bench.run_xcoreg = bench.run_sitk = None  # would raise if called
+    again = tmp_path / "again"
+    assert bench.main([*argv[:argv.index("--out") + 1], str(again), *argv[argv.index(
+        "--out") + 2:]]) == 0
+    assert (again / "openms_bench.md").read_text() == table.replace(str(out), str(again))
+    assert (again / "openms_bench.png").stat().st_size > 10_000
