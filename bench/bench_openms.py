@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shlex
 import statistics
 import sys
@@ -57,7 +56,7 @@ import SimpleITK as sitk
 import torch
 from tqdm.auto import tqdm
 
-from dcc.data.cardiac import data_root
+from dcc.data.cardiac import required_data_root
 from dcc.data.io import InputError, linear_group, read_linear_transforms, write_image
 from dcc.data.open_ms import MAX_ANGLE, MAX_OFFSET, OpenMSStudy, find_studies, load_study
 from dcc.evaluation.comparison import compare_methods, comparison_markdown
@@ -133,12 +132,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def study_folders(names: list[str] | None) -> list[Path]:
     """The study folders to run; :class:`InputError` (one line) names what is missing."""
-    root = data_root()
-    if root is None:
-        env = os.environ.get("DCC_DATA_ROOT")
-        where = f"DCC_DATA_ROOT={env} is not a folder" if env else (
-            "DCC_DATA_ROOT is unset and there is no ../shared/data beside the repository")
-        raise InputError(f"no data root: {where}")
+    root = required_data_root()
     if not (root / "open_ms").is_dir():
         raise InputError(f"{root / 'open_ms'}: no such folder (the open-MS studies)")
     found = find_studies(root)

@@ -1,26 +1,19 @@
 """The MyoPS bench of dcc-register: its misalignment models, and the command end to end on one
 patient (the latter needs the real data; skipped with the reason when absent)."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from tiny_runs import load_bench
 
 from dcc.data.cardiac import data_root
 from dcc.data.misalignment import random_dense_warp, warp_dense
 
 ROOT = data_root()
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_myops.py"
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_myops", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
 
 
 def test_dense_warp_has_the_stated_bounds():
@@ -52,7 +45,7 @@ def test_dense_warp_has_the_stated_bounds():
     reason="MyoPS data not found: set DCC_DATA_ROOT (CI uses ../shared/data)",
 )
 def test_bench_runs_one_patient(tmp_path):
-    bench = _bench()
+    bench = load_bench("bench_myops")
     argv = ["--cases", "Case3012", "--seeds", "0", "--models", "dense,aligned", "--workers", "1",
             "--roi", "10", "--out", str(tmp_path), "--tag", "t", "--", "--iterations", "4"]
     assert bench.main(argv) == 0
@@ -69,7 +62,7 @@ def test_bench_runs_one_patient(tmp_path):
 
 
 def test_methods_option_refuses_monomodal_metrics(capsys):
-    bench = _bench()
+    bench = load_bench("bench_myops")
     args, _ = bench.parse_args(["--methods", "xcoreg", "gmm", "--", "--iterations", "4"])
     assert args.methods == ["xcoreg", "gmm"] and args.extra == ["--iterations", "4"]
     assert bench.parse_args(["--methods", "cte,ape"])[0].methods == ["cte", "ape"]
@@ -86,7 +79,7 @@ def test_methods_option_refuses_monomodal_metrics(capsys):
 
 def test_comparison_of_methods_on_the_same_groups():
     """Paired against X-CoReg per model; a group below its start is counted per method."""
-    bench = _bench()
+    bench = load_bench("bench_myops")
     results = []
     for case, before, x, g in (("A", 0.7, 0.90, 0.80), ("B", 0.6, 0.85, 0.50),
                                ("C", 0.8, 0.88, 0.83)):
@@ -111,7 +104,7 @@ def test_comparison_of_methods_on_the_same_groups():
     reason="MyoPS data not found: set DCC_DATA_ROOT (CI uses ../shared/data)",
 )
 def test_bench_runs_two_methods(tmp_path):
-    bench = _bench()
+    bench = load_bench("bench_myops")
     argv = ["--cases", "Case3012", "--seeds", "0", "--models", "dense", "--workers", "1",
             "--methods", "xcoreg", "gmm", "--out", str(tmp_path), "--tag", "t", "--",
             "--iterations", "2"]

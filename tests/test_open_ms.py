@@ -6,7 +6,6 @@ shared studies (skipped with the reason when absent)."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from tiny_runs import load_bench
 
 from dcc.data.cardiac import data_root
 from dcc.data.io import InputError, linear_group, read_linear_transforms
@@ -32,7 +32,6 @@ from dcc.spatial.transforms import Rigid
 
 ROOT = data_root()
 HAS_OPEN_MS = ROOT is not None and bool(find_studies(ROOT))
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_openms.py"
 
 # a slightly oblique FLAIR grid, and T1W / T2W grids of other sizes, spacings and origins
 DIRECTION = tuple(sitk.VersorTransform((0.1, 0.05, 1.0), 0.05).GetMatrix())
@@ -315,20 +314,15 @@ def test_real_study_loads_and_its_references_align(name):
 
 
 # ---------------------------------------------------------------------- the bench
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_openms", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_bench_without_data_names_what_is_missing(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DCC_DATA_ROOT", str(tmp_path))
-    assert _bench().main(["--out", str(tmp_path / "out")]) == 2
+    assert load_bench("bench_openms").main(["--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "open_ms" in err
     monkeypatch.setenv("DCC_DATA_ROOT", str(tmp_path / "nowhere"))
-    assert _bench().main(["--out", str(tmp_path / "out")]) == 2
+    assert load_bench("bench_openms").main(["--out", str(tmp_path / "out")]) == 2
     assert "DCC_DATA_ROOT" in capsys.readouterr().err
 
 
@@ -339,7 +333,7 @@ def test_bench_runs_end_to_end_on_a_tiny_study(tmp_path, monkeypatch):
     argv = ["--trials", "1", "--threads", "1", "--sitk-iterations", "5", "--out", str(out),
             "--methods", "xcoreg", "ape", "--classes", "4", "--rows", str(tmp_path / "rows.jsonl"),
             "--", "--iterations", "3"]
-    assert _bench().main(argv) == 0
+    assert load_bench("bench_openms").main(argv) == 0
     payload = json.loads((out / "openms_bench.json").read_text())
     (row,) = payload["rows"]
     assert row["study"] == "tiny_study1" and row["seed"] == 0
@@ -371,7 +365,7 @@ def test_bench_runs_end_to_end_on_a_tiny_study(tmp_path, monkeypatch):
     assert (out / "openms_bench_classes.png").stat().st_size > 5_000
     # --rows: a second run takes the finished trial from the file (nothing is registered again)
     # and writes the same table
-    bench = _bench()
+    bench = load_bench("bench_openms")
     bench.run_xcoreg = bench.run_sitk = None  # would raise if called
     again = tmp_path / "again"
     assert bench.main([*argv[:argv.index("--out") + 1], str(again), *argv[argv.index(

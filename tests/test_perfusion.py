@@ -4,7 +4,6 @@ with the reason when absent) and on small copies of it in ``tmp_path``."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import shutil
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from tiny_runs import load_bench
 
 from dcc.data.cardiac import data_root
 from dcc.data.io import InputError
@@ -29,7 +29,6 @@ from dcc.data.perfusion import (
 
 ROOT = data_root()
 SOURCE = None if ROOT is None else ROOT / FOLDER
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_perfusion.py"
 
 
 def _skip_reason() -> str | None:
@@ -168,16 +167,11 @@ def test_known_motion_preprocessing_and_roi(series):
 
 
 # ---------------------------------------------------------------------- the bench
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_perfusion", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_bench_without_data_names_what_is_missing(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DCC_DATA_ROOT", str(tmp_path))
-    assert _bench().main(["--out", str(tmp_path / "out")]) == 2
+    assert load_bench("bench_perfusion").main(["--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and FOLDER in err
     assert not (tmp_path / "out").exists()
@@ -190,7 +184,7 @@ def test_bench_runs_end_to_end_on_six_frames(tmp_path, monkeypatch):
     argv = ["--frames", "6", "--trials", "1", "--seed", "1", "--methods", "xcoreg", "vi",
             "--iterations", "3", "3", "3", "--levels", "1", "1", "1", "--real-frames", "4",
             "--vi-bending-weight", "0.0001", "--threads", "1", "--out", str(out), "--tag", "t"]
-    assert _bench().main(argv) == 0
+    assert load_bench("bench_perfusion").main(argv) == 0
     payload = json.loads((out / "t.json").read_text(encoding="utf-8"))
     records = payload["records"]
     assert [(r["method"], r["seed"]) for r in records] == [("xcoreg", 1), ("vi", 1)]

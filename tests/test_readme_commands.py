@@ -112,6 +112,30 @@ PLANS: dict[str, object] = {
     "python bench/bench_distributed.py --size 64 --processes 1 2 4 --out results/distributed":
         {"replace": [("--size 64", "--size 2"), ("--processes 1 2 4", "--processes 2")],
          "add": ["--iterations", "3", "--warmup", "1"]},  # one torchrun launch, 2 processes
+    # the paper's registration experiments: the tables' commands at tiny budgets, or the test
+    # that runs the same command end to end
+    "python bench/bench_phantom.py --cases 50 --groups 3 --methods xcoreg xcoreg-gt cte ape gmm "
+    "--threads 1 --tag table2 --out results/phantom_table2":
+        {"replace": [("--cases 50", "--cases 1"), ("xcoreg-gt cte ape gmm", "ape"),
+                     ("results/phantom_table2", "phantom_table2")], "add": ["--iterations", "2"]},
+    "python bench/bench_openms.py --trials 25 --seed 100 --shrink 4 --threads 1 "
+    "--methods xcoreg cte ape gmm --tag table3 --out results/openms_table3":
+        {"replace": [("--trials 25", "--trials 1"), ("--shrink 4", "--shrink 8"),
+                     ("xcoreg cte ape gmm", "xcoreg gmm"), ("results/", "")],
+         "add": ["--studies", "patient12_study1", "--sitk-iterations", "3", "--", "--iterations",
+                 "2"]},
+    "python bench/bench_openms.py --trials 2 --seed 200 --shrink 4 --threads 1 --skip-sitk "
+    "--classes 2 4 6 12 16 --tag classes --out results/openms_table3":
+        (SKIP, "tests/test_open_ms.py runs --classes (and --methods, --rows) end to end"),
+    "python bench/bench_perfusion.py --trials 10 --seed 1 --threads 1 --out results/perfusion_moco":
+        (SKIP, "tests/test_perfusion.py runs the command on 6 frames end to end"),
+    "python bench/bench_myops.py --split test --models smooth,dense --seeds 0 "
+    "--methods xcoreg cte ape gmm --workers 1 --out results/myops_methods --tag methods_test":
+        (SKIP, "tests/test_bench_myops.py runs --methods xcoreg gmm on a real MyoPS case"),
+    "python bench/bench_scaling.py --methods xcoreg cte ape gmm cg vi --sizes 3 8 16 32 64 "
+    "--stage ffd --iterations 20 --repeats 1 --warmup 2 --target-sizes "
+    "--out results/scaling_methods":
+        (SKIP, "tests/test_bench_scaling.py runs --methods xcoreg vi at N = 3, 4"),
     "python bench/bench_scaling.py --revision 26c714b --out results/scaling":
         {"replace": [("--revision 26c714b ", "")],
          "add": ["--sizes", "3", "4", "--iterations", "2", "--repeats", "1", "--warmup", "1",

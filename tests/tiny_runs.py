@@ -3,6 +3,7 @@ subprocess (one thread, a timeout, no W&B network)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -135,3 +136,11 @@ def write_myops_tree(root: Path, cases: dict[str, list[str]]) -> Path:
 # a tiny MyoPS run on write_myops_tree's data: 32x32 at 3 mm
 TINY_MYOPS_CLI = ["data=myops", *TINY_RUN, "data.spacing=3.0", "data.margin=5",
                   "data.num_ffds=1"]
+
+
+def load_bench(name: str):
+    """``bench/<name>.py`` as a fresh module (the benches are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -44,6 +44,17 @@ def data_root() -> Path | None:
     return sibling if sibling.is_dir() else None
 
 
+def required_data_root() -> Path:
+    """:func:`data_root`, or an :class:`InputError` (one line) that says why there is none."""
+    root = data_root()
+    if root is None:
+        env = os.environ.get("DCC_DATA_ROOT")
+        where = f"DCC_DATA_ROOT={env} is not a folder" if env else (
+            "DCC_DATA_ROOT is unset and there is no ../shared/data beside the repository")
+        raise InputError(f"no data root: {where}")
+    return root
+
+
 def merge_labels(labels: torch.Tensor | np.ndarray) -> torch.Tensor:
     """Map raw label values (200/1220/2221, 500, 600) to 1/2/3; everything else to 0."""
     raw = torch.as_tensor(np.asarray(labels)).long()

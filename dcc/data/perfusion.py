@@ -24,7 +24,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from dcc.data.cardiac import LV, MYOCARDIUM, RV, data_root
+from dcc.data.cardiac import LV, MYOCARDIUM, RV, required_data_root
 from dcc.data.io import InputError, slice_grid
 from dcc.spatial.grid import Grid
 
@@ -39,16 +39,9 @@ INSTANCE_NUMBER = "0020|0013"
 
 
 def perfusion_folder(root: str | os.PathLike | None = None) -> Path:
-    """``<root>/perfusion_cardiac`` (default root: :func:`data_root`); :class:`InputError`
+    """``<root>/perfusion_cardiac`` (default root: :func:`required_data_root`); :class:`InputError`
     (one line) names what is missing."""
-    if root is None:
-        root = data_root()
-        if root is None:
-            env = os.environ.get("DCC_DATA_ROOT")
-            where = f"DCC_DATA_ROOT={env} is not a folder" if env else (
-                "DCC_DATA_ROOT is unset and there is no ../shared/data beside the repository")
-            raise InputError(f"no data root: {where}")
-    root = Path(root)
+    root = required_data_root() if root is None else Path(root)
     folder = root if (root / "frames").is_dir() else root / FOLDER
     if not folder.is_dir():
         raise InputError(f"{folder}: no such folder (the cardiac perfusion series)")
