@@ -51,7 +51,7 @@ from dcc.evaluation.comparison import (  # noqa: E402
     write_experiment,
 )
 from dcc.evaluation.figures import save_montage  # noqa: E402
-from dcc.evaluation.processes import run_measured  # noqa: E402
+from dcc.evaluation.processes import run_method_workers  # noqa: E402
 from dcc.evaluation.runs import mean_std  # noqa: E402
 from dcc.metrics import (  # noqa: E402
     pairwise_dice,
@@ -242,23 +242,11 @@ def run_isolated(args, argv) -> list[dict]:
     """Each method in its own process (this script with ``--worker``), so that its peak
     resident memory is its own; records carry that process' peak."""
     records = []
-    own, skipping = [], False  # argv without its --methods list
-    for word in argv:
-        skipping = word == "--methods" or (skipping and not word.startswith("-"))
-        own += [] if skipping else [word]
     with tempfile.TemporaryDirectory(prefix="bench_phantom_") as tmp:
-        for method in tqdm(args.methods, desc="methods"):
-            path = Path(tmp) / f"{method}.json"
-            command = [sys.executable, __file__, *own, "--methods", method, "--worker",
-                       str(path)]
-            code, seconds, rss = run_measured(command, Path(tmp) / f"{method}.log")
-            if code != 0:
-                log = (Path(tmp) / f"{method}.log").read_text(errors="replace")[-3000:]
-                raise SystemExit(f"bench_phantom: method {method} failed (exit {code}):\n{log}")
-            for record in json.loads(path.read_text(encoding="utf-8")):
-                record["peak_rss_mb"] = rss
-                records.append(record)
-            print(f"{method}: {seconds:.0f} s, peak RSS {rss:.0f} MB", flush=True)
+        for _, path, _, rss in run_method_workers(__file__, argv, args.methods, tmp,
+                                                  name="bench_phantom"):
+            records += [record | {"peak_rss_mb": rss}
+                        for record in json.loads(path.read_text(encoding="utf-8"))]
     return records
 
 
