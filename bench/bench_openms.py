@@ -436,16 +436,22 @@ def figure(path: Path, examples: list[tuple[str, dict]], rows: list[dict], names
     fig.savefig(path, dpi=80)
 
 
-def classes_figure(path: Path, rows: list[dict], classes: Sequence[int]) -> None:
-    """gRE against K (the paper's Fig. 7): mean ± std over the trials, and every trial."""
+def classes_figure(path: Path, rows: list[dict], classes: Sequence[int],
+                   default: int | None) -> None:
+    """gRE against K (the paper's Fig. 7): mean ± std over the trials, and every trial; the
+    plain X-CoReg runs at their ``default`` K."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(5, 3.4))
     ax = fig.add_subplot()
+    runs = {k: f"xcoreg-K{k}" for k in classes}
+    if default is not None and default not in runs and any("xcoreg" in r for r in rows):
+        runs[default] = "xcoreg"
+    classes = sorted(runs)
     means, stds = [], []
     for k in classes:
-        values = [v for v in (_value(r, f"xcoreg-K{k}", "gre_mm") for r in rows)
+        values = [v for v in (_value(r, runs[k], "gre_mm") for r in rows)
                   if math.isfinite(v)]
         ax.plot([k] * len(values), values, "k.", ms=3, alpha=0.5)
         means.append(statistics.fmean(values) if values else math.nan)
@@ -496,7 +502,9 @@ def main(argv: list[str] | None = None) -> int:
             done |= read_rows(args.rows)  # parallel runs may have done it meanwhile
             row = done.get((study.name, args.seed + trial))
             if row is not None:
-                panels = {} if trial else dict(np.load(_slabs_path(args.rows, row)))
+                slabs = _slabs_path(args.rows, row)
+                panels = {} if trial else dict(np.load(slabs)) if slabs.is_file() else {
+                    "before": study.misalign(row["seed"])[0].numpy()}  # slices not kept
             elif args.keep:
                 work = args.keep / study.name / f"trial{trial:03d}"
                 work.mkdir(parents=True, exist_ok=True)
@@ -558,7 +566,8 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / f"{args.tag}.md").write_text(table, encoding="utf-8")
     figure(args.out / f"{args.tag}.png", examples, rows, names)
     if args.classes:
-        classes_figure(args.out / f"{args.tag}_classes.png", rows, args.classes)
+        classes_figure(args.out / f"{args.tag}_gre_vs_K.png", rows, args.classes,
+                       (xsettings or {}).get("num_classes"))
     print(table)
     print(f"{PROG}: wrote {args.out / args.tag}.json/.md/.png")
     failed = [r for r in rows if any(r.get(k, {}).get("returncode", 0) != 0 for k in keys)]

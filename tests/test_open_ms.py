@@ -362,7 +362,7 @@ def test_bench_runs_end_to_end_on_a_tiny_study(tmp_path, monkeypatch):
     curve = payload["tables"]["gRE against K (X-CoReg: K = 8)"]
     assert [r["method"] for r in curve] == ["xcoreg", "xcoreg-K4"]
     assert "| APE | 1 |" in table and "| X-CoReg K=4 | 1 |" in table
-    assert (out / "openms_bench_classes.png").stat().st_size > 5_000
+    assert (out / "openms_bench_gre_vs_K.png").stat().st_size > 5_000
     # --rows: a second run takes the finished trial from the file (nothing is registered again)
     # and writes the same table
     bench = load_bench("bench_openms")
