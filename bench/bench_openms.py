@@ -318,7 +318,7 @@ def summary(rows: list[dict]) -> dict:
 
 def comparison(rows: list[dict], keys: list[str]) -> list[dict]:
     """:func:`compare_methods` of gRE over the trials for ``keys`` (against X-CoReg)."""
-    records = [{**r[key], "method": key, "trial": f"{r['study']}/{r['trial']}",
+    records = [{**r[key], "method": key, "trial": f"{r['study']}/{r['seed']}",
                 "gre_before_mm": r["gre_before_mm"]}
                for key in keys for r in rows if key in r]
     return compare_methods(records, "gre_mm", reference="xcoreg", baseline="gre_before_mm")
@@ -502,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
             done |= read_rows(args.rows)  # parallel runs may have done it meanwhile
             row = done.get((study.name, args.seed + trial))
             if row is not None:
+                row = {**row, "trial": trial}  # its index in this run (the seed is the key)
                 slabs = _slabs_path(args.rows, row)
                 panels = {} if trial else dict(np.load(slabs)) if slabs.is_file() else {
                     "before": study.misalign(row["seed"])[0].numpy()}  # slices not kept

@@ -228,7 +228,7 @@ def test_cli_variance_of_intensities(tmp_path, capsys):
                  "--levels", "1", "--out", str(out), "--quiet"])
     assert code == 0, capsys.readouterr().err
     assert "vi objective" in capsys.readouterr().out
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert report["settings"]["method"] == "vi"
     objective = report["diagnostics"]["objective"]
     assert objective["method"] == "vi" and objective["value"] > report["diagnostics"][

@@ -49,7 +49,7 @@ def test_bench_runs_one_patient(tmp_path):
     argv = ["--cases", "Case3012", "--seeds", "0", "--models", "dense,aligned", "--workers", "1",
             "--roi", "10", "--out", str(tmp_path), "--tag", "t", "--", "--iterations", "4"]
     assert bench.main(argv) == 0
-    payload = json.loads((tmp_path / "t.json").read_text())
+    payload = json.loads((tmp_path / "t.json").read_text(encoding="utf-8"))
     groups = payload["groups"]
     assert {g["model"] for g in groups} == {"dense", "aligned"}
     assert all(g["split"] == "test" for g in groups)  # Case3012 was not used for tuning
@@ -57,7 +57,7 @@ def test_bench_runs_one_patient(tmp_path):
     assert aligned["dice_before"] == 1.0 and aligned["mean_displacement_mm"] == 0.0
     dense = next(g for g in groups if g["model"] == "dense")
     assert 0 < dense["dice_before"] < 1 and dense["mean_displacement_mm"] > 1
-    assert "| test | dense | 1 |" in (tmp_path / "t.md").read_text()
+    assert "| test | dense | 1 |" in (tmp_path / "t.md").read_text(encoding="utf-8")
     assert (tmp_path / "t.png").stat().st_size > 0
 
 

@@ -40,7 +40,7 @@ def test_command_at_a_tiny_budget(tmp_path):
             "--warmup", "1", "--target-sizes", "--out", str(tmp_path)]
     proc = run_script("bench/bench_scaling.py", tiny, tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((tmp_path / "scaling.json").read_text())
+    result = json.loads((tmp_path / "scaling.json").read_text(encoding="utf-8"))
     assert (tmp_path / "scaling.md").is_file() and (tmp_path / "scaling.png").stat().st_size > 0
     records = result["scaling"]
     assert sorted((r["stage"], r["N"]) for r in records) == [("ffd", 3), ("ffd", 4)]

@@ -50,7 +50,7 @@ def test_whole_stacks_give_3d_results_on_the_stack_grid(
                                   "--labels", labels, labels, labels, "--out", out, "--quiet")
     assert code == 0, err
     assert "registered and segmented by the DCC network" in stdout
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert report["tool"] == "dcc-register" and len(report["slices"]) == 5
     assert all(s["heart"] for s in report["slices"])
     # the challenge metrics beside the Dice: the stacks' labels coincide before registration
@@ -125,7 +125,7 @@ def test_sequences_in_another_order(stack, tmp_path_factory, tmp_path, capsys):
                              "--sequences", "T2", "C0", "LGE", "--out", tmp_path / "o",
                              "--quiet")
     assert code == 0, err
-    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    report = json.loads((tmp_path / "o" / "report.json").read_text(encoding="utf-8"))
     assert report["sequences"] == ["T2", "C0", "LGE"]
 
 

@@ -334,7 +334,7 @@ def test_bench_runs_end_to_end_on_a_tiny_study(tmp_path, monkeypatch):
             "--methods", "xcoreg", "ape", "--classes", "4", "--rows", str(tmp_path / "rows.jsonl"),
             "--", "--iterations", "3"]
     assert load_bench("bench_openms").main(argv) == 0
-    payload = json.loads((out / "openms_bench.json").read_text())
+    payload = json.loads((out / "openms_bench.json").read_text(encoding="utf-8"))
     (row,) = payload["rows"]
     assert row["study"] == "tiny_study1" and row["seed"] == 0
     numbers = [row["gre_before_mm"], row["xcoreg"]["gre_mm"], row["xcoreg"]["seconds"],
@@ -344,7 +344,7 @@ def test_bench_runs_end_to_end_on_a_tiny_study(tmp_path, monkeypatch):
     assert payload["settings"]["dcc_register_extra"] == ["--iterations", "3"]
     assert [s["iterations"] for s in payload["settings"]["dcc_register_settings"]["stages"]] \
         == [3, 3]
-    table = (out / "openms_bench.md").read_text()
+    table = (out / "openms_bench.md").read_text(encoding="utf-8")
     assert "| tiny_study1 | 0 |" in table and "**mean**" in table and "Hardware:" in table
     assert "bench/bench_openms.py" in table
     assert (out / "openms_bench.png").stat().st_size > 10_000
@@ -370,5 +370,6 @@ def test_bench_runs_end_to_end_on_a_tiny_study(tmp_path, monkeypatch):
     again = tmp_path / "again"
     assert bench.main([*argv[:argv.index("--out") + 1], str(again), *argv[argv.index(
         "--out") + 2:]]) == 0
-    assert (again / "openms_bench.md").read_text() == table.replace(str(out), str(again))
+    assert (again / "openms_bench.md").read_text(encoding="utf-8") == table.replace(
+        str(out), str(again))
     assert (again / "openms_bench.png").stat().st_size > 10_000

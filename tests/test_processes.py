@@ -22,6 +22,6 @@ def test_exit_code_log_and_the_childs_own_peak_memory(tmp_path):
                          text=True, check=True).stdout
     (code, seconds, peak), (small_code, _, small_peak) = json.loads(out)
     assert code == 3 and seconds > 0 and small_code == 0
-    assert (tmp_path / "big.txt").read_text().strip() == "done"
+    assert (tmp_path / "big.txt").read_text(encoding="utf-8").strip() == "done"
     assert 300 < peak < 600  # the 300 MiB it touched
     assert small_peak < 100  # an empty interpreter

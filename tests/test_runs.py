@@ -151,7 +151,8 @@ def test_hardware_names_the_cpu():
 
     info = Path("/proc/cpuinfo")
     if info.is_file():
-        names = [line.split(":", 1)[1].strip() for line in info.read_text().splitlines()
+        names = [line.split(":", 1)[1].strip()
+                 for line in info.read_text(encoding="utf-8").splitlines()
                  if line.startswith("model name")]
         if names:
             assert cpu_name() == names[0]
