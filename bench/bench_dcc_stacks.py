@@ -65,7 +65,8 @@ def _run(argv: list[str]) -> tuple[dict, float]:
     if code != 0:
         raise RuntimeError(f"dcc-register {' '.join(argv)} failed: {log.getvalue()}")
     out = Path(argv[argv.index("--out") + 1])
-    return json.loads((out / "report.json").read_text()), time.perf_counter() - start
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    return report, time.perf_counter() - start
 
 
 def main(argv=None) -> int:

@@ -60,7 +60,7 @@ def parse_args(argv=None):
 
 # ------------------------------------------------------------------------ one process of P
 def child(spec_path: Path) -> None:
-    spec = json.loads(spec_path.read_text())
+    spec = json.loads(spec_path.read_text(encoding="utf-8"))
     import torch
     import torch.distributed as dist
     from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -160,7 +160,7 @@ def launch(processes: int, spec: dict, work: Path) -> dict:
     proc = subprocess.run(command, env=env, cwd=work, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{processes} processes: exit {proc.returncode}\n{proc.stderr[-3000:]}")
-    return json.loads(Path(spec["out"]).read_text())
+    return json.loads(Path(spec["out"]).read_text(encoding="utf-8"))
 
 
 def markdown(result: dict) -> str:

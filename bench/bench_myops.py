@@ -170,7 +170,7 @@ def run_group(task: dict) -> dict:
         seconds = time.perf_counter() - start
         if code != 0:
             raise RuntimeError(f"{case_dir.name}: dcc-register failed ({code}): {log.getvalue()}")
-        report = json.loads((out / "report.json").read_text())
+        report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     before, after = report["dice_before"], report["dice_after"]
     return {
         "case": case_dir.name,

@@ -163,7 +163,7 @@ def run_xcoreg(paths: list[Path], work: Path, args, key: str = "xcoreg",
     if code != 0:
         tail = log.read_text(errors="replace")[-2000:]
         return {**row, "error": tail.strip()}
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     names = report["names"]
     row.update({
         "registration_s": report["wall_time_s"],

@@ -133,7 +133,7 @@ def _rss_mib() -> float:
 
 def child(spec_path: Path) -> None:
     """One (revision, stage, N): warm-up, then the timed registrations; JSON to spec["out"]."""
-    spec = json.loads(spec_path.read_text())
+    spec = json.loads(spec_path.read_text(encoding="utf-8"))
     import torch
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
@@ -264,8 +264,9 @@ def spawn(mode: str, spec: dict, root: Path, work: Path, name: str):
     code, _, peak_mib = run_measured(
         [sys.executable, str(Path(__file__).resolve()), mode, str(path)], log, env, work)
     if code != 0:
-        raise SystemExit(f"{name}: exit {code}\n{log.read_text()[-3000:]}")
-    return json.loads(Path(spec["out"]).read_text()), peak_mib
+        tail = log.read_text(encoding="utf-8", errors="replace")[-3000:]
+        raise SystemExit(f"{name}: exit {code}\n{tail}")
+    return json.loads(Path(spec["out"]).read_text(encoding="utf-8")), peak_mib
 
 
 def run_child(spec: dict, root: Path, work: Path) -> dict:
@@ -282,7 +283,7 @@ def run_child(spec: dict, root: Path, work: Path) -> dict:
 
 def make_groups(spec_path: Path) -> None:
     """bench_phantom's case-0 group of each N of the spec (``phantom_group``), each saved."""
-    spec = json.loads(spec_path.read_text())
+    spec = json.loads(spec_path.read_text(encoding="utf-8"))
     import torch
 
     from dcc.data.misalignment import phantom_group
@@ -570,7 +571,7 @@ def main(argv=None) -> None:
                           *(sys.argv[1:] if argv is None else argv)])
     stages = ["ffd", "rigid"] if args.stage == "both" else [args.stage]
     settings_file = ROOT / "dcc" / "coreg" / "presets" / f"{PRESET}.yaml"
-    preset = yaml.safe_load(settings_file.read_text())
+    preset = yaml.safe_load(settings_file.read_text(encoding="utf-8"))
     dirty = git("status", "--porcelain", "--", "dcc")
     current = "HEAD" + ("+dirty" if dirty else "")
     notes = {current: f"this tree ({ROOT}) at {git('rev-parse', '--short', 'HEAD')}"

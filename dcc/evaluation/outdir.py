@@ -185,7 +185,7 @@ def _files(folder: Path) -> set[str]:
 
 def _read_manifest(folder: Path) -> set[str] | None:
     try:
-        files = json.loads((folder / MANIFEST).read_text())["files"]
+        files = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return {f for f in files if isinstance(f, str)}
