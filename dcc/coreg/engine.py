@@ -463,16 +463,15 @@ class XCoReg:
                     report,
                     trial,
                 )
-                after = self._assess(transform, stacked, grid, bins, end_common, log_f_gt)
                 # a competing metric is compared on the voxels both overlaps share: its value
                 # depends on the region (entropies and mixture likelihoods of a field of view
                 # with more or less zero background), and on open-MS its stages found the
                 # right alignment and were rejected on the smaller overlap
                 # (results/openms_table3). X keeps the check it was tuned with.
-                shared = None if self.objective is None else before["region"] & after["region"]
-                if shared is not None:
-                    after = self._assess(transform, stacked, grid, bins, end_common, log_f_gt,
-                                         shared) | {"overlap": after["overlap"]}
+                within = None if self.objective is None else before["region"]
+                after = self._assess(transform, stacked, grid, bins, end_common, log_f_gt,
+                                     within)
+                shared = None if within is None else within & after["region"]
                 # the start again, with Gamma re-estimated from the same end state: EM has had
                 # many more steps during the stage than before it, which favours "after"
                 transform.stages[-1] = self._make_stage(cfg, n, grid).to(stacked.device)
@@ -678,8 +677,8 @@ class XCoReg:
         region = overlap if within is None else overlap & within
         if not region.any():
             n = self.shard.total if self.shard.distributed else images.shape[0]
-            return {"x": float("-inf"), "x_images": [float("-inf")] * n, "overlap": 0,
-                    "common": common, "region": overlap}
+            return {"x": float("-inf"), "x_images": [float("-inf")] * n,
+                    "overlap": round(fraction * grid.numel), "common": common, "region": overlap}
         fit = self._fit_common(common, values, region, bins, log_f_gt, self.config.em_warmup)
         return fit | {"overlap": round(fraction * grid.numel), "region": overlap}
 

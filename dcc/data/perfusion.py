@@ -23,10 +23,16 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
+from scipy import ndimage
+from scipy.io import loadmat
+from scipy.io.matlab import MatReadError
 
 from dcc.data.cardiac import LV, MYOCARDIUM, RV, required_data_root
 from dcc.data.io import InputError, slice_grid
+from dcc.data.misalignment import MisalignedGroup, random_ffd, random_rigid, warp_images
+from dcc.spatial.functional import zscore
 from dcc.spatial.grid import Grid
+from dcc.spatial.transforms import ComposedTransform
 
 __all__ = ["FOLDER", "MASKS", "MASK_FILE", "perfusion_folder", "frame_files", "read_masks",
            "load_perfusion", "moving_series", "preprocess", "region_of_interest"]
@@ -88,9 +94,6 @@ def read_masks(path: str | os.PathLike, shape: tuple[int, int] | None = None) ->
     """The label map (int64 ``(H, W)``: 1 myocardium, 2 LV, 3 RV) of a mask file such as
     ``gold_standard_masks.mat``; :class:`InputError` names the file when it is unreadable, lacks
     a mask, a mask is empty, or its shape is not ``shape``."""
-    from scipy.io import loadmat
-    from scipy.io.matlab import MatReadError
-
     path = Path(path)
     try:
         data = loadmat(path)
@@ -171,9 +174,6 @@ def moving_series(
     :class:`~dcc.data.misalignment.MisalignedGroup` (frames warped linearly, the gold-standard
     ``labels`` ``(H, W)`` carried through each frame's motion by nearest neighbour, names
     ``T01``...) and the fields of view ``(T, H, W)`` (1 where the moved frame has data)."""
-    from dcc.data.misalignment import MisalignedGroup, random_ffd, random_rigid, warp_images
-    from dcc.spatial.transforms import ComposedTransform
-
     n = frames.shape[0]
     rigid = random_rigid(n, grid, max_angle, max_offset, seed=2 * seed + 1)
     ffd = random_ffd(n, grid, ffd_spacing, ffd_std, seed=2 * seed + 2)
@@ -189,13 +189,9 @@ def preprocess(frames: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
     """The paper's pre-processing of a perfusion series (Sec. 4.3.1): an isotropic Gaussian
     filter of ``sigma`` pixels per frame, then a z-score per frame
     (:func:`dcc.spatial.functional.zscore`)."""
-    from scipy import ndimage
-
-    from dcc.spatial.functional import zscore
-
     array = frames.detach().cpu().numpy().astype(np.float32)
-    if sigma > 0:
-        array = np.stack([ndimage.gaussian_filter(a, sigma) for a in array])
+    if sigma > 0:  # in-plane only: a sigma of 0 leaves the time axis alone
+        array = ndimage.gaussian_filter(array, (0, sigma, sigma))
     return zscore(torch.from_numpy(array), ndim=2)
 
 
@@ -203,8 +199,6 @@ def region_of_interest(labels: torch.Tensor, radius: int = 10,
                        structures: tuple[int, ...] = (MYOCARDIUM, LV)) -> torch.Tensor:
     """The paper's ROI: the ``structures`` of ``labels`` (default the LV with its myocardium)
     dilated by a disc of ``radius`` pixels, as a bool ``(H, W)`` tensor."""
-    from scipy import ndimage
-
     mask = np.isin(labels.cpu().numpy(), structures)
     if not mask.any():
         raise ValueError("region_of_interest: no voxel of the structures in the label map")

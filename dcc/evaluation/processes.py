@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -60,8 +61,6 @@ def run_method_workers(
     ``--methods`` list) for every ``M`` in turn, the log in ``<work>/M.log``. Returns per method
     ``(method, its --worker path, wall seconds, peak RSS MiB)``; a failed method stops the
     bench (``SystemExit`` with the tail of its log)."""
-    import sys
-
     work = Path(work)
     own = strip_option(argv, methods_option)
     done = []
