@@ -306,7 +306,12 @@ def main(argv=None):
         f"`{meta['command']}`\n\n"
         f"Misalignments: cubic B-spline FFDs, {args.spacing:g} mm control spacing, control "
         f"displacements of std {args.std:g} mm; every method registers the same misalignments "
-        f"with the `{args.preset}` preset (only the objective differs). Paired t-tests "
+        f"with the `{args.preset}` preset (only the objective differs; budget: "
+        + "; ".join(f"{st['name']} {st['iterations']} Adam steps over {st['levels']} level(s), "
+                    f"step {st['lr']:g} -> x{st['lr_final']:g}" for st in meta["preset"]["stages"])
+        + f", K = {meta['preset']['num_classes']}, L = {meta['preset']['bins']}, sample rate "
+        f"{meta['preset']['sample_rate']:g}, lambda = {meta['preset']['bending_weight']:g}, "
+        f"{meta['torch_threads']} torch thread(s)). Paired t-tests "
         f"against X-Reg-UN on the same misalignments (SciPy `ttest_rel`; verdict at p < 0.05); "
         f"time ratio = mean registration seconds / X-Reg-UN's; memory = peak RSS of the "
         f"method's process / X-Reg-UN's; wall {meta['wall_seconds'] / 60:.1f} min.\n\n"
