@@ -115,7 +115,7 @@ PLANS: dict[str, object] = {
     # the paper's registration experiments: the tables' commands at tiny budgets, or the test
     # that runs the same command end to end
     "python bench/bench_phantom.py --cases 50 --groups 3 --methods xcoreg xcoreg-gt cte ape gmm "
-    "--threads 1 --tag table2 --out results/phantom_table2":
+    "--threads 1 --workers 2 --tag table2 --out results/phantom_table2":
         {"replace": [("--cases 50", "--cases 1"), ("xcoreg-gt cte ape gmm", "ape"),
                      ("results/phantom_table2", "phantom_table2")], "add": ["--iterations", "2"]},
     "python bench/bench_openms.py --trials 25 --seed 100 --shrink 4 --threads 1 "

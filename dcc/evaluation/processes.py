@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
@@ -55,23 +57,34 @@ def run_method_workers(
     methods_option: str = "--methods",
     worker_option: str = "--worker",
     name: str = "bench",
+    workers: int = 1,
 ) -> list[tuple[str, Path, float, float]]:
     """Each method in its own process, so that its peak resident memory is its own: runs
     ``python script *argv --methods M --worker <work>/M.json`` (``argv`` without its own
-    ``--methods`` list) for every ``M`` in turn, the log in ``<work>/M.log``. Returns per method
-    ``(method, its --worker path, wall seconds, peak RSS MiB)``; a failed method stops the
-    bench (``SystemExit`` with the tail of its log)."""
+    ``--methods`` list) for every ``M``, ``workers`` processes at a time, the log in
+    ``<work>/M.log``. Returns per method, in the order of ``methods``, ``(method, its --worker
+    path, wall seconds, peak RSS MiB)``; a failed method stops the bench (``SystemExit`` with
+    the tail of its log; methods already running finish, no other starts)."""
+    if workers < 1:
+        raise ValueError(f"{name}: workers must be >= 1, got {workers}")
     work = Path(work)
     own = strip_option(argv, methods_option)
-    done = []
-    for method in methods:
+
+    failed = threading.Event()
+
+    def run(method):
+        if failed.is_set():  # after a failure no queued method starts
+            return None
         path, log = work / f"{method}.json", work / f"{method}.log"
         command = [sys.executable, str(script), *own, methods_option, method, worker_option,
                    str(path)]
         code, seconds, rss = run_measured(command, log)
         if code != 0:
+            failed.set()
             tail = log.read_text(encoding="utf-8", errors="replace")[-3000:]
             raise SystemExit(f"{name}: method {method} failed (exit {code}):\n{tail}")
         print(f"{name}: {method}: {seconds:.0f} s, peak RSS {rss:.0f} MB", flush=True)
-        done.append((method, path, seconds, rss))
-    return done
+        return method, path, seconds, rss
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(run, methods))
