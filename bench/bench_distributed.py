@@ -4,9 +4,10 @@ One phantom group of ``--size`` images (``dcc.data.misalignment.phantom_group``:
 phantom at 1 mm, 233 x 197, 40 mm FFD misalignments) is registered by P = ``--processes``
 processes launched by ``torchrun --standalone`` (gloo, ``OMP_NUM_THREADS=1`` and one torch
 thread each): P = 1 is the single-process engine (no process group), P > 1 shards the group
-(``dcc.coreg.distributed.shard``). Settings: the brain2d preset (one 20 mm FFD stage, sample
-rate 0.1, K = 4, L = 64) with ``--iterations`` steps (convergence test off), after an untimed
-warm-up of ``--warmup`` steps. Per P (process 0's view):
+(``dcc.coreg.distributed.shard``). Settings: the brain2d preset's finest level
+(``StageConfig.finest_level``: one 20 mm FFD level at full resolution, sample rate 0.1, K = 4,
+L = 64) with ``--iterations`` steps (convergence test off), after an untimed warm-up of
+``--warmup`` steps. Per P (process 0's view):
 
 * **step**: median time between two consecutive Adam steps (a global optimiser hook; the first
   two steps left out), the time of one iteration of Algorithm 1 in the slowest process (every
@@ -79,6 +80,7 @@ def child(spec_path: Path) -> None:
 
     def config(iterations):
         cfg = load_preset("brain2d", progress=False, tolerance=0.0)
+        cfg.stages = [stage.finest_level() for stage in cfg.stages]  # one 20 mm level
         for stage in cfg.stages:
             stage.iterations = iterations
         return cfg
@@ -173,7 +175,8 @@ def markdown(result: dict) -> str:
         f"before the runs, {min(loads):.2f}-{max(loads):.2f} during the timed ones (this "
         f"bench's own processes included). Group: N = {s['size']} "
         "brain phantom images (233 x 197 at 1 mm, 40 mm FFD misalignments), brain2d preset "
-        f"(one 20 mm FFD stage, sample rate 0.1, K = 4, L = 64), {s['iterations']} timed steps "
+        "(its finest level: one 20 mm FFD stage at full resolution, sample rate 0.1, K = 4, "
+        f"L = 64), {s['iterations']} timed steps "
         "after an untimed warm-up. *step*: median interval between Adam steps; *CPU*: process "
         "0's CPU seconds in it; *total*: "
         "result.seconds / iterations; *collectives*: medians per step of process 0's calls, "

@@ -12,8 +12,8 @@ N the paper's Table 2
 comparison (:mod:`dcc.evaluation.comparison`): every method's gWI against X-CoReg's on the
 same misalignments (paired t-test), and its time and memory ratios. Each trial registers with
 its own seed (Gamma^[0] of Eq. 22 and the coordinate samples; ``--engine-seed`` fixes one for
-all): with one seed for every trial the whole table shares one random start, and X-CoReg's mean
-gWI moved by up to 0.03 mm between seeds.
+all): with one seed for every trial the whole table shares one random start (X-CoReg's mean
+gWI over 12 misalignments moved by up to 0.03 mm from one seed to another).
 Results go to ``--out``: ``<tag>.json``, ``<tag>.md``, ``<tag>_gwi.png`` (box plot) and
 ``<tag>_montage.png`` (the first case of the first method).
 

@@ -3,7 +3,8 @@
 For every N of ``--sizes`` and every stage of ``--stage``, a fresh process (this script with
 ``--child``, ``OMP_NUM_THREADS=1`` and ``torch.set_num_threads(1)``) registers the same phantom
 group: the brain2d preset's settings with a fixed number of ``--iterations`` and the
-convergence test off, either its one 20 mm FFD stage ("ffd") or a rigid stage of the paper's
+convergence test off, either its FFD stage as one level of its finest spacing (20 mm) at full
+resolution ("ffd"; the preset itself goes coarse to fine) or a rigid stage of the paper's
 defaults in its place ("rigid"). The process first runs one untimed warm-up registration
 (``--warmup`` iterations), then ``--repeats`` timed ones. Reported per (revision, stage, N):
 
@@ -157,6 +158,8 @@ def child(spec_path: Path) -> None:
             cfg.method = spec["method"]
         if spec["stage"] == "rigid":
             cfg.stages = [StageConfig.named("rigid")]
+        if spec["stage"] == "ffd":  # the cost of a step at full resolution: one level
+            cfg.stages = [stage.finest_level() for stage in cfg.stages]
         if iterations is not None:  # "preset": the preset's own
             for stage in cfg.stages:
                 stage.iterations = iterations

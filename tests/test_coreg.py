@@ -136,6 +136,16 @@ def test_presets_load(name):
         load_preset("no-such-preset")
 
 
+def test_finest_level_of_a_coarse_to_fine_stage():
+    stage = load_preset("brain2d").stages[0]  # 40 mm then 20 mm, 2 resolution levels
+    finest = stage.finest_level()
+    assert (finest.levels, finest.ffd_levels, finest.ffd_spacing) == (1, 1, 20.0)
+    assert (stage.levels, stage.ffd_levels, stage.ffd_spacing) == (2, 2, 40.0)  # a copy
+    assert finest.iterations == stage.iterations and finest.lr == stage.lr
+    three = StageConfig(name="ffd", ffd_spacing=80.0, ffd_levels=3).finest_level()
+    assert three.ffd_spacing == 20.0
+
+
 # ---------------------------------------------------------------------- robustness (issue 6)
 def test_composed_transform_is_zero_mean(ffd_group):
     """Eq. (37) on the composed phi = rigid o FFD, not per stage: the mean displacement over

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -74,6 +74,12 @@ class StageConfig:
             raise ValueError(f"unknown stage '{name}'; choose from {', '.join(STAGES)}")
         values = {**STAGE_DEFAULTS[name], **{k: v for k, v in overrides.items() if v is not None}}
         return cls(name=name, **values)
+
+    def finest_level(self) -> StageConfig:
+        """This stage as its last level alone: one FFD level of its finest control spacing on
+        the full-resolution images (what one step costs at the end of a coarse-to-fine stage)."""
+        return replace(self, levels=1, ffd_levels=1,
+                       ffd_spacing=self.ffd_spacing / 2 ** (self.ffd_levels - 1))
 
 
 @dataclass
