@@ -5,8 +5,8 @@ phantom at 1 mm, 233 x 197, 40 mm FFD misalignments) is registered by P = ``--pr
 processes launched by ``torchrun --standalone`` (gloo, ``OMP_NUM_THREADS=1`` and one torch
 thread each): P = 1 is the single-process engine (no process group), P > 1 shards the group
 (``dcc.coreg.distributed.shard``). Settings: the brain2d preset's finest level
-(``StageConfig.finest_level``: one 20 mm FFD level at full resolution, sample rate 0.1, K = 4,
-L = 64) with ``--iterations`` steps (convergence test off), after an untimed warm-up of
+(``StageConfig.finest_level``: one 20 mm FFD level at full resolution; K, L and the sample
+rate of the preset) with ``--iterations`` steps (convergence test off), after an untimed warm-up of
 ``--warmup`` steps. Per P (process 0's view):
 
 * **step**: median time between two consecutive Adam steps (a global optimiser hook; the first
@@ -175,8 +175,8 @@ def markdown(result: dict) -> str:
         f"before the runs, {min(loads):.2f}-{max(loads):.2f} during the timed ones (this "
         f"bench's own processes included). Group: N = {s['size']} "
         "brain phantom images (233 x 197 at 1 mm, 40 mm FFD misalignments), brain2d preset "
-        "(its finest level: one 20 mm FFD stage at full resolution, sample rate 0.1, K = 4, "
-        f"L = 64), {s['iterations']} timed steps "
+        "(its finest level: one 20 mm FFD stage at full resolution; K, L and the sample rate "
+        f"of the preset), {s['iterations']} timed steps "
         "after an untimed warm-up. *step*: median interval between Adam steps; *CPU*: process "
         "0's CPU seconds in it; *total*: "
         "result.seconds / iterations; *collectives*: medians per step of process 0's calls, "
