@@ -7,14 +7,17 @@ each image is misaligned by an independent random rigid map (rotation about the 
 angles uniform in +-15 deg per axis, offsets uniform in +-20 mm per axis; trial ``k`` uses the
 seed ``--seed + k`` for every study) and the three misaligned images are written as NIfTI. Then
 
-* X-CoReg: ``dcc-register FLAIR T1W T2W --stages translation,rigid --threads T`` with its
-  defaults otherwise (arguments after ``--`` are passed on), each run in its own process; the
-  bench records its wall seconds and the peak resident memory of that process (``wait4``), and
-  reads the recovered maps back from ``transforms/*.tfm``;
+* X-CoReg: ``dcc-register FLAIR T1W T2W --stages translation,rigid --threads T --seed S`` with
+  its defaults otherwise (arguments after ``--`` are passed on), each run in its own process and
+  with the trial's seed ``S`` (Gamma^[0] of Eq. 22 and the coordinate samples: the trials do not
+  share one random start; ``--engine-seed`` fixes one for all), recording its
+  wall seconds and the peak resident memory of that process (``wait4``), and reading the
+  recovered maps back from ``transforms/*.tfm``;
 * SimpleITK (the external reference, in this process, ``--threads`` threads): pairwise rigid
   registration of T1W and of T2W onto FLAIR (Euler3D, Mattes MI with 50 bins on a random 10 %
-  sample, shrink 4/2/1 with smoothing 2/1/0 mm, regular-step gradient descent, geometry-centred
-  initialisation); FLAIR's map is the identity, so the pairwise results form a group.
+  sample drawn with the trial's seed + 1, shrink 4/2/1 with smoothing 2/1/0 mm, regular-step
+  gradient descent, geometry-centred initialisation); FLAIR's map is the identity, so the
+  pairwise results form a group.
 
 gRE (mm) at the 8 vertices of the FLAIR field of view is reported before and after each method.
 ``--methods`` adds the competing groupwise metrics of the same engine (``dcc-register --method
@@ -92,6 +95,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--studies", nargs="+", help="study folder names (default: all found)")
     p.add_argument("--trials", type=int, default=1, help="misalignments per study (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of trial 0 (trial k: seed + k)")
+    p.add_argument("--engine-seed", type=int, default=None,
+                   help="dcc-register --seed of every trial (default: each trial its own, the "
+                   "seed of its misalignment)")
     p.add_argument("--threads", type=int, default=2,
                    help="CPU threads of dcc-register (--threads) and of SimpleITK (default 2)")
     p.add_argument("--shrink", type=float, default=1.0,
@@ -150,13 +156,14 @@ def study_folders(names: list[str] | None) -> list[Path]:
 
 # ---------------------------------------------------------------------- X-CoReg (a process)
 def run_xcoreg(paths: list[Path], work: Path, args, key: str = "xcoreg",
-               options: Sequence[str] = ()) -> dict:
-    """``dcc-register`` (plus ``options``) on ``paths`` in its own process; its transforms,
-    seconds, memory."""
+               options: Sequence[str] = (), seed: int = 0) -> dict:
+    """``dcc-register --seed seed`` (plus ``options``) on ``paths`` in its own process; its
+    transforms, seconds, memory."""
     out = work / key
     log = work / f"dcc-register-{key}.log"
     command = [sys.executable, "-m", "dcc.cli.register", *map(str, paths), "--stages", STAGES,
-               "--out", str(out), "--threads", str(args.threads), "--quiet", *options,
+               "--out", str(out), "--threads", str(args.threads), "--seed", str(seed), "--quiet",
+               *options,
                *(["--overwrite"] if args.keep else []), *args.extra]  # --keep: rerun in place
     code, seconds, rss = run_measured(command, log)
     row = {"seconds": round(seconds, 2), "peak_rss_mb": round(rss, 1), "returncode": code}
@@ -178,14 +185,15 @@ def run_xcoreg(paths: list[Path], work: Path, args, key: str = "xcoreg",
 
 
 # ---------------------------------------------------------------------- SimpleITK (in process)
-def sitk_rigid(fixed: sitk.Image, moving: sitk.Image, args) -> tuple[sitk.Transform, dict]:
+def sitk_rigid(fixed: sitk.Image, moving: sitk.Image, args,
+               seed: int) -> tuple[sitk.Transform, dict]:
     """Rigid (Euler3D) registration of ``moving`` onto ``fixed`` with Mattes MI; the transform
     maps fixed points to moving points (ITK's resampling direction)."""
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=50)
     method.SetMetricSamplingStrategy(method.RANDOM)
     # a fixed sample: seed 0 would be sitkWallClock (a new sample every run)
-    method.SetMetricSamplingPercentage(args.sitk_sampling, args.seed + 1)
+    method.SetMetricSamplingPercentage(args.sitk_sampling, seed + 1)
     method.SetInterpolator(sitk.sitkLinear)
     method.SetOptimizerAsRegularStepGradientDescent(
         learningRate=2.0, minStep=1e-4, numberOfIterations=args.sitk_iterations,
@@ -205,7 +213,7 @@ def sitk_rigid(fixed: sitk.Image, moving: sitk.Image, args) -> tuple[sitk.Transf
     }
 
 
-def run_sitk(images: torch.Tensor, study: OpenMSStudy, args) -> dict:
+def run_sitk(images: torch.Tensor, study: OpenMSStudy, args, seed: int) -> dict:
     """Each misaligned image after the first onto the first (FLAIR): the group of maps
     ``[identity, T_1, T_2]``, seconds, and the moving images resampled onto FLAIR."""
     volumes = [study.grid.to_sitk(image.numpy()) for image in images]
@@ -215,7 +223,7 @@ def run_sitk(images: torch.Tensor, study: OpenMSStudy, args) -> dict:
     try:
         for moving in volumes[1:]:
             start = time.perf_counter()
-            transform, info = sitk_rigid(volumes[0], moving, args)
+            transform, info = sitk_rigid(volumes[0], moving, args, seed)
             info["seconds"] = round(time.perf_counter() - start, 2)
             seconds += info["seconds"]
             transforms.append(transform)
@@ -238,6 +246,7 @@ def run_trial(study: OpenMSStudy, trial: int, args, work: Path) -> tuple[dict, d
         "study": study.name,
         "trial": trial,
         "seed": seed,
+        "engine_seed": seed if args.engine_seed is None else args.engine_seed,
         "grid_shape": list(grid.shape),
         "grid_spacing_mm": [round(s, 4) for s in grid.spacing],
         "truth_angles_deg": np.degrees(truth.angles.detach().double().numpy()).round(3).tolist(),
@@ -250,7 +259,7 @@ def run_trial(study: OpenMSStudy, trial: int, args, work: Path) -> tuple[dict, d
         for path, image in zip(paths, images, strict=True):
             write_image(path, image, grid)
         for key, options in runs(args):
-            result = run_xcoreg(paths, work, args, key, options)
+            result = run_xcoreg(paths, work, args, key, options, row["engine_seed"])
             estimate, after = result.pop("estimate", None), result.pop("after", None)
             result["gre_mm"] = math.nan if estimate is None else registration_error(
                 truth, grid, estimate)
@@ -258,7 +267,7 @@ def run_trial(study: OpenMSStudy, trial: int, args, work: Path) -> tuple[dict, d
             if after is not None and key in NAMES:
                 panels[NAMES[key]] = np.stack(after)
     if not args.skip_sitk:
-        result = run_sitk(images, study, args)
+        result = run_sitk(images, study, args, seed)
         estimate, after = result.pop("estimate"), result.pop("after")
         result["gre_mm"] = registration_error(truth, grid, estimate)
         row["sitk"] = result
@@ -345,6 +354,12 @@ def markdown(rows: list[dict], stats: dict, settings: dict, tables: dict) -> str
     stages = "" if not xsettings else " (" + "; ".join(
         f"{s['name']} {s['iterations']} steps over {s['levels']} level(s), {s.get('bins')} bins"
         for s in xsettings["stages"]) + ")"
+    if "engine_seed" not in settings:  # runs before the per-trial seeds: the preset's 0
+        engine = "0 for every trial"
+    elif settings["engine_seed"] is None:
+        engine = "each trial its own, its misalignment's"
+    else:
+        engine = f"{settings['engine_seed']} for every trial"
     methods = []
     if not settings["skip_xcoreg"]:
         call = " ".join(["dcc-register FLAIR T1W T2W --stages", STAGES, "--threads",
@@ -368,7 +383,8 @@ def markdown(rows: list[dict], stats: dict, settings: dict, tables: dict) -> str
         f"Protocol: FLAIR/T1W/T2W on the FLAIR grid (shrink {settings['shrink']:g}) with the "
         f"reference transforms; each image misaligned by a random rigid map (+-{MAX_ANGLE:g} deg, "
         f"+-{MAX_OFFSET:g} mm per axis, about the volume centre; trial k: seed {settings['seed']}"
-        " + k); gRE (Eqs. 51-52) at the 8 vertices of the FLAIR field of view. "
+        f" + k; registration seed: {engine}); gRE (Eqs. 51-52) at the 8 vertices of the FLAIR "
+        "field of view. "
         + " ".join(methods),
         "",
         *lines,
@@ -534,6 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         "studies": [f.name for f in folders],
         "trials": args.trials,
         "seed": args.seed,
+        "engine_seed": args.engine_seed,
         "threads": args.threads,
         "shrink": args.shrink,
         "max_angle_deg": MAX_ANGLE,
