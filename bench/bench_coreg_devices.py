@@ -13,6 +13,14 @@ same seeds, same crop). ``run`` registers every group with ``dcc-register --stag
 thread, all runs in parallel up to ``--jobs``), and tabulates the mean pairwise label Dice before
 and after, the final X and the registration time per device, with the largest CPU/CUDA Dice
 difference. Arguments after ``--`` go to ``dcc-register``.
+
+``run --in-process`` registers each group in this process instead, one run at a time (a first,
+untimed registration per device takes CUDA's start-up out of the times), from the
+``group.pt`` that ``prepare`` also writes: the images, fields of view and labels on the common
+grid and the settings exactly as ``dcc-register`` passes them to ``XCoReg.register``. It needs
+neither SimpleITK nor the NIfTI reader (a GPU machine whose image lacks them, issue #22's "2D
+cardiac group in under a second"); its Dice warps the common-grid labels (nearest neighbour),
+so it can differ from dcc-register's, which warps each label map from its own grid.
 """
 
 from __future__ import annotations
@@ -38,10 +46,27 @@ def prepare(args: argparse.Namespace) -> None:
     unknown = sorted(set(names) - set(indexed))
     if unknown:
         raise SystemExit(f"bench_coreg_devices: unknown cases {', '.join(unknown)}")
+    from dataclasses import asdict
+
+    import torch
+
+    from dcc.cli.register import build_parser, load_group, make_config
+
     for name in names:
         index, case = indexed[name]
-        write_group(case, index, Path(args.dir) / name, "smooth", args.seed)
-        print(f"wrote {Path(args.dir) / name}", flush=True)
+        folder = Path(args.dir) / name
+        write_group(case, index, folder, "smooth", args.seed)
+        # what dcc-register passes to XCoReg.register (no masks, no roi), for --in-process
+        paths = [str(folder / f"{s}.nii.gz") for s in SEQUENCES]
+        labels = [str(folder / f"{s}_labels.nii.gz") for s in SEQUENCES]
+        cli = build_parser().parse_args([*paths, "--labels", *labels, "--out", "unused",
+                                         "--stages", "rigid,ffd", "--preset", "cardiac2d",
+                                         "--seed", str(args.seed), "--quiet"])
+        _, _, common, images, valid, warped_labels = load_group(paths, labels, None)
+        config = make_config(cli, common)
+        torch.save({"images": images, "valid": valid, "labels": warped_labels,
+                    "grid": common.to_dict(), "config": asdict(config)}, folder / "group.pt")
+        print(f"wrote {folder}", flush=True)
 
 
 def _register(folder: Path, device: str, seed: int, extra: list[str]) -> dict:
@@ -64,11 +89,44 @@ def _register(folder: Path, device: str, seed: int, extra: list[str]) -> dict:
             "seconds": report["wall_time_s"], "restarts": report.get("diagnostics")}
 
 
+def _register_in_process(folder: Path, device: str, seed: int) -> dict:
+    """The group of ``folder/group.pt`` registered in this process on ``device``."""
+    import torch
+
+    from dcc.coreg import XCoReg, XCoRegConfig
+    from dcc.metrics.functional import pairwise_dice
+    from dcc.spatial.functional import sample
+    from dcc.spatial.grid import Grid
+
+    data = torch.load(folder / "group.pt", weights_only=False)
+    config = XCoRegConfig(**data["config"])
+    config.device, config.seed, config.progress = device, seed, False
+    grid, labels = Grid(**{k: tuple(v) for k, v in data["grid"].items()}), data["labels"]
+    result = XCoReg(config).register(data["images"], grid, valid=data["valid"], labels=labels)
+    with torch.no_grad():
+        points = result.transform.lattice(grid).cpu()  # (N, *S, d)
+        after = sample(labels.float().unsqueeze(1), grid.world_to_normalized(points),
+                       mode="nearest")[:, 0].round().to(labels.dtype)
+    return {"dice_before": pairwise_dice(labels)["mean"],
+            "dice_after": pairwise_dice(after)["mean"], "x_metric": result.x_metric,
+            "seconds": result.seconds}
+
+
 def run(args: argparse.Namespace, extra: list[str]) -> None:
-    folders = sorted(p for p in Path(args.dir).iterdir() if (p / "C0.nii.gz").exists())
+    folders = sorted(p for p in Path(args.dir).iterdir() if (p / "C0.nii.gz").exists()
+                     or (args.in_process and (p / "group.pt").exists()))
     jobs = [(folder, device) for device in args.devices for folder in folders]
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        results = list(pool.map(lambda job: _register(*job, args.seed, extra), jobs))
+    if args.in_process:
+        import torch
+
+        torch.set_num_threads(1)  # as dcc-register --threads 1 in the other mode
+        results = []
+        for device in args.devices:  # untimed: CUDA's context, kernels and workspaces
+            _register_in_process(folders[0], device, args.seed)
+            results += [_register_in_process(f, device, args.seed) for f in folders]
+    else:
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            results = list(pool.map(lambda job: _register(*job, args.seed, extra), jobs))
     table = {(folder.name, device): r for (folder, device), r in zip(jobs, results, strict=True)}
     command = "python bench/bench_coreg_devices.py " + " ".join(sys.argv[1:])
     import torch
@@ -83,7 +141,10 @@ def run(args: argparse.Namespace, extra: list[str]) -> None:
         "Groups: MyoPS C0/LGE/T2 slices under the known misalignment of "
         f"`bench/bench_myops.py` (seed {args.seed}); `dcc-register --stages rigid,ffd --preset "
         f"cardiac2d --seed {args.seed}`. Mean pairwise Dice of the labels 1-3; X = final "
-        "X-metric; s = registration seconds (runs in parallel, so times are indicative).", "",
+        "X-metric; s = registration seconds "
+        + ("(one run at a time in the bench's process, after an untimed run per device; Dice "
+           "of the common-grid labels warped by nearest neighbour)." if args.in_process else
+           "(runs in parallel, so times are indicative)."), "",
         "| case | Dice before | " + " | ".join(f"Dice {d} | X {d} | s {d}" for d in args.devices)
         + " |",
         "|---|---|" + "---|---|---|" * len(args.devices),
@@ -130,6 +191,8 @@ def main(argv=None) -> None:
     r.add_argument("--devices", nargs="+", default=["cpu", "cuda"])
     r.add_argument("--seed", type=int, default=0, help="dcc-register --seed")
     r.add_argument("--jobs", type=int, default=12, help="runs at a time")
+    r.add_argument("--in-process", action="store_true",
+                   help="register group.pt in this process, one run at a time (no dcc-register)")
     r.add_argument("--save", metavar="PREFIX", help="write PREFIX.md and PREFIX.json")
     args, extra = parser.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]

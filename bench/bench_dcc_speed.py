@@ -353,8 +353,10 @@ def matrix(args: argparse.Namespace, base: list[str]) -> None:
         f"Command: `{command}` (each configuration in its own process).",
         f"Device: {_device_name(args.device)}.",
         f"Group of {args.group} images {args.size}x{args.size}, DCCNet C={args.channels}, "
-        f"L_R={args.levels}. Training step = forward + full DCC loss (every member labelled) + "
-        "backward + Adam, under `torch.autocast` at the given precision (the X-metric and EM "
+        f"L_R={args.levels}" + (", torch.compile" if args.compile else "")
+        + (", channels_last" if args.channels_last else "")
+        + ". Training step = forward + full DCC loss (every member labelled) + backward + Adam, "
+        "under `torch.autocast` at the given precision (the X-metric and EM "
         "maths run in float32 inside); *network* = the same with a surrogate loss. Seconds are "
         f"the minimum / median of {args.repeats} synchronised repeats after {args.warmup} "
         "warm-ups; steps/s and groups/s from the minimum.", "",
@@ -383,7 +385,9 @@ def main(argv=None) -> None:
     if args.matrix:
         matrix(args, [f"--{key.replace('_', '-')}={getattr(args, key)}"
                       for key in ("device", "threads", "size", "group", "channels", "levels",
-                                  "block_convs", "reg_finest_level", "warmup", "repeats")])
+                                  "block_convs", "reg_finest_level", "warmup", "repeats")]
+               + [f"--{flag.replace('_', '-')}" for flag in ("compile", "channels_last")
+                  if getattr(args, flag)])
         return
     if args.compare:
         compare(args, _strip(argv if argv is not None else sys.argv[1:],

@@ -21,6 +21,12 @@ Slopes: least squares of log(value) on log(N) (``loglog_slope``). Issue #22's ta
 measured in the same run on the unchanged brain2d preset (200 steps) at N = 3 and 30
 (``--target-sizes``) with the total definition: at most 0.015 and 0.08 s per iteration.
 
+``--device cuda`` runs every registration on the GPU instead (the processes still one CPU thread
+each; the peak GPU memory is recorded beside the RSS); the default target sizes are then the
+issue's CUDA targets, at most 0.002 s per iteration at N = 3 and 0.005 at N = 100. Each step
+reads the overlap, X and the loss back to the host once, so the time between two Adam steps is
+the device's time, not only the launches'.
+
 The groups are ``dcc.data.misalignment.phantom_group`` (the groups of bench_phantom.py, its
 case 0 of each N), built once here and loaded by every process, so the revisions register the
 same tensors with the same settings (the current brain2d preset). ``--revision REV`` also times
@@ -69,7 +75,8 @@ METHODS = ("xcoreg", "cte", "ape", "gmm", "cg", "vi")
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = (3, 8, 16, 32, 64, 128)
-TARGETS = {3: 0.015, 30: 0.08}  # issue #22: s per iteration, one thread, brain2d preset
+# issue #22: s per iteration on the brain2d preset, one CPU thread or one GPU
+TARGETS = {"cpu": {3: 0.015, 30: 0.08}, "cuda": {3: 0.002, 100: 0.005}}
 PRESET = "brain2d"
 
 
@@ -84,8 +91,10 @@ def parse_args(argv=None):
                    help="iterations of the untimed registration before the timed ones")
     p.add_argument("--skip", type=int, default=2,
                    help="first steps of each optimiser left out of the step median")
-    p.add_argument("--target-sizes", type=int, nargs="*", default=sorted(TARGETS),
-                   help="N of the issue's targets, on the unchanged preset (none: skip)")
+    p.add_argument("--target-sizes", type=int, nargs="*", default=None,
+                   help="N of the issue's targets, on the unchanged preset (default: those of "
+                   "the device, 3 and 30 on the CPU, 3 and 100 on CUDA; none: skip)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--revision", default=None,
                    help="also time this git revision (e.g. 26c714b) for a before/after table")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=["xcoreg"],
@@ -96,6 +105,11 @@ def parse_args(argv=None):
     p.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--make-groups", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.kind = args.device.split(":")[0]
+    if args.kind not in TARGETS:
+        p.error(f"--device must be cpu or cuda[:i], got {args.device}")
+    if args.target_sizes is None:
+        args.target_sizes = sorted(TARGETS[args.kind])
     if min(args.sizes + args.target_sizes, default=1) < 1:
         p.error("group sizes must be >= 1")
     if args.iterations < 1 or args.repeats < 1 or args.warmup < 1 or args.skip < 0:
@@ -154,6 +168,7 @@ def child(spec_path: Path) -> None:
     def config(iterations: int | None):
         cfg = XCoRegConfig(**json.loads(json.dumps(spec["settings"])))
         cfg.progress, cfg.tolerance = False, 0.0  # a fixed number of steps
+        cfg.device = spec["device"]
         if spec.get("method", "xcoreg") != "xcoreg":  # a revision is timed as xcoreg only
             cfg.method = spec["method"]
         if spec["stage"] == "rigid":
@@ -215,6 +230,9 @@ def child(spec_path: Path) -> None:
         "torch": torch.__version__,
         "rss_after_imports_mib": rss_imports,
         "rss_peak_vmhwm_mib": _rss_mib(),
+        "device": spec["device"],
+        "gpu_peak_mib": (torch.cuda.max_memory_allocated() / 2**20
+                         if spec["device"].startswith("cuda") else None),
         "load_1min": [load_start, os.getloadavg()[0]],
         "warmup_seconds": warmup.seconds,
         "runs": runs,
@@ -261,7 +279,9 @@ def spawn(mode: str, spec: dict, root: Path, work: Path, name: str):
     spec = {**spec, "root": str(root), "out": str(work / f"{name}.out.json")}
     path = work / f"{name}.spec.json"
     path.write_text(json.dumps(spec))
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1",
+    # root first (the revision timed), then what the caller had (e.g. wheels of a GPU machine)
+    imports = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": imports, "OMP_NUM_THREADS": "1",
            "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     log = work / f"{name}.log"
     code, _, peak_mib = run_measured(
@@ -388,16 +408,21 @@ def method_comparison(records: list[dict], fits: list[dict], revision: str) -> d
     return out
 
 
+def _on(device: str) -> str:
+    return "one thread" if device == "cpu" else f"on {device}, one CPU thread"
+
+
 def markdown(result: dict) -> str:
     s, revisions = result["settings"], result["revisions"]
     records, fits = result["scaling"], result["fits"]
     pairs = series(records, revisions)
     many = len({m for _, m in pairs}) > 1
     loads = [v for r in records + result["targets"] for v in r["load_1min"]]
+    on = _on(s.get("device", "cpu"))
     lines = [
         ("# Cost per iteration of X-CoReg and the competing groupwise metrics against the "
-         "group size N (2D brain phantom, one thread)" if many else
-         "# X-CoReg cost against the group size N (2D brain phantom, one thread)"),
+         f"group size N (2D brain phantom, {on})" if many else
+         f"# X-CoReg cost against the group size N (2D brain phantom, {on})"),
         "",
         f"Gathered on {result['hardware']}; one torch thread per process "
         f"(`OMP_NUM_THREADS=1`); 1-minute load average {min(loads, default=math.nan):.2f}-"
@@ -497,17 +522,22 @@ def markdown(result: dict) -> str:
                          + f" | {target} |")
         lines.append("")
     if result["targets"]:
-        lines += ["## Issue #22 targets (brain2d preset unchanged, 200 steps, one thread)", "",
-                  "| N | revision | total s/it | target | met | step s/it | peak RSS MiB |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        device = s.get("device", "cpu")
+        targets = TARGETS[device.split(":")[0]]
+        gpu = device != "cpu"
+        lines += [f"## Issue #22 targets (brain2d preset unchanged, 200 steps, {_on(device)})", "",
+                  "| N | revision | total s/it | target | met | step s/it | peak RSS MiB |"
+                  + (" peak GPU MiB |" if gpu else ""),
+                  "| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if gpu else "")]
         for r in sorted(result["targets"], key=lambda r: (r["N"], revisions.index(r["revision"]))):
-            target = TARGETS.get(r["N"])
+            target = targets.get(r["N"])
             met = "—" if target is None else (
                 "yes" if r["seconds_per_iteration_total"] <= target else "no")
             lines.append(
                 f"| {r['N']} | {r['revision']} | {_f(r['seconds_per_iteration_total'])} | "
                 f"{'—' if target is None else f'≤ {target}'} | {met} | "
-                f"{_f(r['seconds_per_iteration_step'])} | {r['peak_rss_mib']:.0f} |")
+                f"{_f(r['seconds_per_iteration_step'])} | {r['peak_rss_mib']:.0f} |"
+                + (f" {r['gpu_peak_mib']:.0f} |" if gpu else ""))
         lines.append("")
     lines += ["Command:", "", "```bash", result["command"], "```", ""]
     return "\n".join(lines)
@@ -600,7 +630,7 @@ def main(argv=None) -> None:
             groups = {int(n): g for n, g in made_groups["groups"].items()}
             parent_rss = _rss_mib()  # its own: ru_maxrss would start from its parent's
             base = {"settings": preset, "iterations": args.iterations, "repeats": args.repeats,
-                    "warmup": args.warmup, "skip": args.skip}
+                    "warmup": args.warmup, "skip": args.skip, "device": args.device}
             jobs = [(n, stage, method, scaling) for n in args.sizes for stage in stages
                     for method in args.methods]
             jobs += [(n, "preset", "xcoreg", targets) for n in args.target_sizes]
@@ -636,7 +666,7 @@ def main(argv=None) -> None:
         "settings": {**base, "preset": PRESET, "preset_file": str(settings_file),
                      "sizes": args.sizes, "stages": stages, "target_sizes": args.target_sizes,
                      "methods": args.methods,
-                     "targets_s_per_it": {str(k): v for k, v in TARGETS.items()},
+                     "targets_s_per_it": {str(k): v for k, v in TARGETS[args.kind].items()},
                      "misalignment": {"ffd_spacing_mm": 40.0, "std_mm": 5.4,
                                       "seed": "seed * 100003 + N * 1009", "seed_arg": args.seed},
                      "threads": 1, "env": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}},

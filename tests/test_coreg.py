@@ -1,6 +1,9 @@
 """X-CoReg engine: recovery of known misalignments, constraints, determinism."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -465,3 +468,55 @@ def test_ffd_after_a_rejected_linear_stage_is_skipped_and_flagged(ffd_group, ski
         assert "skipped" not in ffd
         assert result.transform.stages[1].levels[0].coefficients.abs().max() > 0
     json.dumps(result.diagnostics)
+
+
+HOST_READS = ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__", "__index__")
+
+
+@pytest.mark.parametrize("stage", ["ffd", "rigid"])
+def test_a_step_reads_from_the_device_twice(ffd_group, monkeypatch, stage):
+    """Each step of the engine waits for the device twice: for the coordinate sample's size and
+    for one transfer of the overlap, X and the loss (issue #22; on CUDA every host read waits
+    for all queued kernels). Counted on the engine's own calls, per extra step."""
+    calls = []
+
+    def counting(name, read):
+        def wrapper(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if f"{os.sep}dcc{os.sep}" in caller:
+                calls.append(name)
+            return read(self, *args, **kwargs)
+        return wrapper
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+
+    def reads(iterations):
+        calls.clear()
+        stages = ([StageConfig(name="ffd", iterations=iterations, lr=0.2, ffd_spacing=40.0)]
+                  if stage == "ffd" else [StageConfig.named("rigid", iterations=iterations,
+                                                            levels=1)])
+        run(ffd_group, stages=stages, em_warmup=2, inits=1)
+        return len(calls)
+
+    assert (reads(16) - reads(8)) / 8 == 2
+
+
+def test_the_engine_runs_without_simpleitk(tmp_path):
+    """SimpleITK only converts grids and transforms for I/O: the engine, the phantom and the
+    networks import and register without it (a GPU image that lacks it, issue #22)."""
+    code = (
+        "import sys; sys.modules['SimpleITK'] = None\n"
+        "import dcc.coreg, dcc.nets, dcc.losses\n"
+        "from dcc.coreg import StageConfig, XCoReg, XCoRegConfig\n"
+        "from dcc.data.misalignment import misaligned_phantom\n"
+        "group = misaligned_phantom(dim=2, downsample=8, magnitude=4.0, spacing=40.0, seed=1)\n"
+        "config = XCoRegConfig(stages=[StageConfig(name='ffd', iterations=4, ffd_spacing=40.0)],\n"
+        "                      progress=False, em_warmup=1, inits=1)\n"
+        "result = XCoReg(config).register(group.images, group.grid)\n"
+        "print(result.x_metric)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=tmp_path, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.split()[-1]) > 0

@@ -708,6 +708,12 @@ class XCoReg:
         only. The overlap guard uses the sampled fraction of the overlap. A sample of more
         than ``max_sample`` voxels (``None``: no bound) is replaced by ``max_sample`` voxels
         drawn uniformly (with replacement).
+
+        The points of the sample outside the overlap Omega^phi are masked (Gamma zero there)
+        rather than dropped, so that the step keeps its shape, and the overlap, X and the loss
+        come back to the host in one transfer after the step: two host synchronisations per
+        step (the coordinate sample's size and that transfer) instead of five. A step that
+        lost the overlap is thrown away with its try (:meth:`_run_stage`).
         """
         cfg = self.config
         optimizer = schedule.optimizer  # Adam, its step decayed by cosine_factor
@@ -728,33 +734,27 @@ class XCoReg:
             else:
                 drawn = coordinate_sample(roi, rate, self.generator, grid.numel, images.device)
             normalized = grid.world_to_normalized(transform.lattice_at(grid, drawn))  # (N, m, d)
-            joint = None
-            with torch.no_grad():
-                warped_all = sample(images, normalized.detach())  # (N, 2, m)
+            with torch.no_grad():  # intensities and fields of view (N, 2, m)
+                warped_all = sample(images, normalized.detach())
+                covers = warped_all[:, 1] > VALID  # (N, m)
+                joint = None
                 if shard.distributed:  # Omega^phi and the sums of Eq. (12): one all-reduce
                     inside, joint = self._reduce_step(common, warped_all, bins)
-            if joint is None:
-                inside = (warped_all[:, 1] > VALID).all(0)
-            # overlap as a fraction of the level grid (or roi), relative to the stage start's
-            ratio = inside.float().mean().item() * region / grid.numel / start_fraction
-            trial["min_overlap_fraction"] = min(trial["min_overlap_fraction"], round(ratio, 4))
-            if ratio < cfg.min_overlap:
-                bar.update(iterations - step + 1)
-                # the image that covers least of the sample is the one that slid out
-                covered = shard.gather((warped_all[:, 1] > VALID).float().mean(1))
-                trial["image"] = int(covered.argmin())
-                raise _OverlapLost(f"overlap fell to {ratio:.2f} of its size at the stage start")
-            keep = inside.nonzero().squeeze(1)
-            if keep.numel() == 0:
-                raise RegistrationError("the images no longer overlap; lower the step size (--lr)")
-            if self.objective is not None:  # a competing metric in place of X
-                warped = sample(intensities, normalized[:, keep])[:, 0]  # (N, m) with gradient
+                else:
+                    inside = covers.all(0)
+            # the intensities again, with gradient (the backward of one channel costs half
+            # that of both)
+            warped = sample(intensities, normalized)[:, 0]  # (N, m)
+            if self.objective is not None:  # a competing metric in place of X, on Omega^phi
+                keep = inside.nonzero().squeeze(1)
+                if keep.numel() == 0:
+                    self._overlap_lost(0.0, covers, trial, bar, iterations - step + 1)
+                warped = warped[:, keep]  # (N, m')
                 with torch.no_grad():  # its state on this sample (GMM: one EM step)
                     common = self.objective.update(warped.detach(), bins, common)
                 x = self.objective(warped, bins, common)
             else:
-                x, common = self._x_step(warped_all, keep, joint, intensities, normalized,
-                                         bins, common, log_f_gt)
+                x, common = self._x_step(warped, inside, joint, bins, common, log_f_gt)
             loss = -x + cfg.bending_weight * stage.regularization()  # Eq. (15)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -765,13 +765,19 @@ class XCoReg:
             elif shard.owns(cfg.reference):
                 stage.reset_(shard.local(cfg.reference))
             bar.update(1)
+            last = torch.stack([x.detach(), loss.detach()])  # deferred: this process's only
+            if shard.distributed and not deferred:
+                last = shard.sum(last)
+            # one transfer to the host: the sampled overlap fraction, X and the loss
+            readback = torch.cat([inside.float().mean().view(1), last])
+            fraction, x_value, loss_value = readback.tolist()
+            # overlap as a fraction of the level grid (or roi), relative to the stage start's
+            ratio = fraction * region / grid.numel / start_fraction
+            if ratio < cfg.min_overlap or ratio == 0:
+                self._overlap_lost(ratio, covers, trial, bar, iterations - step)
+            trial["min_overlap_fraction"] = min(trial["min_overlap_fraction"], round(ratio, 4))
             if deferred:
-                last = torch.stack([x.detach(), loss.detach()])
                 continue
-            if shard.distributed:
-                x_value, loss_value = shard.sum(torch.stack([x.detach(), loss.detach()])).tolist()
-            else:
-                x_value, loss_value = x.item(), loss.item()
             losses.append(loss_value)
             if step % 10 == 0:
                 bar.set_postfix(stage=type(stage).__name__, X=f"{x_value:.4f}")
@@ -779,21 +785,32 @@ class XCoReg:
                 bar.update(iterations - step)
                 iterations = step
                 break
-        if last is not None:  # only the last step's X is reported
+        if deferred and last is not None:  # only the last step's X is reported
             x_value = shard.sum(last).tolist()[0]
         return iterations, x_value, common
 
-    def _x_step(self, warped_all, keep, joint, intensities, normalized, bins, common, log_f_gt):
-        """X (Eqs. 17, 21) on the kept points of a step's sample, with gradient, and the
-        common space for the next step."""
-        values = warped_all[:, 0, keep]
+    def _overlap_lost(self, ratio, covers, trial, bar, remaining):
+        """The overlap guard: the try ends (:class:`_OverlapLost`, naming in ``trial`` the image
+        that covers least of the sample, ``covers`` ``(N, m)``), or the registration if the
+        guard is off (``min_overlap`` 0) and no point of the sample is left in Omega^phi."""
+        trial["min_overlap_fraction"] = min(trial["min_overlap_fraction"], round(ratio, 4))
+        if ratio >= self.config.min_overlap:
+            raise RegistrationError("the images no longer overlap; lower the step size (--lr)")
+        bar.update(remaining)
+        trial["image"] = int(self.shard.gather(covers.float().mean(1)).argmin())
+        raise _OverlapLost(f"overlap fell to {ratio:.2f} of its size at the stage start")
+
+    def _x_step(self, warped, inside, joint, bins, common, log_f_gt):
+        """X (Eqs. 17, 21) on the points of a step's sample (warped intensities ``(N, m)``,
+        with gradient) in Omega^phi (``inside``), and the common space for the next step."""
         with torch.no_grad():  # E-step (Eq. 20) with the previous step's f and pi
             if joint is None:
-                gamma = common.log_gamma_at(values, bins).exp()
+                log_gamma = common.log_gamma_at(warped.detach(), bins)
             else:  # the same on every process: the group's sums of log f_jk
-                gamma = XF.posterior_from_joint(joint[keep], common.log_pi)[0].exp()
+                log_gamma = XF.posterior_from_joint(joint, common.log_pi)[0]
+            # Gamma is zero outside Omega^phi: those points weigh nothing in pi and p_j
+            gamma = torch.where(inside.unsqueeze(1), log_gamma.exp(), 0.0)
             log_pi = torch.log(XF.proportions(gamma).clamp_min(XF.EPS))  # Eq. (14)
-        warped = sample(intensities, normalized[:, keep])[:, 0]  # (N, m) with gradient
         # one Parzen histogram serves X (Eqs. 17, 21) and, detached, the next step's
         # appearance model (Eq. 12): both are taken on the same sample with the same Gamma
         counts = XF.joint_histogram(warped, gamma, bins, normalize=False)

@@ -17,12 +17,15 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
 from dcc.spatial.functional import full_precision
+
+if TYPE_CHECKING:  # SimpleITK only for the conversions (imported there)
+    import SimpleITK as sitk
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,8 @@ class Grid:
 
     def to_sitk(self, array: np.ndarray | torch.Tensor, is_vector: bool = False) -> sitk.Image:
         """Wrap an array in tensor order (plus a trailing vector axis if ``is_vector``)."""
+        import SimpleITK as sitk
+
         if isinstance(array, torch.Tensor):
             array = array.detach().cpu().numpy()
         image = sitk.GetImageFromArray(np.ascontiguousarray(array), isVector=is_vector)

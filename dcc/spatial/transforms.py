@@ -10,14 +10,17 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 from torch import nn
 
 from dcc.spatial import functional as SF
 from dcc.spatial.grid import Grid, lattice_points
+
+if TYPE_CHECKING:  # SimpleITK only for the conversions (imported there)
+    import SimpleITK as sitk
 
 # the mean over the group of per-image values (N, ...) -> (...): x.mean(0) in one process
 GroupMean = Callable[[torch.Tensor], torch.Tensor]
@@ -118,6 +121,8 @@ class LinearTransform(SpatialTransform):
 
     def to_sitk(self, index: int) -> sitk.Transform:
         """ITK transform of member ``index`` (maps common-space points to image points)."""
+        import SimpleITK as sitk
+
         a, b = (x[index].detach().double().cpu().numpy() for x in self.linear())
         t = sitk.AffineTransform(self.ndim)
         t.SetMatrix(a.ravel().tolist())
@@ -147,6 +152,8 @@ class Translation(LinearTransform):
         self.offset[index] = 0
 
     def to_sitk(self, index):
+        import SimpleITK as sitk
+
         return sitk.TranslationTransform(self.ndim, self.offset[index].tolist())
 
 
@@ -196,6 +203,8 @@ class Rigid(LinearTransform):
         self.offset[index] = 0
 
     def to_sitk(self, index):
+        import SimpleITK as sitk
+
         c = self.center[index].tolist()
         t = self.offset[index].tolist()
         a = self.angles[index].tolist()
@@ -379,6 +388,8 @@ class BSplineFFD(SpatialTransform):
 
     def to_sitk(self, index: int) -> sitk.BSplineTransform:
         """ITK ``BSplineTransform`` (order 3) equal to member ``index``."""
+        import SimpleITK as sitk
+
         t = sitk.BSplineTransform(self.ndim, 3)
         t.SetFixedParameters(
             [*self.knots, *self.knot_origin().tolist(), *self.spacing, *self.domain.direction]
