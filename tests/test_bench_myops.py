@@ -46,12 +46,14 @@ def test_dense_warp_has_the_stated_bounds():
 )
 def test_bench_runs_one_patient(tmp_path):
     bench = load_bench("bench_myops")
-    argv = ["--cases", "Case3012", "--seeds", "0", "--models", "dense,aligned", "--workers", "1",
+    argv = ["--cases", "Case3012", "--seeds", "1", "--models", "dense,aligned", "--workers", "1",
             "--roi", "10", "--out", str(tmp_path), "--tag", "t", "--", "--iterations", "4"]
     assert bench.main(argv) == 0
     payload = json.loads((tmp_path / "t.json").read_text(encoding="utf-8"))
     groups = payload["groups"]
     assert {g["model"] for g in groups} == {"dense", "aligned"}
+    # each group registered with its misalignment's seed
+    assert all(g["engine_seed"] == 1 for g in groups) and payload["settings"]["seed"] == 1
     assert all(g["split"] == "test" for g in groups)  # Case3012 was not used for tuning
     aligned = next(g for g in groups if g["model"] == "aligned")
     assert aligned["dice_before"] == 1.0 and aligned["mean_displacement_mm"] == 0.0
