@@ -94,8 +94,8 @@ def _register_in_process(folder: Path, device: str, seed: int) -> dict:
     import torch
 
     from dcc.coreg import XCoReg, XCoRegConfig
+    from dcc.data.misalignment import warp_images
     from dcc.metrics.functional import pairwise_dice
-    from dcc.spatial.functional import sample
     from dcc.spatial.grid import Grid
 
     data = torch.load(folder / "group.pt", weights_only=False)
@@ -104,9 +104,7 @@ def _register_in_process(folder: Path, device: str, seed: int) -> dict:
     grid, labels = Grid(**{k: tuple(v) for k, v in data["grid"].items()}), data["labels"]
     result = XCoReg(config).register(data["images"], grid, valid=data["valid"], labels=labels)
     with torch.no_grad():
-        points = result.transform.lattice(grid).cpu()  # (N, *S, d)
-        after = sample(labels.float().unsqueeze(1), grid.world_to_normalized(points),
-                       mode="nearest")[:, 0].round().to(labels.dtype)
+        after = warp_images(labels.to(device), grid, result.transform, mode="nearest").cpu()
     return {"dice_before": pairwise_dice(labels)["mean"],
             "dice_after": pairwise_dice(after)["mean"], "x_metric": result.x_metric,
             "seconds": result.seconds}
